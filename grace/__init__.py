@@ -1,0 +1,6 @@
+"""grace: the GRACE trainer on top of grace_kernels (model surgery, losses, controller, data,
+export, CLI). It uses grace_kernels' public API only."""
+
+# --- public API: one import line per module (keep sorted) ---
+
+# --- end public API ---

@@ -1,0 +1,25 @@
+"""grace-kernels: fused kernels for GRACE, INT4 quantization-aware distillation of VLMs.
+
+Public API (each op documented in ``grace_kernels.ops.<op>``):
+
+    lsq_init_log_scale, lsq_fake_quant, lsq_quantize         group-wise LSQ fake quantization
+    gated_dkd_loss, fused_linear_grace_loss                  entropy-gated decoupled distillation
+    cka, rcka_loss                                           relational CKA over visual tokens
+    pack_int4, unpack_int4, repack_for_kernel, w4a16_matmul  INT4 weight-only GEMM
+
+Backend choice (CUDA extension / Triton / PyTorch reference) lives in ``grace_kernels._backend``.
+"""
+
+from grace_kernels import _ext
+
+# Op schemas are defined in Python by the ops modules; the extension only registers CUDA
+# implementations for them, so the ops must be imported before _C is loaded.
+from grace_kernels._backend import BACKENDS, describe, select_backend, use_backend  # noqa: F401
+
+# --- ops: one import line per op module (keep sorted) ---
+
+# --- end ops ---
+
+_ext.load()
+
+__version__ = "0.1.0"

@@ -1,0 +1,38 @@
+"""Test setup: without a GPU the Triton kernels run under the interpreter on the CPU.
+
+TRITON_INTERPRET must be set before any @triton.jit function is created, that is before
+grace_kernels is first imported, which is why it is set here at collection time.
+"""
+
+import os
+
+import pytest
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import grace_kernels  # noqa: E402,F401  (after TRITON_INTERPRET is set)
+
+DEVICE = "cuda" if HAS_CUDA else "cpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU: none is visible on this machine")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> str:
+    """'cuda' when a GPU is present (full shapes), else 'cpu' (Triton under the interpreter)."""
+    return DEVICE
+
+
+@pytest.fixture
+def reference_backend():
+    """Run the test on the PyTorch references (for model-level tests, where the interpreter is too slow)."""
+    with grace_kernels.use_backend("reference"):
+        yield

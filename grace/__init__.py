@@ -2,5 +2,6 @@
 export, CLI). It uses grace_kernels' public API only."""
 
 # --- public API: one import line per module (keep sorted) ---
+from grace.quantize import quantize_model  # noqa: F401
 
 # --- end public API ---

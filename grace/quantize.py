@@ -1,0 +1,81 @@
+"""Model surgery: swap the language backbone's nn.Linear layers for LSQ QuantLinear layers."""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+
+import torch
+from torch import nn
+
+from grace_kernels.nn import QuantLinear
+
+log = logging.getLogger(__name__)
+
+# The paper keeps the vision encoder in BF16 and quantizes every linear layer of the LLM
+# backbone; the multimodal projector and the LM head stay in full precision too.
+DEFAULT_EXCLUDE = ("*vision_tower*", "*visual*", "*multi_modal_projector*", "*merger*", "lm_head", "*.lm_head")
+
+
+def language_backbone_prefix(model: nn.Module) -> str:
+    """Qualified name of the language model inside a Hugging Face VLM (transformers >= 4.52 layout:
+    ``model.language_model``; older releases: ``language_model``), or "" for a plain LM."""
+    for name in ("model.language_model", "language_model", "model"):
+        try:
+            model.get_submodule(name)
+        except AttributeError:
+            continue
+        return name
+    return ""
+
+
+def quantize_model(
+    model: nn.Module, *, bits: int = 4, group_size: int = 128, include: list[str] | None = None,
+    exclude: list[str] | None = None, method: str = "percentile", scale_dtype: torch.dtype | None = None,
+    verbose: bool = True,
+) -> nn.Module:
+    """Replace selected nn.Linear modules of ``model`` by :class:`QuantLinear`, in place.
+
+    Args:
+        include: fnmatch patterns over qualified module names; default: everything under the
+            language backbone (see :func:`language_backbone_prefix`).
+        exclude: patterns never quantized; default: vision tower, projector/merger, LM head.
+        method, scale_dtype: passed to :meth:`QuantLinear.from_linear`.
+
+    Returns:
+        ``model``, with the swapped names in ``model.grace_quantized_modules``.
+
+    Raises:
+        ValueError: nothing matched, or a selected layer's in_features is not a multiple of
+            ``group_size`` (named; checked for every layer before anything is swapped).
+    """
+    if include is None:
+        prefix = language_backbone_prefix(model)
+        include = [f"{prefix}.*"] if prefix else ["*"]
+    exclude = list(DEFAULT_EXCLUDE if exclude is None else exclude)
+
+    def selected(name: str) -> bool:
+        return (any(fnmatch.fnmatchcase(name, p) for p in include)
+                and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+    targets = [(n, m) for n, m in model.named_modules()
+               if type(m) is nn.Linear and selected(n)]  # exact type: never re-wrap a QuantLinear
+    if not targets:
+        raise ValueError(f"no nn.Linear matched include={include} exclude={exclude}")
+    bad = [f"{n} (in_features={m.in_features})" for n, m in targets if m.in_features % group_size]
+    if bad:
+        raise ValueError(f"group_size {group_size} does not divide the input dimension of: {', '.join(bad)}")
+
+    for name, lin in targets:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, QuantLinear.from_linear(lin, bits, group_size, method=method, scale_dtype=scale_dtype))
+    names = [n for n, _ in targets]
+    model.grace_quantized_modules = names
+    n_params = sum(lin.weight.numel() for _, lin in targets)
+    msg = (f"quantize_model: {len(names)} linear layers ({n_params / 1e6:.2f}M weights) -> INT{bits} LSQ, "
+           f"group {group_size}; kept in full precision: {', '.join(exclude)}")
+    log.info(msg)
+    if verbose:
+        print(msg)
+    return model

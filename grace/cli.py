@@ -11,6 +11,7 @@ import sys
 # Modules that define add_parser(subparsers); each adds one or more subcommands.
 COMMAND_MODULES = [
     "grace.cli_info",
+    "grace.lsq_demo",
 ]
 
 

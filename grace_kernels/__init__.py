@@ -17,6 +17,7 @@ from grace_kernels import _ext
 from grace_kernels._backend import BACKENDS, describe, select_backend, use_backend  # noqa: F401
 
 # --- ops: one import line per op module (keep sorted) ---
+from grace_kernels.ops.cka import RCKAOutput, cka, rcka_loss  # noqa: F401
 from grace_kernels.ops.lsq import lsq_fake_quant, lsq_init_log_scale, lsq_quantize  # noqa: F401
 
 # --- end ops ---

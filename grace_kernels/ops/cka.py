@@ -1,0 +1,173 @@
+"""Relational centered kernel alignment (RCKA) between student and teacher token features.
+
+Shapes and dtypes:
+    student_feats  [B, n, dS] padded-equal, or [total, dS] packed with ``cu_seqlens``
+    teacher_feats  [B, n, dT] / [total, dT]; dS and dT independent
+    cu_seqlens     int32/int64 [B + 1], cumulative token counts starting at 0 (varlen convention)
+    inputs float32 / float16 / bfloat16; results float32
+
+Math, per sample with n tokens (V_S [n, dS], V_T [n, dT]):
+    X     = V / max(||v||_2, 1e-6)            row-wise
+    K     = X X^T,   K~ = H K H = (H X)(H X)^T  with H = I - 11^T / n
+    HSIC(A, B) = trace(A~ B~) / (n - 1)^2
+    CKA   = HSIC(K_T, K_S) / sqrt(HSIC(K_T, K_T) HSIC(K_S, K_S))
+    rcka_loss = mean_b (1 - CKA_b)
+A sample with n < 2, or whose centered features are (numerically) zero for either model (all
+tokens identical after normalization), has CKA 0 (loss 1) and zero gradient, and is counted in
+``RCKAOutput.num_degenerate``. Gradients flow to the student features only.
+
+Routes: trace(K~_T K~_S) is also ||Xc_T^T Xc_S||_F^2 (a dT x dS product). Counting multiply-adds
+for the three products, the n x n Gram route costs n^2 (dS + dT) and the feature route
+n (dS dT + dS^2 + dT^2), so Gram wins for n < (dS dT + dS^2 + dT^2) / (dS + dT): about 6,100 tokens
+for (4096, 5120) and 3,200 for (1536, 3584). Visual tokens per image (576 for LLaVA-1.5, up to a few
+thousand for Qwen2-VL) are always on the Gram side, which is what the Triton kernel implements;
+:func:`hsic_route` states the choice (a FLOP count, not a GPU measurement).
+
+Raises ValueError for: wrong ranks, student/teacher token counts that differ, cu_seqlens that is not
+an integer 1-D tensor starting at 0, non-decreasing and ending at total_tokens.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from grace_kernels._backend import select_backend
+from grace_kernels.reference import cka as ref
+
+
+class RCKAOutput(NamedTuple):
+    loss: torch.Tensor            # scalar float32: mean over samples of 1 - CKA
+    cka: torch.Tensor             # [B] float32, detached
+    num_degenerate: torch.Tensor  # int64 scalar: samples with n < 2 or a zero centered Gram matrix
+
+
+def hsic_route(n: int, d_s: int, d_t: int) -> str:
+    """'gram' when the n x n route needs fewer multiply-adds than the d x d one, else 'feature'."""
+    return "gram" if n * n * (d_s + d_t) <= n * (d_s * d_t + d_s * d_s + d_t * d_t) else "feature"
+
+
+def _seg_mean(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
+    # segment_reduce is deterministic on GPUs, unlike index_add_ (atomics).
+    s = torch.segment_reduce(x, "sum", lengths=lens, axis=0)
+    return s / lens.clamp_min(1).unsqueeze(-1).to(s.dtype)
+
+
+def _normalize_center(x: torch.Tensor, lens: torch.Tensor):
+    xf = x.float()
+    norm = xf.norm(dim=-1, keepdim=True)
+    xn = xf / norm.clamp_min(ref.NORM_EPS)
+    xc = xn - _seg_mean(xn, lens).repeat_interleave(lens, dim=0)
+    return xc, xn, norm
+
+
+def _degenerate(xs_c, xt_c, lens):
+    n = lens.to(torch.float32)
+    tr_s = torch.segment_reduce(xs_c.pow(2).sum(-1), "sum", lengths=lens, axis=0)
+    tr_t = torch.segment_reduce(xt_c.pow(2).sum(-1), "sum", lengths=lens, axis=0)
+    return (lens < 2) | (tr_s <= n * ref.DEGENERATE_TOL) | (tr_t <= n * ref.DEGENERATE_TOL)
+
+
+def _gram_impl(device: torch.device):
+    """(sums, grad_centered) of the selected backend; everything else is shared PyTorch."""
+    if select_backend("cka", device) == "triton":
+        from grace_kernels.triton import cka as tri
+
+        return tri.cka_sums, tri.cka_grad_centered
+    return ref.cka_sums_ref, ref.cka_grad_centered_ref
+
+
+# --------------------------------------------------------------------------------------------
+# torch.library ops on packed inputs; cu_seqlens is int64 [B + 1].
+
+
+@torch.library.custom_op("grace_kernels::cka", mutates_args=())
+def _cka_op(student: torch.Tensor, teacher: torch.Tensor,
+            cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Returns (cka [B], stats [B, 4] = <T,S>, <S,S>, <T,T>, degenerate)."""
+    sums_fn, _ = _gram_impl(student.device)
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    xs_c, _, _ = _normalize_center(student, lens)
+    xt_c, _, _ = _normalize_center(teacher, lens)
+    sums = sums_fn(xs_c, xt_c, cu_seqlens, int(lens.max()))
+    deg = _degenerate(xs_c, xt_c, lens)
+    ts, ss, tt = sums.unbind(1)
+    denom = torch.where(deg, torch.ones_like(ss), (ss * tt).clamp_min(1e-30).sqrt())
+    vals = torch.where(deg, torch.zeros_like(ts), ts / denom)
+    return vals, torch.cat([sums, deg.float().unsqueeze(1)], 1)
+
+
+@_cka_op.register_fake
+def _(student, teacher, cu_seqlens):
+    b = cu_seqlens.shape[0] - 1
+    return student.new_empty(b, dtype=torch.float32), student.new_empty(b, 4, dtype=torch.float32)
+
+
+@torch.library.custom_op("grace_kernels::cka_backward", mutates_args=())
+def _cka_backward_op(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, cu_seqlens: torch.Tensor,
+                     stats: torch.Tensor) -> torch.Tensor:
+    _, grad_fn = _gram_impl(student.device)
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    xs_c, xs_n, norm = _normalize_center(student, lens)
+    xt_c, _, _ = _normalize_center(teacher, lens)
+    ts, ss, tt, deg = stats.unbind(1)
+    ok = deg == 0
+    inv = torch.where(ok, (ss * tt).clamp_min(1e-30).rsqrt(), torch.zeros_like(ss))
+    # d CKA / d K~_S = (K~_T - (a / b) K~_S) / sqrt(b c)
+    coef = torch.stack([grad * inv, -grad * inv * ts / torch.where(ok, ss, torch.ones_like(ss))], 1)
+    g_c = grad_fn(xs_c, xt_c, cu_seqlens, int(lens.max()), coef.float())
+    # Through H: subtract each sample's mean gradient. Through the normalization: remove the radial
+    # component and divide by the norm (or by eps where the norm was floored).
+    g_n = g_c - _seg_mean(g_c, lens).repeat_interleave(lens, dim=0)
+    radial = (xs_n * g_n).sum(-1, keepdim=True)
+    g_x = torch.where(norm > ref.NORM_EPS, (g_n - xs_n * radial) / norm.clamp_min(ref.NORM_EPS),
+                      g_n / ref.NORM_EPS)
+    return g_x.to(student.dtype)
+
+
+@_cka_backward_op.register_fake
+def _(grad, student, teacher, cu_seqlens, stats):
+    return torch.empty_like(student)
+
+
+def _setup_context(ctx, inputs, output):
+    student, teacher, cu = inputs
+    ctx.save_for_backward(student, teacher, cu, output[1])
+
+
+def _backward(ctx, grad_cka, grad_stats):
+    student, teacher, cu, stats = ctx.saved_tensors
+    if grad_cka is None:
+        return None, None, None
+    return _cka_backward_op(grad_cka.contiguous(), student, teacher, cu, stats), None, None
+
+
+_cka_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# --------------------------------------------------------------------------------------------
+# Public API
+
+
+def _run(student_feats, teacher_feats, cu_seqlens):
+    xs, xt, cu = ref.as_packed(student_feats, teacher_feats, cu_seqlens)
+    if xs.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
+        raise ValueError(f"unsupported dtype {xs.dtype}")
+    return _cka_op(xs.contiguous(), xt.detach().contiguous(), cu)
+
+
+def cka(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *,
+        cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
+    """Linear CKA per sample, float32 [B], differentiable w.r.t. ``student_feats`` (see module doc)."""
+    return _run(student_feats, teacher_feats, cu_seqlens)[0]
+
+
+def rcka_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
+              return_stats: bool = False) -> torch.Tensor | RCKAOutput:
+    """mean over samples of 1 - CKA, a float32 scalar; with ``return_stats`` an :class:`RCKAOutput`."""
+    vals, stats = _run(student_feats, teacher_feats, cu_seqlens)
+    loss = (1.0 - vals).mean()
+    if not return_stats:
+        return loss
+    return RCKAOutput(loss, vals.detach(), (stats[:, 3] > 0).sum())

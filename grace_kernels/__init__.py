@@ -18,6 +18,8 @@ from grace_kernels._backend import BACKENDS, describe, select_backend, use_backe
 
 # --- ops: one import line per op module (keep sorted) ---
 from grace_kernels.ops.cka import RCKAOutput, cka, rcka_loss  # noqa: F401
+from grace_kernels.ops.fused_linear_grace_loss import FusedGraceLossOutput, fused_linear_grace_loss  # noqa: F401
+from grace_kernels.ops.gated_dkd import GatedDKDOutput, gated_dkd_loss  # noqa: F401
 from grace_kernels.ops.lsq import lsq_fake_quant, lsq_init_log_scale, lsq_quantize  # noqa: F401
 
 # --- end ops ---

@@ -1,0 +1,212 @@
+"""GRACE's language loss fused with both LM heads: ce_weight * CE + kd_weight * GDKD.
+
+Shapes and dtypes:
+    student_hidden [N, Hs], student_weight [Vs, Hs], student_bias [Vs] or None
+    teacher_hidden [N, Ht], teacher_weight [Vt, Ht], teacher_bias [Vt] or None
+        or teacher_logits [N, Vt] precomputed (offline teacher logits)
+    target [N] integer in [0, Vs) or ignore_index
+    float32 / float16 / bfloat16 inputs; logits are produced in float32 (float32 accumulation,
+    never rounded to bf16 before a softmax), statistics are float32, the weight gradient is
+    accumulated in float32 and cast to the weight's dtype once at the end.
+
+Math: CE is the student's next-token cross-entropy (temperature 1, full vocabulary Vs, mean over
+valid tokens); GDKD is :func:`grace_kernels.gated_dkd_loss` (same keywords, same definition);
+``kd_weight = 0`` skips the teacher (QAT only); ``kd_type="kl"`` is the paper's "naive KD" ablation.
+
+Memory: tokens are processed in chunks (``chunk_size`` rows; default about 64 MiB of float32 logits
+per model per chunk on a CPU, 256 MiB on a GPU). Per chunk: one GEMM per model into float32
+logits, the row statistics, the closed-form gradient w.r.t. the student logits, then
+dX = grad @ W and dW += grad^T @ X. The gradient is therefore computed in the forward, and the
+backward only multiplies it by grad_output. Teacher logits are computed under no_grad. With the
+gate on, the teacher head runs twice per chunk (the gate pass needs sum_i g_i before any gradient
+can be formed; see grace_kernels/ops/_kd_core.py). On a CPU, a float16/bfloat16 head is copied to
+float32 once per call (CPU matmuls cannot produce float32 from half-precision operands); on CUDA
+torch.mm(..., out_dtype=torch.float32) avoids the copy.
+
+Raises ValueError for: ranks or sizes that do not match, non-floating inputs, neither or both of
+teacher hidden+weight and teacher_logits, and everything gated_dkd_loss rejects.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+
+from grace_kernels.ops import _kd_core
+from grace_kernels.ops.gated_dkd import check_floating, check_kd_args
+
+
+class FusedGraceLossOutput(NamedTuple):
+    loss: torch.Tensor             # ce_weight * ce + kd_weight * gdkd, differentiable
+    ce: torch.Tensor               # everything below is detached float32
+    gdkd: torch.Tensor
+    tckd: torch.Tensor
+    nckd: torch.Tensor
+    teacher_entropy: torch.Tensor
+    gate_mean: torch.Tensor
+    gate_sum: torch.Tensor
+    num_valid: torch.Tensor
+
+
+def _f32_logits(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    if x.dtype == torch.float32 and w.dtype == torch.float32:
+        z = x @ w.t()
+    elif x.is_cuda:
+        z = torch.mm(x, w.t(), out_dtype=torch.float32)
+    else:
+        z = x.float() @ w.float().t()
+    return z if b is None else z + b.float()
+
+
+@torch.library.custom_op("grace_kernels::fused_linear_grace_loss", mutates_args=())
+def _fused_op(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, student_bias: torch.Tensor | None,
+    teacher_hidden: torch.Tensor | None, teacher_weight: torch.Tensor | None, teacher_bias: torch.Tensor | None,
+    teacher_logits: torch.Tensor | None, target: torch.Tensor, ce_weight: float, kd_weight: float, temperature: float,
+    tckd_weight: float, nckd_weight: float, gate: bool, gate_temperature: float, kd_type: str, ignore_index: int,
+    chunk_size: int, compute_grad: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (stats, d hidden, d weight, d bias); gradients are empty tensors when not computed."""
+    n, vs = student_hidden.shape[0], student_weight.shape[0]
+    dev = student_hidden.device
+    # One float32 copy of a half-precision head on CPUs, never one per chunk.
+    ws = student_weight if (dev.type == "cuda" or student_weight.dtype == torch.float32) else student_weight.float()
+    student_chunk = lambda lo, hi: _f32_logits(student_hidden[lo:hi], ws, student_bias)  # noqa: E731
+
+    teacher_chunk, vt = None, None
+    if kd_weight != 0.0 and teacher_logits is not None:
+        vt = teacher_logits.shape[1]
+        teacher_chunk = lambda lo, hi: teacher_logits[lo:hi].float()  # noqa: E731
+    elif kd_weight != 0.0 and teacher_weight is not None:
+        vt = teacher_weight.shape[0]
+        wt = teacher_weight if (dev.type == "cuda" or teacher_weight.dtype == torch.float32) else teacher_weight.float()
+        teacher_chunk = lambda lo, hi: _f32_logits(teacher_hidden[lo:hi], wt, teacher_bias)  # noqa: E731
+
+    # Distinct empty tensors: a custom op's outputs may not alias one another.
+    d_hidden, d_weight, d_bias = (student_hidden.new_empty(0) for _ in range(3))
+    consume = None
+    if compute_grad:
+        d_hidden = torch.empty_like(student_hidden)
+        d_weight = torch.zeros(student_weight.shape, device=dev, dtype=torch.float32)
+        if student_bias is not None:
+            d_bias = torch.zeros(vs, device=dev, dtype=torch.float32)
+        w_lowp = student_weight
+
+        def consume(lo, hi, grad):
+            x = student_hidden[lo:hi]
+            # dX in the hidden states' dtype (as every fused-linear loss does); dW accumulates in float32.
+            d_hidden[lo:hi] = (grad.to(w_lowp.dtype) @ w_lowp).to(d_hidden.dtype)
+            d_weight.addmm_(grad.t(), x.float())
+            if student_bias is not None:
+                d_bias.add_(grad.sum(0))
+
+    stats = _kd_core.kd_core(
+        n, vs, vt, target, student_chunk, teacher_chunk, consume, ce_weight=ce_weight, kd_weight=kd_weight,
+        temperature=temperature, tckd_weight=tckd_weight, nckd_weight=nckd_weight, gate=gate,
+        gate_temperature=gate_temperature, kd_type=kd_type, ignore_index=ignore_index,
+        chunk_size=chunk_size or None)
+    if compute_grad:
+        d_weight = d_weight.to(student_weight.dtype)
+        if student_bias is not None:
+            d_bias = d_bias.to(student_bias.dtype)
+    return stats, d_hidden, d_weight, d_bias
+
+
+@_fused_op.register_fake
+def _(student_hidden, student_weight, student_bias, *args):
+    compute_grad = args[-1]
+    stats = student_hidden.new_empty(len(_kd_core.STATS), dtype=torch.float32)
+    if not compute_grad:
+        return stats, *(student_hidden.new_empty(0) for _ in range(3))
+    return (stats, torch.empty_like(student_hidden), torch.empty_like(student_weight),
+            torch.empty_like(student_bias) if student_bias is not None else student_hidden.new_empty(0))
+
+
+def _setup(ctx, inputs, output):
+    ctx.has_bias = inputs[2] is not None
+    ctx.used = False
+    ctx.save_for_backward(*output[1:])
+
+
+def _backward(ctx, grad_stats, *_):
+    d_hidden, d_weight, d_bias = ctx.saved_tensors
+    if d_hidden.numel() == 0:
+        raise RuntimeError("fused_linear_grace_loss was called without grad mode or without inputs requiring grad")
+    if ctx.used:
+        raise RuntimeError("fused_linear_grace_loss supports one backward per forward (its gradients are scaled "
+                           "in place); call the loss again instead of retain_graph=True")
+    ctx.used = True
+    # Scaled in place: an out-of-place product would be a second [V, H] temporary, the largest
+    # allocation of the whole loss. Autograd then adopts d_weight as the parameter's .grad.
+    go = grad_stats[0]
+    grads = [d_hidden.mul_(go.to(d_hidden.dtype)), d_weight.mul_(go.to(d_weight.dtype)),
+             d_bias.mul_(go.to(d_bias.dtype)) if ctx.has_bias else None]
+    return (*grads, *([None] * 16))
+
+
+_fused_op.register_autograd(_backward, setup_context=_setup)
+
+
+def fused_linear_grace_loss(
+    student_hidden: torch.Tensor, student_weight: torch.Tensor, teacher_hidden: torch.Tensor | None = None,
+    teacher_weight: torch.Tensor | None = None, target: torch.Tensor | None = None, *,
+    teacher_logits: torch.Tensor | None = None, ce_weight: float = 1.0, kd_weight: float = 1.0,
+    student_bias: torch.Tensor | None = None, teacher_bias: torch.Tensor | None = None, temperature: float = 2.0,
+    tckd_weight: float = 1.0, nckd_weight: float = 4.0, gate: bool = True, gate_temperature: float = 1.0,
+    kd_type: str = "dkd", ignore_index: int = -100, chunk_size: int | None = None,
+) -> FusedGraceLossOutput:
+    """ce_weight * CE + kd_weight * GDKD from hidden states and LM heads (see the module docstring)."""
+    if target is None:
+        raise ValueError("target is required")
+    check_floating("student_hidden", student_hidden, 2)
+    check_floating("student_weight", student_weight, 2)
+    n, hs = student_hidden.shape
+    vs = student_weight.shape[0]
+    if student_weight.shape[1] != hs:
+        raise ValueError(f"student_weight {tuple(student_weight.shape)} does not match hidden size {hs}")
+    if student_bias is not None and tuple(student_bias.shape) != (vs,):
+        raise ValueError(f"student_bias must have shape ({vs},), got {tuple(student_bias.shape)}")
+    use_teacher = kd_weight != 0.0
+    have_logits, have_head = teacher_logits is not None, teacher_hidden is not None or teacher_weight is not None
+    vt = None
+    if use_teacher:
+        if have_logits == have_head:
+            raise ValueError("give either teacher_hidden and teacher_weight, or teacher_logits (exactly one)")
+        if have_logits:
+            check_floating("teacher_logits", teacher_logits, 2)
+            if teacher_logits.shape[0] != n:
+                raise ValueError(f"teacher_logits has {teacher_logits.shape[0]} tokens, student_hidden {n}")
+            vt = teacher_logits.shape[1]
+        else:
+            if teacher_hidden is None or teacher_weight is None:
+                raise ValueError("teacher_hidden and teacher_weight must be given together")
+            check_floating("teacher_hidden", teacher_hidden, 2)
+            check_floating("teacher_weight", teacher_weight, 2)
+            if teacher_hidden.shape[0] != n:
+                raise ValueError(f"teacher_hidden has {teacher_hidden.shape[0]} tokens, student_hidden {n}")
+            if teacher_weight.shape[1] != teacher_hidden.shape[1]:
+                raise ValueError(f"teacher_weight {tuple(teacher_weight.shape)} does not match teacher hidden size "
+                                 f"{teacher_hidden.shape[1]}")
+            vt = teacher_weight.shape[0]
+            if teacher_bias is not None and tuple(teacher_bias.shape) != (vt,):
+                raise ValueError(f"teacher_bias must have shape ({vt},), got {tuple(teacher_bias.shape)}")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    check_kd_args(n, target, vs, vt, temperature=temperature, gate_temperature=gate_temperature, kd_type=kd_type,
+                  ignore_index=ignore_index)
+
+    needs = [student_hidden, student_weight] + ([student_bias] if student_bias is not None else [])
+    compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in needs)
+    detach = lambda t: None if t is None else t.detach().contiguous()  # noqa: E731
+    stats, *_ = _fused_op(
+        student_hidden.contiguous(), student_weight.contiguous(),
+        None if student_bias is None else student_bias.contiguous(),
+        detach(teacher_hidden) if use_teacher else None, detach(teacher_weight) if use_teacher else None,
+        detach(teacher_bias) if use_teacher else None, detach(teacher_logits) if use_teacher else None,
+        target.contiguous(), float(ce_weight), float(kd_weight), float(temperature), float(tckd_weight),
+        float(nckd_weight), bool(gate), float(gate_temperature), kd_type, int(ignore_index), int(chunk_size or 0),
+        compute_grad)
+    d = dict(zip(_kd_core.STATS, stats.detach().unbind(), strict=True))
+    return FusedGraceLossOutput(stats[0], d["ce"], d["gdkd"], d["tckd"], d["nckd"], d["teacher_entropy"],
+                                d["gate_mean"], d["gate_sum"], d["num_valid"])

@@ -1,0 +1,141 @@
+"""Entropy-gated decoupled KD in plain PyTorch.
+
+Two things live here, both with the signatures of their ops counterparts:
+
+* :func:`gated_dkd_loss_ref`: the eager, autograd-differentiated definition (materializes several
+  [N, V] tensors): the oracle for the tests, run in float64 for the gold values.
+* :func:`kd_rows_ref` / :func:`kd_rows_grad_ref`: the row-wise statistics and the closed-form
+  gradient that the chunked CPU path uses, twins of the Triton kernels in
+  ``grace_kernels.triton.gated_dkd`` (same inputs, same outputs).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# Columns of the per-row statistics returned by kd_rows_*: the losses, then what pass 2 needs.
+ROW_FIELDS = ("tckd", "nckd", "kl", "entropy", "ce", "lse_s_nt", "lse_t_nt", "lse_s", "lse_t", "log_ps_y",
+              "log_pt_y", "lse_ce")
+R = {name: i for i, name in enumerate(ROW_FIELDS)}
+
+
+def _nontarget_lse(z: torch.Tensor, is_y: torch.Tensor) -> torch.Tensor:
+    return torch.logsumexp(z.masked_fill(is_y, float("-inf")), dim=-1)
+
+
+def gated_dkd_loss_ref(student_logits, teacher_logits, target, *, temperature=2.0, tckd_weight=1.0, nckd_weight=4.0,
+                       gate=True, gate_temperature=1.0, ignore_index=-100, kd_type="dkd"):
+    """Eager definition; returns (loss, tckd_mean, nckd_mean, entropy_mean, gate_mean, gate_sum, num_valid).
+
+    Everything in log space: log(1 - p(y)) is taken as logsumexp over the non-target logits minus
+    the full logsumexp, never as log(1 - p(y)), so that p(y) -> 0 or 1 stays accurate.
+    """
+    vc = min(student_logits.shape[-1], teacher_logits.shape[-1])
+    acc = torch.float64 if student_logits.dtype == torch.float64 else torch.float32
+    zs = student_logits[:, :vc].to(acc) / temperature
+    zt = teacher_logits[:, :vc].detach().to(acc) / temperature
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    is_y = torch.arange(vc, device=zs.device).unsqueeze(0) == y
+
+    lse_s, lse_t = torch.logsumexp(zs, -1), torch.logsumexp(zt, -1)
+    lse_s_nt, lse_t_nt = _nontarget_lse(zs, is_y), _nontarget_lse(zt, is_y)
+    log_ps_y, log_pt_y = zs.gather(1, y).squeeze(1) - lse_s, zt.gather(1, y).squeeze(1) - lse_t
+    log1m_ps_y, log1m_pt_y = lse_s_nt - lse_s, lse_t_nt - lse_t
+    pt_y = log_pt_y.exp()
+    tckd = pt_y * (log_pt_y - log_ps_y) + (1 - pt_y) * (log1m_pt_y - log1m_ps_y)
+    # Non-target distributions renormalized: log p^(v) = z_v - lse_nt.
+    pt_hat = (zt - lse_t_nt.unsqueeze(1)).exp().masked_fill(is_y, 0.0)
+    nckd = (pt_hat * ((zt - lse_t_nt.unsqueeze(1)) - (zs - lse_s_nt.unsqueeze(1)))).masked_fill(is_y, 0.0).sum(-1)
+    if kd_type == "dkd":
+        per_token = temperature ** 2 * (tckd_weight * tckd + nckd_weight * nckd)
+    else:
+        pt = (zt - lse_t.unsqueeze(1)).exp()
+        per_token = temperature ** 2 * (pt * ((zt - lse_t.unsqueeze(1)) - (zs - lse_s.unsqueeze(1)))).sum(-1)
+
+    zg = teacher_logits[:, :vc].detach().to(acc) / gate_temperature
+    log_pg = zg - torch.logsumexp(zg, -1, keepdim=True)
+    entropy = -(log_pg.exp() * log_pg).sum(-1)
+    g = torch.exp(-entropy / math.log(vc)) if gate else torch.ones_like(entropy)
+    g = torch.where(valid, g, torch.zeros_like(g))
+    gate_sum = g.sum()
+    n_valid = valid.sum()
+    loss = torch.where(gate_sum > 0, (g * torch.where(valid, per_token, torch.zeros_like(per_token))).sum()
+                       / gate_sum.clamp_min(torch.finfo(acc).tiny), per_token.sum() * 0)
+    denom = n_valid.clamp_min(1).to(acc)
+    mean = lambda x: (torch.where(valid, x, torch.zeros_like(x)).sum() / denom).detach()  # noqa: E731
+    return (loss, mean(tckd), mean(nckd), mean(entropy), (gate_sum / denom).detach(), gate_sum.detach(), n_valid)
+
+
+def kd_rows_ref(zs: torch.Tensor, zt: torch.Tensor | None, target: torch.Tensor, *, vc: int, temperature: float,
+                gate_temperature: float, ignore_index: int) -> torch.Tensor:
+    """Per-row statistics [c, len(ROW_FIELDS)] float32 of one chunk of float32 logits.
+
+    zs [c, Vs] student logits; zt [c, Vt] teacher logits or None (CE only: the KD columns are 0).
+    Rows whose target is ignore_index get finite values that the caller masks out.
+    """
+    c = zs.shape[0]
+    out = torch.zeros(c, len(ROW_FIELDS), device=zs.device, dtype=torch.float32)
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    lse_ce = torch.logsumexp(zs, -1)
+    out[:, R["lse_ce"]] = lse_ce
+    out[:, R["ce"]] = lse_ce - zs.gather(1, y).squeeze(1)
+    if zt is None:
+        return out
+    t = temperature
+    s, tt = zs[:, :vc] / t, zt[:, :vc] / t
+    is_y = torch.arange(vc, device=zs.device).unsqueeze(0) == y
+    lse_s, lse_t = torch.logsumexp(s, -1), torch.logsumexp(tt, -1)
+    lse_s_nt, lse_t_nt = _nontarget_lse(s, is_y), _nontarget_lse(tt, is_y)
+    log_ps_y, log_pt_y = s.gather(1, y).squeeze(1) - lse_s, tt.gather(1, y).squeeze(1) - lse_t
+    pt_y = log_pt_y.exp()
+    out[:, R["tckd"]] = pt_y * (log_pt_y - log_ps_y) + (1 - pt_y) * ((lse_t_nt - lse_t) - (lse_s_nt - lse_s))
+    log_pt_hat = tt - lse_t_nt.unsqueeze(1)
+    d_nt = log_pt_hat - (s - lse_s_nt.unsqueeze(1))
+    out[:, R["nckd"]] = (log_pt_hat.exp() * d_nt).masked_fill(is_y, 0.0).sum(-1)
+    log_pt = tt - lse_t.unsqueeze(1)
+    out[:, R["kl"]] = (log_pt.exp() * (log_pt - (s - lse_s.unsqueeze(1)))).sum(-1)
+    g = zt[:, :vc] / gate_temperature
+    log_pg = g - torch.logsumexp(g, -1, keepdim=True)
+    out[:, R["entropy"]] = -(log_pg.exp() * log_pg).sum(-1)
+    for name, val in (("lse_s_nt", lse_s_nt), ("lse_t_nt", lse_t_nt), ("lse_s", lse_s), ("lse_t", lse_t),
+                      ("log_ps_y", log_ps_y), ("log_pt_y", log_pt_y)):
+        out[:, R[name]] = val
+    return out
+
+
+def kd_rows_grad_ref(zs: torch.Tensor, zt: torch.Tensor | None, target: torch.Tensor, rows: torch.Tensor,
+                     coef_kd: torch.Tensor, coef_ce: torch.Tensor, *, vc: int, temperature: float, tckd_weight: float,
+                     nckd_weight: float, kd_type: str, ignore_index: int) -> torch.Tensor:
+    """d loss / d student logits [c, Vs] float32 for one chunk, in closed form.
+
+    With p^ the non-target distributions renormalized (p^(v) = p(v) / (1 - p(y))):
+        DKD,  v != y:  coef_kd * T * (w_tc * p^_S(v) (p_T(y) - p_S(y)) + w_nc (p^_S(v) - p^_T(v)))
+        DKD,  v == y:  coef_kd * T * w_tc * (p_S(y) - p_T(y))
+        KL:            coef_kd * T * (p_S(v) - p_T(v))
+        CE:          + coef_ce * (softmax(z_S)(v) - [v == y])      over the student's full vocabulary
+    coef_kd carries kd_weight * g_i / sum g, coef_ce carries ce_weight / N_valid (0 on ignored rows).
+    """
+    valid = target != ignore_index
+    y = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    grad = (zs - rows[:, R["lse_ce"]].unsqueeze(1)).exp()
+    grad.scatter_add_(1, y, -torch.ones_like(y, dtype=grad.dtype))
+    grad.mul_(coef_ce.unsqueeze(1))
+    if zt is None:
+        return grad
+    t = temperature
+    s, tt = zs[:, :vc] / t, zt[:, :vc] / t
+    is_y = torch.arange(vc, device=zs.device).unsqueeze(0) == y
+    if kd_type == "dkd":
+        ps_y, pt_y = rows[:, R["log_ps_y"]].exp(), rows[:, R["log_pt_y"]].exp()
+        ps_hat = (s - rows[:, R["lse_s_nt"]].unsqueeze(1)).exp()
+        pt_hat = (tt - rows[:, R["lse_t_nt"]].unsqueeze(1)).exp()
+        kd = tckd_weight * ps_hat * (pt_y - ps_y).unsqueeze(1) + nckd_weight * (ps_hat - pt_hat)
+        kd = torch.where(is_y, (tckd_weight * (ps_y - pt_y)).unsqueeze(1), kd)
+    else:
+        kd = (s - rows[:, R["lse_s"]].unsqueeze(1)).exp() - (tt - rows[:, R["lse_t"]].unsqueeze(1)).exp()
+    grad[:, :vc] += (t * coef_kd).unsqueeze(1) * kd
+    return grad

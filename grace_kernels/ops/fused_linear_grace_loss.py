@@ -125,7 +125,6 @@ def _(student_hidden, student_weight, student_bias, *args):
 
 def _setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
-    ctx.used = False
     ctx.save_for_backward(*output[1:])
 
 
@@ -133,12 +132,10 @@ def _backward(ctx, grad_stats, *_):
     d_hidden, d_weight, d_bias = ctx.saved_tensors
     if d_hidden.numel() == 0:
         raise RuntimeError("fused_linear_grace_loss was called without grad mode or without inputs requiring grad")
-    if ctx.used:
-        raise RuntimeError("fused_linear_grace_loss supports one backward per forward (its gradients are scaled "
-                           "in place); call the loss again instead of retain_graph=True")
-    ctx.used = True
     # Scaled in place: an out-of-place product would be a second [V, H] temporary, the largest
-    # allocation of the whole loss. Autograd then adopts d_weight as the parameter's .grad.
+    # allocation of the whole loss. Autograd then adopts d_weight as the parameter's .grad. A second
+    # backward through the same graph (retain_graph=True) is refused by autograd's version check on
+    # the saved gradients, so they are never scaled twice.
     go = grad_stats[0]
     grads = [d_hidden.mul_(go.to(d_hidden.dtype)), d_weight.mul_(go.to(d_weight.dtype)),
              d_bias.mul_(go.to(d_bias.dtype)) if ctx.has_bias else None]

@@ -1,0 +1,95 @@
+"""Triton W4A16 GEMM on the canonical pack-quantized layout, with split-K for small M.
+
+y[M, N] = x[M, K] @ W^T, W[n, k] = scale[n, k // G] * (nibble(n, k) - 8), nibble k of row n in bits
+4 (k % 8) .. of int32 word k // 8. A program owns a [BLOCK_M, BLOCK_N] output tile and one slice of K
+(split-K): for decode (M = 1..16) the M x N grid alone has too few tiles to fill the GPU, so K is cut
+into SPLIT_K parts that write float32 partial tiles, summed afterwards in a fixed order
+(deterministic, unlike atomics). BLOCK_K divides the group size, so each K step reads one scale per
+row; steps of a whole group (128) spilled (python -m grace_kernels.aot).
+
+Each word is loaded once per nibble position it feeds (eight loads of the same address, served by
+L1); a layout that feeds the tensor cores straight from one wide load is what
+``repack_for_kernel`` and the CUDA kernel are for (issue 5, not built yet).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from grace_kernels._backend import triton_interpret
+from grace_kernels.aot import KernelSpec
+from grace_kernels.triton._rounding import cast_rne
+
+
+@triton.jit
+def _w4a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
+                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
+                  DOT_F32: tl.constexpr):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    n_groups = K // GROUP
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    k_start = pid_k * k_per_split
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
+        k = k0 + rk
+        x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + k[None, :], mask=rm[:, None] < M, other=0.0)
+        words = tl.load(w_ptr + rn[:, None].to(tl.int64) * (K // 8) + (k[None, :] // 8), mask=rn[:, None] < N,
+                        other=0)
+        q = ((words >> ((k[None, :] % 8) * 4)) & 0xF) - 8
+        scale = tl.load(s_ptr + rn.to(tl.int64) * n_groups + k0 // GROUP, mask=rn < N, other=0.0)
+        # Dequantized in float32 (q * scale is exact there) and rounded once to the activation dtype for
+        # the tensor cores: one rounding per weight, the error budget of any half-precision GEMM.
+        w = cast_rne(q.to(tl.float32) * scale.to(tl.float32)[:, None], x_ptr.dtype.element_ty)
+        if DOT_F32:
+            # Only under TRITON_INTERPRET=1: its bf16 tl.dot multiplies raw bit patterns. The operands
+            # are already rounded to bf16, so upcasting them computes the same products.
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        else:
+            acc = tl.dot(x, tl.trans(w), acc)
+    tl.store(out_ptr + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], acc,
+             mask=(rm[:, None] < M) & (rn[None, :] < N))
+
+
+BLOCK_K = 32
+
+
+def _config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int]:
+    block_m = 16 if m <= 16 else (32 if m <= 32 else 64)
+    block_n = 64
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    # Aim for about 4 programs per SM of a 132-SM H100 in decode; K stays a multiple of the group.
+    groups = k // group_size
+    split = max(1, min(groups, 528 // max(1, tiles)))
+    return block_m, block_n, split
+
+
+def w4a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [M, N] = x2d [M, K] @ dequant(packed, scales)^T (caller adds bias and casts)."""
+    m, k = x2d.shape
+    n = packed.shape[0]
+    block_m, block_n, split = _config(m, n, k, group_size)
+    groups = k // group_size
+    k_per_split = triton.cdiv(groups, split) * group_size
+    split = triton.cdiv(k, k_per_split)
+    part = torch.empty(split, m, n, device=x2d.device, dtype=torch.float32)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    _w4a16_kernel[grid](x2d, packed, scales, part, m, n, k, k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
+                        BLOCK_K=min(BLOCK_K, group_size), GROUP=group_size,
+                        DOT_F32=triton_interpret() and x2d.dtype == torch.bfloat16, num_warps=4, num_stages=3)
+    return part.sum(0) if split > 1 else part[0]
+
+
+AOT_SPECS = [
+    KernelSpec(_w4a16_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "out_ptr": "*fp32", "M": "i32",
+                               "N": "i32", "K": "i32", "k_per_split": "i32"},
+               {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP": 128, "DOT_F32": False}, num_warps=4,
+               num_stages=3,
+               label=f"{dt},m{bm}")
+    for dt in ("fp16", "bf16") for bm in (16, 64)
+]

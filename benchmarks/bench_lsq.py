@@ -13,28 +13,34 @@ from harness import Report, device, device_name, hardware_limits, time_ms
 from shapes import CPU_LINEAR_SHAPES, LINEAR_SHAPES
 
 import grace_kernels as gk
+from grace_kernels.reference import lsq as ref
 from grace_kernels.testing import make_weight
 
 ON_GPU = torch.cuda.is_available()
 SHAPES = LINEAR_SHAPES if ON_GPU else CPU_LINEAR_SHAPES
 BACKENDS = ["triton", "reference", "compiled-reference"] if ON_GPU else ["reference", "compiled-reference"]
+BITS, GROUP = 4, 128
 
 
 def _step_fn(backend, w, log_s, dout):
     def step():
         x = w.detach().requires_grad_()
         s = log_s.detach().requires_grad_()
-        y = gk.lsq_fake_quant(x, s)
+        y = gk.lsq_fake_quant(x, s, bits=BITS, group_size=GROUP)
         torch.autograd.grad(y, (x, s), dout)
 
     if backend != "compiled-reference":
         return step
 
-    # torch.compile of the reference math, autograd through the STE written with detach.
+    # torch.compile of the same math with autograd deriving the same STE gradients: round through
+    # detach, LSQ's gradient scale through the s*g + (s - s*g).detach() trick.
+    qn, qp = ref.qrange(BITS)
+    g = ref.default_grad_scale(GROUP, BITS)
+
     def fwd(x, s):
-        sc = torch.exp(s).unsqueeze(-1)
-        v = x.float().view(x.shape[0], -1, 128) / sc
-        vc = v.clamp(-8, 7)
+        sc = torch.exp(s * g + (s - s * g).detach()).unsqueeze(-1)
+        v = x.float().view(x.shape[0], -1, GROUP) / sc
+        vc = v.clamp(-qn, qp)
         q = vc + (torch.round(vc) - vc).detach()
         return (q * sc).view_as(x).to(x.dtype)
 
@@ -52,6 +58,10 @@ def _step_fn(backend, w, log_s, dout):
 def report():
     r = Report("lsq_fake_quant")
     yield r
+    # Speed-up over the eager reference measured in this same run, per shape.
+    eager = {row["shape"]: row["ms"] for row in r.rows if row["backend"] == "reference"}
+    for row in r.rows:
+        row["x_vs_eager"] = eager[row["shape"]] / row["ms"] if row["shape"] in eager else None
     r.finish()
 
 
@@ -61,12 +71,12 @@ def test_lsq_fwd_bwd(name, out, inp, backend, report, benchmark):
     dtype = torch.bfloat16 if ON_GPU else torch.float32
     dev = device()
     w = make_weight(out, inp, dtype=dtype, device=dev)
-    log_s = gk.lsq_init_log_scale(w)
+    log_s = gk.lsq_init_log_scale(w, bits=BITS, group_size=GROUP)
     dout = torch.randn_like(w)
     ctx = gk.use_backend("reference" if backend != "triton" else "triton")
     with ctx:
         fn = _step_fn(backend, w, log_s, dout)
-        ms = time_ms(fn, warmup=3, reps=10 if ON_GPU else 3)
+        ms = time_ms(fn, warmup=3, reps=20 if ON_GPU else 10)
         benchmark.pedantic(fn, rounds=3, iterations=1)
     gbytes = 5 * w.numel() * w.element_size() / 1e9
     peak_gbs, _ = hardware_limits()

@@ -106,8 +106,10 @@ def lsq_fake_quant_bwd(grad_out: torch.Tensor, weight: torch.Tensor, scale: torc
 
 def _specs() -> list[KernelSpec]:
     specs = []
-    for dt in ("bf16", "fp32"):
-        for gs in (128, 32, 256):
+    # Block sizes depend only on the group size, so one spec per (dtype, group size) covers every
+    # real model shape (4096x4096, 11008x4096, 4096x11008, 1536x1536, 8960x1536 all launch these).
+    for dt in ("bf16", "fp16", "fp32"):
+        for gs in (32, 64, 128, 256):
             cx = {"QN": 8, "QP": 7, "GROUP": gs, "BLOCK_R": _block_rows(gs)}
             specs.append(KernelSpec(_lsq_fwd_kernel, {"w_ptr": f"*{dt}", "s_ptr": "*fp32", "out_ptr": f"*{dt}",
                                                       "R": "i32", "C": "i32", "n_groups": "i32"},

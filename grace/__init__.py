@@ -2,6 +2,9 @@
 export, CLI). It uses grace_kernels' public API only."""
 
 # --- public API: one import line per module (keep sorted) ---
+from grace.config import TrainConfig  # noqa: F401
+from grace.controller import AdaptiveIBController  # noqa: F401
 from grace.quantize import quantize_model  # noqa: F401
+from grace.train import train  # noqa: F401
 
 # --- end public API ---

@@ -12,6 +12,7 @@ import sys
 COMMAND_MODULES = [
     "grace.cli_info",
     "grace.lsq_demo",
+    "grace.cli_train",
 ]
 
 

@@ -1,0 +1,70 @@
+"""Family adapters: where a VLM keeps its language backbone, vision tower, LM head and image tokens.
+
+Everything family-specific in the trainer goes through :func:`family_of`. LLaVA-1.5 and Qwen2-VL are
+tested on tiny models built from their configs; Qwen2.5-VL and Qwen3-VL share Qwen2-VL's layout in
+transformers 5 and are listed on that basis (not yet tested here).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    name: str
+    model_types: tuple[str, ...]
+    vision_attr: str          # attribute of model.model holding the vision encoder
+
+    def backbone(self, model: nn.Module) -> nn.Module:
+        """The module whose forward returns hidden states (never logits)."""
+        return model.model
+
+    def lm_head(self, model: nn.Module) -> nn.Linear:
+        return model.get_output_embeddings()
+
+    def vision_tower(self, model: nn.Module) -> nn.Module:
+        return getattr(model.model, self.vision_attr)
+
+    def image_token_id(self, config) -> int:
+        for name in ("image_token_id", "image_token_index"):
+            value = getattr(config, name, None)
+            if value is not None:
+                return int(value)
+        raise ValueError(f"{config.model_type} config names no image token id")
+
+    def vocab_size(self, config) -> int:
+        return int(getattr(config, "text_config", config).vocab_size)
+
+
+FAMILIES = (
+    Family("llava", ("llava",), "vision_tower"),
+    Family("qwen2_vl", ("qwen2_vl",), "visual"),
+    Family("qwen2_5_vl", ("qwen2_5_vl",), "visual"),
+    Family("qwen3_vl", ("qwen3_vl",), "visual"),
+)
+
+
+def family_of(config) -> Family:
+    model_type = getattr(config, "model_type", None)
+    for fam in FAMILIES:
+        if model_type in fam.model_types:
+            return fam
+    raise ValueError(f"unsupported model type {model_type!r}; supported: "
+                     f"{', '.join(t for f in FAMILIES for t in f.model_types)}")
+
+
+def check_pair(teacher_config, student_config, *, max_padding: int = 1024) -> Family:
+    """Teacher and student must be one family with vocabularies that differ only by padding rows."""
+    ft, fs = family_of(teacher_config), family_of(student_config)
+    if ft.name != fs.name:
+        raise ValueError(f"teacher ({ft.name}) and student ({fs.name}) must be of the same family")
+    vt, vs = ft.vocab_size(teacher_config), fs.vocab_size(student_config)
+    if abs(vt - vs) > max_padding:
+        raise ValueError(f"teacher vocabulary {vt} and student vocabulary {vs} differ by more than padding "
+                         f"({max_padding} rows): they cannot share a tokenizer")
+    if ft.image_token_id(teacher_config) != fs.image_token_id(student_config):
+        raise ValueError("teacher and student use different image token ids: they cannot share a processor")
+    return fs

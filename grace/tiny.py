@@ -1,0 +1,78 @@
+"""Tiny local VLM checkpoints (LLaVA family) with a locally built tokenizer, chat template and
+processor: what tests and the CPU demo train, since no model hub is reachable.
+
+A teacher is larger than a student; both share one tokenizer and processor. Hidden sizes are
+multiples of 128 so group-128 INT4 applies to every linear layer of the language backbone.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import (
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    LlamaConfig,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    LlavaProcessor,
+    PreTrainedTokenizerFast,
+)
+
+SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:"]
+DEFAULT_WORDS = ("what is the color shape of this object in image how many are there where red green blue yellow "
+                 "circle square triangle top bottom left right middle one two three four yes no ? . ,").split()
+CHAT_TEMPLATE = (
+    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+    "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
+    "{% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }} {% endfor %}</s> {% endif %}{% endfor %}"
+    "{% if add_generation_prompt %}ASSISTANT: {% endif %}"
+)
+SIZES = {  # (hidden, intermediate, layers, heads)
+    "student": (128, 256, 2, 4),
+    "teacher": (256, 512, 3, 4),
+}
+IMAGE_SIZE, PATCH = 28, 14   # 2 x 2 patches: 4 image tokens per image
+
+
+def build_processor(vocab_words=None) -> LlavaProcessor:
+    words = list(dict.fromkeys(SPECIAL + list(vocab_words or DEFAULT_WORDS)))
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                   unk_token="<unk>")
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    return LlavaProcessor(image_processor=image_processor, tokenizer=fast, patch_size=PATCH,
+                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
+                          chat_template=CHAT_TEMPLATE, image_token="<image>")
+
+
+def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student", vocab_words=None,
+                   seed: int = 0) -> str:
+    """Write a complete local checkpoint (config, random weights, tokenizer, processor) to ``out_dir``."""
+    if family != "llava":
+        raise ValueError(f"tiny checkpoints exist for the llava family only so far, not {family!r}")
+    if size not in SIZES:
+        raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
+    processor = build_processor(vocab_words)
+    tok = processor.tokenizer
+    hidden, inter, layers, heads = SIZES[size]
+    vocab = -(-len(tok) // 64) * 64   # padded like real checkpoints: rows past the tokenizer are never targets
+    text = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                       num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
+                       max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
+    vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
+                              image_size=IMAGE_SIZE, patch_size=PATCH)
+    config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
+                         vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(config)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir

@@ -21,7 +21,15 @@ from grace_kernels.ops.cka import RCKAOutput, cka, rcka_loss  # noqa: F401
 from grace_kernels.ops.fused_linear_grace_loss import FusedGraceLossOutput, fused_linear_grace_loss  # noqa: F401
 from grace_kernels.ops.gated_dkd import GatedDKDOutput, gated_dkd_loss  # noqa: F401
 from grace_kernels.ops.lsq import lsq_fake_quant, lsq_init_log_scale, lsq_quantize  # noqa: F401
-from grace_kernels.ops.w4a16 import Int4Weight, pack_int4, quantize_rtn, unpack_int4, w4a16_matmul  # noqa: F401
+from grace_kernels.ops.w4a16 import (  # noqa: F401
+    Int4Weight,
+    pack_int4,
+    quantize_rtn,
+    repack_for_kernel,
+    repack_to_canonical,
+    unpack_int4,
+    w4a16_matmul,
+)
 
 # --- end ops ---
 

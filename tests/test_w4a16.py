@@ -1,10 +1,14 @@
-"""W4A16: packing bit-exactly, the Triton split-K kernel vs x @ dequant(W), and W4A16Linear."""
+"""W4A16: packing and the kernel repack bit-exactly, the Triton split-K kernel and (on GPUs) the CUDA kernel
+vs x @ dequant(W), the repacked op's CPU path, and W4A16Linear. The CUDA kernel's layout logic is proved
+on CPU in test_w4a16_layout.py."""
 
 import pytest
 import torch
 
 import grace_kernels as gk
+from grace_kernels import _ext
 from grace_kernels.nn import QuantLinear, W4A16Linear
+from grace_kernels.ops.w4a16 import cuda_kernel_unsupported
 from grace_kernels.testing import assert_close_to_gold, make_weight, sqnr
 
 
@@ -29,6 +33,85 @@ def test_canonical_nibble_order_by_hand():
     assert (w.packed[0, 0].item() & 0xFFFFFFFF) == 0xFEBA9810
     deq = w.dequantize()
     assert torch.equal(deq, codes.float())
+
+
+@pytest.mark.parametrize("scale_dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k,gs", [(64, 128, 128), (192, 512, 128), (128, 256, 32), (64, 512, 256)])
+def test_repack_for_kernel_round_trip_is_bit_exact(n, k, gs, scale_dtype):
+    scales = (torch.rand(n, k // gs) + 0.01).to(scale_dtype)
+    w = gk.repack_for_kernel(gk.pack_int4(_codes(n, k, seed=n + k), scales, group_size=gs))
+    assert w.kernel_packed.dtype == torch.int32 and w.kernel_packed.shape == (k // 16, 2 * n)
+    assert w.kernel_scales.dtype == scale_dtype and w.kernel_scales.shape == (k // gs, n)
+    back = gk.repack_to_canonical(w.kernel_packed, w.kernel_scales, gs)
+    assert torch.equal(back.packed, w.packed) and torch.equal(back.scales, w.scales) and back.shape == (n, k)
+    assert gk.repack_for_kernel(w) is w  # already repacked: nothing recomputed
+    moved = w.to("cpu")
+    assert torch.equal(moved.kernel_packed, w.kernel_packed) and torch.equal(moved.kernel_scales, w.kernel_scales)
+
+
+def test_repack_for_kernel_bits_by_hand():
+    # Lane 0 (groupID 0, threadID 0) of tile (0, 0), word 0: nibbles (0, 4) = B[k 0, 1][n 0] of sub-tile 0,
+    # (1, 5) = B[k 8, 9][n 0], (2, 6) = the same k of sub-tile 1 (n 8). Lane 5 (g 1, t 1) word 3 holds
+    # sub-tiles 6 and 7 at n = 49, 57 and k = 2, 3, 10, 11.
+    codes = torch.zeros(64, 128, dtype=torch.int8)
+    for i, (nn, kk) in enumerate([(0, 0), (0, 8), (8, 0), (8, 8), (0, 1), (0, 9), (8, 1), (8, 9)]):
+        codes[nn, kk] = i - 8  # u = i at nibble i
+    for i, (nn, kk) in enumerate([(49, 2), (49, 10), (57, 2), (57, 10), (49, 3), (49, 11), (57, 3), (57, 11)]):
+        codes[nn, kk] = 7 - i  # u = 15 - i at nibble i
+    w = gk.repack_for_kernel(gk.pack_int4(codes, torch.ones(64, 1, dtype=torch.float16)))
+    assert (w.kernel_packed[0, 0].item() & 0xFFFFFFFF) == 0x76543210
+    assert (w.kernel_packed[0, 5 * 4 + 3].item() & 0xFFFFFFFF) == 0x89ABCDEF
+    perm = w.kernel_scales.new_tensor(range(64)).view(1, 64)
+    assert torch.equal(gk.repack_to_canonical(w.kernel_packed, perm).scales[:, 0].view(8, 8),
+                       perm.view(8, 8).t())  # position 8 g + j of the kernel scales holds column 8 j + g
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: gk.repack_for_kernel(gk.pack_int4(_codes(40, 128), torch.ones(40, 1, dtype=torch.float16))), "N % 64"),
+    (lambda: gk.repack_for_kernel("w"), "Int4Weight"),
+    (lambda: gk.repack_to_canonical(torch.zeros(8, 128, dtype=torch.int32), torch.ones(1, 64)), "kernel_scales"),
+    (lambda: gk.repack_to_canonical(torch.zeros(8, 128), torch.ones(1, 64, dtype=torch.float16)), "int32"),
+    (lambda: gk.repack_to_canonical(torch.zeros(8, 128, dtype=torch.int32), torch.ones(1, 64, dtype=torch.float16),
+                                    group_size=256), "group_size"),
+])
+def test_repack_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_cuda_kernel_shape_rules():
+    assert cuda_kernel_unsupported(4096, 11008, 128, torch.bfloat16) is None
+    assert "K % 128" in cuda_kernel_unsupported(4096, 4032, 64, torch.float16)
+    assert "N % 64" in cuda_kernel_unsupported(96, 4096, 128, torch.float16)
+    assert "group_size 128" in cuda_kernel_unsupported(64, 4096, 64, torch.float16)
+    assert "float16 or bfloat16" in cuda_kernel_unsupported(64, 4096, 128, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_repacked_op_cpu_matches_reference(dtype):
+    w = gk.repack_for_kernel(gk.pack_int4(_codes(128, 256), torch.rand(128, 2).to(dtype) * 0.1))
+    x = torch.randn(5, 256).to(dtype)
+    bias = torch.randn(128)
+    y = torch.ops.grace_kernels.w4a16_matmul_repacked(x, w.kernel_packed, w.kernel_scales, 128, bias)
+    assert y.dtype == dtype and torch.equal(y, (x.float() @ w.dequantize().t() + bias).to(dtype))
+
+
+def test_opcheck_repacked_op():
+    w = gk.repack_for_kernel(gk.pack_int4(_codes(64, 128), torch.full((64, 1), 0.1, dtype=torch.float16)))
+    x = torch.randn(3, 128, dtype=torch.float16)
+    for bias in (None, torch.randn(64)):
+        torch.library.opcheck(torch.ops.grace_kernels.w4a16_matmul_repacked.default,
+                              (x, w.kernel_packed, w.kernel_scales, 128, bias))
+
+
+def test_linear_kernel_weight_is_cached_until_the_buffers_change():
+    layer = W4A16Linear.from_linear(torch.nn.Linear(128, 64))
+    kw = layer.kernel_weight()
+    assert layer.kernel_weight() is kw
+    other = W4A16Linear.from_linear(torch.nn.Linear(128, 64))
+    layer.load_state_dict(other.state_dict())
+    kw2 = layer.kernel_weight()
+    assert kw2 is not kw and torch.equal(kw2.kernel_packed, other.kernel_weight().kernel_packed)
 
 
 @pytest.mark.triton
@@ -120,13 +203,66 @@ def test_bad_input_raises(call, match):
         call()
 
 
+GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 1536), (8960, 1536), (1536, 8960), (256, 1536)]
+
+
+def _gpu_backends():
+    if not torch.cuda.is_available():
+        return ["triton", "cuda"]
+    return ["triton"] + (["cuda"] if _ext.C is not None else [])
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", _gpu_backends())
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 257, 4096])
-@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (4096, 11008), (8960, 1536), (1536, 8960)])
-def test_gpu_parity(m, n, k, dtype):
+@pytest.mark.parametrize("n,k", GPU_SHAPES)
+def test_gpu_parity(m, n, k, dtype, backend):
+    """LLaVA-1.5-7B and Qwen2-VL-2B layers: the kernel vs x @ dequant(W) in float32."""
+    if backend == "cuda" and _ext.C is None:
+        pytest.skip(f"grace_kernels._C is not built: {_ext.error}")
     w = gk.quantize_rtn(make_weight(n, k, device="cuda"), scale_dtype=dtype)
+    if backend == "cuda":
+        w = gk.repack_for_kernel(w)
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     gold = x.float() @ w.dequantize().t()
     lowp = x @ w.dequantize().to(dtype).t()
-    assert_close_to_gold(gk.w4a16_matmul(x, w).float(), lowp.float(), gold, atol=1e-2, name="w4a16")
+    with gk.use_backend(backend):
+        y = gk.w4a16_matmul(x, w)
+    assert y.dtype == dtype
+    assert_close_to_gold(y.float(), lowp.float(), gold, atol=1e-2, name=f"w4a16[{backend}]")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gpu_cuda_kernel_bias_leading_dims_and_half_blocks(dtype):
+    # N = 192 leaves the last 128-column block half empty; M = 2 x 9 rows; bias added in float32.
+    if _ext.C is None:
+        pytest.skip(f"grace_kernels._C is not built: {_ext.error}")
+    w = gk.quantize_rtn(make_weight(192, 1024, device="cuda"), scale_dtype=dtype)
+    x = torch.randn(2, 9, 1024, device="cuda", dtype=dtype)
+    bias = torch.randn(192, device="cuda", dtype=dtype)
+    gold = x.float() @ w.dequantize().t() + bias.float()
+    lowp = x @ w.dequantize().to(dtype).t() + bias
+    with gk.use_backend("cuda"):
+        y = gk.w4a16_matmul(x, w, bias)
+    assert y.shape == (2, 9, 192)
+    assert_close_to_gold(y.float(), lowp.float(), gold, atol=1e-2, name="w4a16[cuda]")
+    layer = W4A16Linear.from_int4_weight(w, bias)
+    assert_close_to_gold(layer(x).float(), lowp.float(), gold, atol=1e-2, name="W4A16Linear[cuda]")
+
+
+@pytest.mark.gpu
+def test_gpu_unsupported_shapes_fall_back_or_raise():
+    if _ext.C is None:
+        pytest.skip(f"grace_kernels._C is not built: {_ext.error}")
+    w = gk.quantize_rtn(make_weight(96, 256, device="cuda"))  # N % 64 != 0
+    x = torch.randn(3, 256, device="cuda", dtype=torch.float16)
+    gold = x.float() @ w.dequantize().t()
+    torch.testing.assert_close(gk.w4a16_matmul(x, w).float(), gold, rtol=1e-2, atol=1e-2)  # Triton
+    with gk.use_backend("cuda"), pytest.raises(ValueError, match="N % 64"):
+        gk.w4a16_matmul(x, w)
+    w = gk.repack_for_kernel(gk.quantize_rtn(make_weight(64, 256, device="cuda")))
+    with pytest.raises(ValueError, match="K % 128"):  # the C++ check, reached only by calling the op directly
+        torch.ops.grace_kernels.w4a16_matmul_repacked(x[:, :192].contiguous(), w.kernel_packed[:12], w.kernel_scales,
+                                                      128, None)

@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from grace_kernels.ops.w4a16 import SCALE_DTYPES, Int4Weight, pack_int4, quantize_rtn, w4a16_matmul
+from grace_kernels.ops.w4a16 import (
+    SCALE_DTYPES,
+    Int4Weight,
+    cuda_kernel_unsupported,
+    pack_int4,
+    quantize_rtn,
+    repack_for_kernel,
+    w4a16_matmul,
+)
 
 
 class W4A16Linear(nn.Module):
@@ -13,6 +21,9 @@ class W4A16Linear(nn.Module):
 
     The state dict holds exactly the compressed-tensors names: ``weight_packed`` int32 [N, K/8],
     ``weight_scale`` [N, K/group_size] float16/bfloat16, ``weight_shape`` int64 [2], and ``bias``.
+    On CUDA inputs the CUDA kernel's layout (:func:`repack_for_kernel`) is computed once and cached
+    outside the state dict, keyed on the buffers' identity and version so that loading a state dict
+    or moving the module invalidates it.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 128,
@@ -31,6 +42,7 @@ class W4A16Linear(nn.Module):
         bias_dtype = bias_dtype or scale_dtype
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=bias_dtype),
                                  requires_grad=False) if bias else None
+        self._kernel_cache: tuple[tuple, Int4Weight] | None = None
 
     @property
     def int4_weight(self) -> Int4Weight:
@@ -75,9 +87,22 @@ class W4A16Linear(nn.Module):
                                      group_size=quant_linear.group_size, scale_dtype=sd)
         return cls.from_int4_weight(pack_int4(codes, scales, quant_linear.group_size), quant_linear.bias)
 
+    def kernel_weight(self) -> Int4Weight:
+        """:attr:`int4_weight` with the CUDA kernel's layout filled in, repacked only when the buffers changed."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_packed, self.weight_scale))
+        if self._kernel_cache is None or self._kernel_cache[0] != key:
+            self._kernel_cache = (key, repack_for_kernel(self.int4_weight))
+        return self._kernel_cache[1]
+
+    def _weight_for(self, x: torch.Tensor) -> Int4Weight:
+        if x.device.type != "cuda" or cuda_kernel_unsupported(self.out_features, self.in_features, self.group_size,
+                                                              x.dtype):
+            return self.int4_weight
+        return self.kernel_weight()
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return w4a16_matmul(x, self.int4_weight, bias)
+        return w4a16_matmul(x, self._weight_for(x), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "

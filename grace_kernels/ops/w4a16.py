@@ -5,12 +5,23 @@ Format (compressed-tensors "pack-quantized"; what ``grace export`` writes and se
     scales  [N, K / group_size]  float16 or bfloat16, symmetric (no zero point)
     W[n, k] = scales[n, k // group_size] * q[n, k],  q in [-8, 7]
 
+Kernel layout (``repack_for_kernel``, converted once at load time, bit-exactly invertible with
+``repack_to_canonical``): ``kernel_packed`` int32 [K / 16, 2 N] and ``kernel_scales`` [K / group_size, N],
+tiles of 16 x 64 ordered so that one 16-byte load per lane feeds mma.m16n8k16 B fragments, nibbles
+interleaved for the lop3 int4-to-half conversion; the bit mapping is in grace_kernels.reference.w4a16.
+
 GEMM: y = x @ W^T (+ bias), x [..., K] float16/bfloat16 with any number of rows M, accumulated in
 float32 (split-K partial sums included), returned in x's dtype.
 
-Backends (grace_kernels._backend): a Triton split-K kernel on CUDA tensors (and on CPU tensors under
-TRITON_INTERPRET=1), the PyTorch reference (dequantize, then a float32 matmul) otherwise. The CUDA
-extension kernel of issue 5 is not built yet.
+Backends (grace_kernels._backend):
+    cuda       the CUDA extension kernel (csrc/w4a16/, op ``grace_kernels::w4a16_matmul_repacked``) on
+               CUDA tensors when grace_kernels._C is built and the shape is one it takes: float16/bfloat16
+               x, K % 128 == 0, N % 64 == 0, group_size == 128. Other shapes fall back to Triton (a
+               layer whose N is not a multiple of 64 can be zero-padded to one to use the CUDA kernel);
+               forcing the cuda backend on such a shape raises ValueError naming the rule.
+    triton     a Triton split-K kernel on the canonical layout (CUDA tensors without the extension, and
+               CPU tensors under TRITON_INTERPRET=1);
+    reference  dequantize, then a float32 matmul (CPU).
 
 Shape rules: K % 8 == 0 and K % group_size == 0 (the format itself); group_size in {32, 64, 128,
 256}. Any M and N. Violations raise ValueError naming them.
@@ -22,6 +33,7 @@ import dataclasses
 
 import torch
 
+from grace_kernels import _backend
 from grace_kernels._backend import select_backend
 from grace_kernels.reference import w4a16 as ref
 
@@ -37,6 +49,9 @@ class Int4Weight:
     scales: torch.Tensor
     shape: tuple[int, int]
     group_size: int = 128
+    # The CUDA kernel's layout of the same weight, filled by repack_for_kernel (None until then).
+    kernel_packed: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
+    kernel_scales: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
         n, k = self.shape
@@ -52,7 +67,8 @@ class Int4Weight:
         return ref.dequantize_int4_ref(self.packed, self.scales, self.group_size)
 
     def to(self, device) -> Int4Weight:
-        return Int4Weight(self.packed.to(device), self.scales.to(device), self.shape, self.group_size)
+        moved = [None if t is None else t.to(device) for t in (self.kernel_packed, self.kernel_scales)]
+        return Int4Weight(self.packed.to(device), self.scales.to(device), self.shape, self.group_size, *moved)
 
     @property
     def nbytes(self) -> int:
@@ -86,6 +102,44 @@ def unpack_int4(weight: Int4Weight) -> tuple[torch.Tensor, torch.Tensor]:
     return ref.unpack_int4_ref(weight.packed), weight.scales
 
 
+def _check_kernel_tiles(n: int, k: int) -> None:
+    if n % ref.KERNEL_TILE_N or k % ref.KERNEL_TILE_K:
+        raise ValueError(f"the kernel layout needs N % {ref.KERNEL_TILE_N} == 0 and K % {ref.KERNEL_TILE_K} == 0, "
+                         f"got N = {n}, K = {k} (zero-pad out_features to a multiple of {ref.KERNEL_TILE_N})")
+
+
+def repack_for_kernel(weight: Int4Weight) -> Int4Weight:
+    """The weight with ``kernel_packed`` int32 [K/16, 2N] and ``kernel_scales`` [K/group_size, N] filled in.
+
+    Pure PyTorch on the weight's device (CPU or GPU); run it once at load time. Returns a new
+    :class:`Int4Weight` sharing the canonical tensors (the same object if it is already repacked).
+    Raises ValueError unless N % 64 == 0 and K % 16 == 0.
+    """
+    if not isinstance(weight, Int4Weight):
+        raise ValueError(f"weight must be an Int4Weight, got {type(weight).__name__}")
+    if weight.kernel_packed is not None and weight.kernel_scales is not None:
+        return weight
+    _check_kernel_tiles(*weight.shape)
+    kernel_packed, kernel_scales = ref.repack_to_kernel_ref(weight.packed, weight.scales)
+    return dataclasses.replace(weight, kernel_packed=kernel_packed, kernel_scales=kernel_scales)
+
+
+def repack_to_canonical(kernel_packed: torch.Tensor, kernel_scales: torch.Tensor, group_size: int = 128) -> Int4Weight:
+    """The exact inverse of :func:`repack_for_kernel`: kernel layout -> canonical :class:`Int4Weight`."""
+    if kernel_packed.dtype != torch.int32 or kernel_packed.dim() != 2 or kernel_packed.shape[1] % 2:
+        raise ValueError(f"kernel_packed must be int32 [K/16, 2N], got {kernel_packed.dtype} "
+                         f"{tuple(kernel_packed.shape)}")
+    n, k = kernel_packed.shape[1] // 2, kernel_packed.shape[0] * 16
+    _check_kernel_tiles(n, k)
+    if group_size not in GROUP_SIZES or k % group_size:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES} and divide K = {k}, got {group_size}")
+    if kernel_scales.dtype not in SCALE_DTYPES or tuple(kernel_scales.shape) != (k // group_size, n):
+        raise ValueError(f"kernel_scales must be float16/bfloat16 [{k // group_size}, {n}], got "
+                         f"{kernel_scales.dtype} {tuple(kernel_scales.shape)}")
+    packed, scales = ref.repack_from_kernel_ref(kernel_packed, kernel_scales)
+    return Int4Weight(packed, scales, (n, k), group_size, kernel_packed, kernel_scales)
+
+
 def quantize_rtn(weight: torch.Tensor, group_size: int = 128, scale_dtype: torch.dtype = torch.float16) -> Int4Weight:
     """Round-to-nearest INT4 with absmax / 7 scales per group (the PTQ baseline)."""
     if not weight.is_floating_point() or weight.dim() != 2:
@@ -116,8 +170,60 @@ def _(x, packed, scales, group_size):
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 
+# The CUDA kernel's op: the schema lives here and the CPU implementation is the reference; the extension
+# (csrc/torch_bindings.cpp) registers only the CUDA implementation.
+torch.library.define(
+    "grace_kernels::w4a16_matmul_repacked",
+    "(Tensor x, Tensor kernel_packed, Tensor kernel_scales, int group_size, Tensor? bias=None) -> Tensor",
+)
+
+
+@torch.library.impl("grace_kernels::w4a16_matmul_repacked", "cpu")
+def _w4a16_repacked_cpu(x, kernel_packed, kernel_scales, group_size, bias=None):
+    return ref.w4a16_matmul_repacked_ref(x, kernel_packed, kernel_scales, group_size, bias)
+
+
+@torch.library.register_fake("grace_kernels::w4a16_matmul_repacked")
+def _(x, kernel_packed, kernel_scales, group_size, bias=None):
+    torch._check(x.dim() == 2 and kernel_packed.dim() == 2, lambda: "x and kernel_packed must be 2-D")
+    torch._check(x.shape[1] == kernel_packed.shape[0] * 16, lambda: "x's K does not match kernel_packed")
+    return x.new_empty(x.shape[0], kernel_packed.shape[1] // 2)
+
+
+def cuda_kernel_unsupported(n: int, k: int, group_size: int, dtype: torch.dtype) -> str | None:
+    """Why the CUDA kernel cannot take this GEMM, or None when it can."""
+    if dtype not in (torch.float16, torch.bfloat16):
+        return f"x must be float16 or bfloat16, got {dtype}"
+    if k % 128 or n % 64:
+        return f"the CUDA kernel needs K % 128 == 0 and N % 64 == 0, got K = {k}, N = {n}"
+    if group_size != 128:
+        return f"the CUDA kernel needs group_size 128, got {group_size}"
+    return None
+
+
+def _pick_backend(weight: Int4Weight, x: torch.Tensor) -> str:
+    backend = select_backend("w4a16_matmul", x.device, has_cuda_impl=True)
+    if backend == "cuda":
+        why = cuda_kernel_unsupported(*weight.shape, weight.group_size, x.dtype)
+        if why is not None:
+            if _backend._forced() == "cuda":
+                raise ValueError(f"backend 'cuda' was forced but {why}")
+            backend = select_backend("w4a16_matmul", x.device, has_cuda_impl=False)
+    return backend
+
+
 def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """y = x @ W^T (+ bias), float32 accumulation, in x's dtype. x: [..., K] float16/bfloat16/float32."""
+    """y = x @ W^T (+ bias), float32 accumulation, in x's dtype.
+
+    Args:
+        x: [..., K] float16/bfloat16 (float32 runs on the Triton/reference paths only).
+        weight: an :class:`Int4Weight` [N, K]; on the CUDA path its kernel layout is used, computed here
+            on every call when absent (call :func:`repack_for_kernel` once at load time instead;
+            W4A16Linear caches it).
+        bias: [N] or None, added in float32 before the final rounding.
+
+    Returns [..., N] in x's dtype. Raises ValueError on mismatched shapes or devices.
+    """
     if not isinstance(weight, Int4Weight):
         raise ValueError(f"weight must be an Int4Weight, got {type(weight).__name__}")
     n, k = weight.shape
@@ -128,6 +234,13 @@ def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
     if x.device != weight.packed.device:
         raise ValueError(f"x is on {x.device} but the weight is on {weight.packed.device}")
     x2d = x.reshape(-1, k).contiguous()
+    if _pick_backend(weight, x2d) == "cuda":
+        w = repack_for_kernel(weight)
+        if x2d.data_ptr() % 16:  # the kernel copies rows with 16-byte cp.async
+            x2d = x2d.clone()
+        y = torch.ops.grace_kernels.w4a16_matmul_repacked(x2d, w.kernel_packed, w.kernel_scales.to(x.dtype),
+                                                          w.group_size, None if bias is None else bias.float())
+        return y.reshape(*x.shape[:-1], n)
     y = _w4a16_op(x2d, weight.packed, weight.scales, weight.group_size)
     if bias is not None:
         y = y + bias.float()

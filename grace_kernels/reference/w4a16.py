@@ -6,6 +6,18 @@ Canonical format (compressed-tensors "pack-quantized", what export writes and se
                   (word j of a row holds k = 8j .. 8j + 7, k = 8j in bits 0-3)
     weight_scale  [N, K / group_size] float16 / bfloat16
     W[n, k] = weight_scale[n, k // group_size] * q[n, k]
+
+Kernel layout (what ``repack_for_kernel`` produces for the CUDA kernel, csrc/w4a16/): the weight is cut
+into tiles of 16 k x 64 n. Tile (kt, nt) is 128 int32 words, 4 per lane of a warp, so that one 16-byte
+load per lane holds that lane's mma.m16n8k16 B fragments of all eight n8 sub-tiles of the tile:
+    kernel_packed int32 [K / 16, 2 N]: row kt, words nt * 128 + lane * 4 + w, lane = 4 g + t
+    nibble p = 4 h + 2 rhi + rlo of word w of lane (g, t) in tile (kt, nt) holds u[n, k] with
+        n = 64 nt + 8 (2 w + rhi) + g,   k = 16 kt + 8 rlo + 2 t + h
+(per the PTX fragment layout, lane (g, t) owns B[k, n] for n = g, k in {2t, 2t+1, 2t+8, 2t+9} of each
+n8 sub-tile). Nibbles p and p + 4 (h = 0, 1: two consecutive k) sit 16 bits apart, so masking a word
+with 0x000F000F (or 0x00F000F0) yields the two halves of one half2 register directly (the lop3 trick).
+    kernel_scales [K / group_size, N]: row = group, and within each 64-column block position
+        8 g + j holds column 8 j + g, so lane (g, t) reads its eight sub-tiles' scales as 16 bytes.
 """
 
 from __future__ import annotations
@@ -46,3 +58,40 @@ def w4a16_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# Kernel layout: tiles of KERNEL_TILE_K x KERNEL_TILE_N; see the module docstring for the bit mapping.
+KERNEL_TILE_K = 16
+KERNEL_TILE_N = 64
+# Dimensions of one row's codes viewed as [nt, w, rhi, g, kt, rlo, t, h] (n = 64 nt + 8 (2 w + rhi) + g,
+# k = 16 kt + 8 rlo + 2 t + h), and the order the kernel layout stores them in: [kt, nt, g, t, w, h, rhi, rlo].
+_TO_KERNEL = (4, 0, 3, 6, 1, 7, 2, 5)
+_FROM_KERNEL = tuple(_TO_KERNEL.index(d) for d in range(8))
+
+
+def repack_to_kernel_ref(packed: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Canonical (int32 [N, K / 8], scales [N, G]) -> kernel layout (int32 [K / 16, 2 N], scales [G, N])."""
+    codes = unpack_int4_ref(packed)
+    n, k = codes.shape
+    c = codes.view(n // 64, 4, 2, 8, k // 16, 2, 4, 2).permute(_TO_KERNEL).reshape(k // 16, 16 * n)
+    g = scales.shape[1]
+    s = scales.view(n // 64, 8, 8, g).permute(3, 0, 2, 1).reshape(g, n)
+    return pack_int4_ref(c), s.contiguous()
+
+
+def repack_from_kernel_ref(kernel_packed: torch.Tensor,
+                           kernel_scales: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact inverse of :func:`repack_to_kernel_ref`."""
+    k16, n2 = kernel_packed.shape
+    n, k = n2 // 2, k16 * 16
+    c = unpack_int4_ref(kernel_packed).view(k // 16, n // 64, 8, 4, 4, 2, 2, 2).permute(_FROM_KERNEL).reshape(n, k)
+    g = kernel_scales.shape[0]
+    s = kernel_scales.view(g, n // 64, 8, 8).permute(1, 3, 2, 0).reshape(n, g)
+    return pack_int4_ref(c), s.contiguous()
+
+
+def w4a16_matmul_repacked_ref(x: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: torch.Tensor,
+                              group_size: int, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`w4a16_matmul_ref` on a weight in the kernel layout; x is [M, K], the result [M, N] in x's dtype."""
+    packed, scales = repack_from_kernel_ref(kernel_packed, kernel_scales)
+    return w4a16_matmul_ref(x, packed, scales, group_size, bias)

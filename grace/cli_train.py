@@ -31,6 +31,7 @@ def add_parser(sub) -> None:
         else:
             base = next((t for t in typing.get_args(kind) if t is not type(None)), kind)
             p.add_argument(flag, dest=f.name, type=_parse(base), default=None, help=f"(default {f.default})")
+    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show a progress bar")
     p.set_defaults(func=_main)
 
 
@@ -39,6 +40,6 @@ def _main(args) -> int:
 
     overrides = {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
                  if f.name != "preset" and getattr(args, f.name) is not None}
-    result = train(TrainConfig.from_preset(args.preset, **overrides))
+    result = train(TrainConfig.from_preset(args.preset, **overrides), progress=args.progress)
     print(f"done: {result.steps} steps; student in {result.final_dir}; plot in {result.run_dir}/controller.png")
     return 0

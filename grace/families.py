@@ -28,6 +28,10 @@ class Family:
     def vision_tower(self, model: nn.Module) -> nn.Module:
         return getattr(model.model, self.vision_attr)
 
+    def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
+        """The language model's transformer blocks: the units FSDP shards one by one."""
+        return model.model.language_model.layers
+
     def image_token_id(self, config) -> int:
         for name in ("image_token_id", "image_token_index"):
             value = getattr(config, name, None)

@@ -43,37 +43,50 @@ def visual_features(feats: torch.Tensor, input_ids: torch.Tensor, image_token_id
     return feats[mask], cu, counts
 
 
-def grace_objective(student, teacher, family: Family, batch: dict, *, beta: float, omega: float, kd: bool,
-                    rcka: bool, kd_scale: float = 1.0, temperature: float = 2.0, tckd_weight: float = 1.0,
-                    nckd_weight: float = 4.0, gate: bool = True, gate_temperature: float = 1.0,
-                    kd_type: str = "dkd") -> LossParts:
-    """The loss and its parts (detached) for one micro-batch. ``kd_scale`` ramps the distillation
-    terms during a warmup (the released code's 400 steps); 1.0 otherwise."""
+@dataclasses.dataclass
+class TeacherOutputs:
+    hidden: torch.Tensor | None           # last hidden states [B, L, d_T]
+    penultimate: torch.Tensor | None      # hidden_states[-2], for RCKA
+    lm_head: torch.nn.Linear | None
+
+
+def teacher_outputs(teacher, family: Family, batch: dict, *, kd: bool, rcka: bool) -> TeacherOutputs:
+    """The frozen teacher's hidden states for one micro-batch (nothing when no term needs them)."""
+    if teacher is None or not (kd or rcka):
+        return TeacherOutputs(None, None, None)
+    with torch.no_grad():
+        hidden, pen = _hidden(family, teacher, batch, rcka)
+    return TeacherOutputs(hidden, pen, family.lm_head(teacher))
+
+
+def student_objective(student, family: Family, batch: dict, teacher: TeacherOutputs, *, beta: float, omega: float,
+                      kd: bool, rcka: bool, kd_scale: float = 1.0, temperature: float = 2.0,
+                      tckd_weight: float = 1.0, nckd_weight: float = 4.0, gate: bool = True,
+                      gate_temperature: float = 1.0, kd_type: str = "dkd") -> LossParts:
+    """The student's forward and the loss. Under FSDP the trainer registers this as a forward method of
+    the sharded student (it reads the LM head's weight directly, outside any submodule's forward)."""
     labels = batch["labels"]
     hs, hs_pen = _hidden(family, student, batch, rcka)
-    use_teacher = (kd or rcka) and teacher is not None
-    if use_teacher:
-        with torch.no_grad():
-            ht, ht_pen = _hidden(family, teacher, batch, rcka)
-        if ht.shape[:2] != hs.shape[:2]:
-            raise ValueError(f"teacher sequence shape {tuple(ht.shape[:2])} differs from the student's "
-                             f"{tuple(hs.shape[:2])}: they must see the same tokens (one processor)")
+    ht = teacher.hidden
+    if ht is not None and ht.shape[:2] != hs.shape[:2]:
+        raise ValueError(f"teacher sequence shape {tuple(ht.shape[:2])} differs from the student's "
+                         f"{tuple(hs.shape[:2])}: they must see the same tokens (one processor)")
     target = labels[:, 1:].reshape(-1)
     head_s = family.lm_head(student)
-    kd_weight = beta * kd_scale if (kd and use_teacher) else 0.0
+    kd_weight = beta * kd_scale if (kd and ht is not None) else 0.0
+    head_t = teacher.lm_head
     lm = gk.fused_linear_grace_loss(
         hs[:, :-1].reshape(-1, hs.shape[-1]), head_s.weight, target=target, student_bias=head_s.bias,
         teacher_hidden=ht[:, :-1].reshape(-1, ht.shape[-1]) if kd_weight else None,
-        teacher_weight=family.lm_head(teacher).weight if kd_weight else None,
-        teacher_bias=family.lm_head(teacher).bias if kd_weight else None, ce_weight=1.0, kd_weight=kd_weight,
-        temperature=temperature, tckd_weight=tckd_weight, nckd_weight=nckd_weight, gate=gate,
-        gate_temperature=gate_temperature, kd_type=kd_type)
+        teacher_weight=head_t.weight if kd_weight else None, teacher_bias=head_t.bias if kd_weight else None,
+        ce_weight=1.0, kd_weight=kd_weight, temperature=temperature, tckd_weight=tckd_weight,
+        nckd_weight=nckd_weight, gate=gate, gate_temperature=gate_temperature, kd_type=kd_type)
     total = lm.loss
     rcka_value = torch.zeros((), device=hs.device)
-    if rcka and use_teacher:
+    if rcka and teacher.penultimate is not None:
         token_id = family.image_token_id(student.config)
         vs, cu, counts_s = visual_features(hs_pen, batch["input_ids"], token_id)
-        vt, _, counts_t = visual_features(ht_pen, batch["input_ids"], token_id)
+        vt, _, counts_t = visual_features(teacher.penultimate, batch["input_ids"], token_id)
         if not torch.equal(counts_s, counts_t):
             raise ValueError(f"visual token counts differ between teacher {counts_t.tolist()} and student "
                              f"{counts_s.tolist()}")
@@ -81,3 +94,10 @@ def grace_objective(student, teacher, family: Family, batch: dict, *, beta: floa
             rcka_value = gk.rcka_loss(vs, vt.to(vs.dtype), cu_seqlens=cu)
             total = total + omega * kd_scale * rcka_value
     return LossParts(total, lm.ce, lm.gdkd, rcka_value.detach(), lm.gate_mean, int(lm.num_valid))
+
+
+def grace_objective(student, teacher, family: Family, batch: dict, *, kd: bool, rcka: bool, **kwargs) -> LossParts:
+    """The loss and its parts (detached) for one micro-batch: the teacher's pass, then the student's.
+    ``kd_scale`` ramps the distillation terms during a warmup (the released code's 400 steps)."""
+    t = teacher_outputs(teacher, family, batch, kd=kd, rcka=rcka)
+    return student_objective(student, family, batch, t, kd=kd, rcka=rcka, **kwargs)

@@ -1,5 +1,5 @@
-"""Tiny local VLM checkpoints (LLaVA family) with a locally built tokenizer, chat template and
-processor: what tests and the CPU demo train, since no model hub is reachable.
+"""Tiny local VLM checkpoints (LLaVA-1.5 and Qwen2-VL families) with a locally built tokenizer, chat
+template and processor: what tests and the CPU demo train, since no model hub is reachable.
 
 A teacher is larger than a student; both share one tokenizer and processor. Hidden sizes are
 multiples of 128 so group-128 INT4 applies to every linear layer of the language backbone.
@@ -19,9 +19,15 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2VLConfig,
+    Qwen2VLForConditionalGeneration,
+    Qwen2VLImageProcessor,
+    Qwen2VLProcessor,
+    Qwen2VLVideoProcessor,
 )
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:"]
+QWEN_SPECIAL = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 DEFAULT_WORDS = ("what is the color shape of this object in image how many are there where red green blue yellow "
                  "circle square triangle top bottom left right middle one two three four yes no ? . ,").split()
 CHAT_TEMPLATE = (
@@ -34,16 +40,34 @@ SIZES = {  # (hidden, intermediate, layers, heads)
     "student": (128, 256, 2, 4),
     "teacher": (256, 512, 3, 4),
 }
-IMAGE_SIZE, PATCH = 28, 14   # 2 x 2 patches: 4 image tokens per image
+IMAGE_SIZE, PATCH = 28, 14   # LLaVA: 2 x 2 patches, 4 image tokens per image
+QWEN_IMAGE_SIZE = 56          # Qwen2-VL: 4 x 4 patches of 14, merged 2 x 2: 4 image tokens per image
+QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|> <|image_pad|> <|vision_end|> ")
+FAMILIES = ("llava", "qwen2_vl")
 
 
-def build_processor(vocab_words=None) -> LlavaProcessor:
-    words = list(dict.fromkeys(SPECIAL + list(vocab_words or DEFAULT_WORDS)))
+def _tokenizer(vocab_words, extra_special: list[str]) -> PreTrainedTokenizerFast:
+    words = list(dict.fromkeys(SPECIAL + extra_special + list(vocab_words or DEFAULT_WORDS)))
     tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
                                    unk_token="<unk>")
-    fast.add_special_tokens({"additional_special_tokens": ["<image>"]})
+    fast.add_special_tokens({"additional_special_tokens": ["<image>"] + extra_special})
+    return fast
+
+
+def build_processor(vocab_words=None, family: str = "llava"):
+    """A processor for the tiny checkpoints: a word-level tokenizer over ``vocab_words``."""
+    if family == "qwen2_vl":
+        fast = _tokenizer(vocab_words, QWEN_SPECIAL)
+        fast.image_token, fast.video_token = "<|image_pad|>", "<|video_pad|>"
+        pixels = QWEN_IMAGE_SIZE * QWEN_IMAGE_SIZE   # min = max: every image becomes 4 x 4 patches
+        image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH,
+                                                temporal_patch_size=2, merge_size=2)
+        # The video processor is unused (image data only) but the processor class requires one.
+        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=fast, chat_template=QWEN_CHAT_TEMPLATE,
+                                video_processor=Qwen2VLVideoProcessor())
+    fast = _tokenizer(vocab_words, [])
     image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                          crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
     return LlavaProcessor(image_processor=image_processor, tokenizer=fast, patch_size=PATCH,
@@ -54,14 +78,44 @@ def build_processor(vocab_words=None) -> LlavaProcessor:
 def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student", vocab_words=None,
                    seed: int = 0) -> str:
     """Write a complete local checkpoint (config, random weights, tokenizer, processor) to ``out_dir``."""
-    if family != "llava":
-        raise ValueError(f"tiny checkpoints exist for the llava family only so far, not {family!r}")
+    if family not in FAMILIES:
+        raise ValueError(f"tiny checkpoints exist for {FAMILIES}, not {family!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    processor = build_processor(vocab_words)
+    processor = build_processor(vocab_words, family)
     tok = processor.tokenizer
     hidden, inter, layers, heads = SIZES[size]
     vocab = -(-len(tok) // 64) * 64   # padded like real checkpoints: rows past the tokenizer are never targets
+    torch.manual_seed(seed)
+    if family == "qwen2_vl":
+        model = _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab)
+    else:
+        model = _tiny_llava(tok, hidden, inter, layers, heads, vocab)
+    os.makedirs(out_dir, exist_ok=True)
+    model.save_pretrained(out_dir)
+    processor.save_pretrained(out_dir)
+    return out_dir
+
+
+def _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab):
+    half_head = hidden // heads // 2
+    # M-RoPE splits each head's rotary frequencies between time, height and width positions.
+    section = [half_head - 2 * (half_head * 3 // 8), half_head * 3 // 8, half_head * 3 // 8]
+    text = {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "vocab_size": vocab,
+            "max_position_embeddings": 256, "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0,
+                                                                "mrope_section": section},
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {"depth": 1, "embed_dim": 64, "hidden_size": hidden, "num_heads": 2, "mlp_ratio": 2, "patch_size": PATCH,
+              "spatial_merge_size": 2, "temporal_patch_size": 2}
+    ids = tok.convert_tokens_to_ids
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                           video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                           vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    return Qwen2VLForConditionalGeneration(config)
+
+
+def _tiny_llava(tok, hidden, inter, layers, heads, vocab):
     text = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
                        max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
@@ -70,9 +124,4 @@ def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student"
                               image_size=IMAGE_SIZE, patch_size=PATCH)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
-    torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config)
-    os.makedirs(out_dir, exist_ok=True)
-    model.save_pretrained(out_dir)
-    processor.save_pretrained(out_dir)
-    return out_dir
+    return LlavaForConditionalGeneration(config)

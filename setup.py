@@ -92,10 +92,10 @@ def _extensions():
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         extra_compile_args={
-            "cxx": ["-O3", "-std=c++17"],
+            "cxx": ["-O3", "-std=c++20"],
             # -Xptxas -v prints registers and spills per kernel into the build log; the AOT check
             # (python -m grace_kernels.aot) reads the same numbers back from the built .so.
-            "nvcc": ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
         },

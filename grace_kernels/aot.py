@@ -26,6 +26,7 @@ import json
 import os
 import pkgutil
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -140,22 +141,66 @@ def compile_spec(spec: KernelSpec, arch: int) -> Usage:
         return Usage(spec.name, arch, 0, 0, 0, 0, error=f"{type(root).__name__}: {str(root)[-600:]}")
 
 
+def _short_name(demangled: str) -> str:
+    """``void ns::(anonymous namespace)::kern<__half, 4>(args)`` -> ``kern<__half, 4>``."""
+    name = demangled.replace("(anonymous namespace)::", "")
+    if name.endswith(")"):  # drop the parameter list: the parenthesis matching the last one
+        depth = 0
+        for i in range(len(name) - 1, -1, -1):
+            depth += {")": 1, "(": -1}.get(name[i], 0)
+            if depth == 0:
+                name = name[:i]
+                break
+    depth, start = 0, 0
+    for i, ch in enumerate(name):  # the last "::" or space outside template brackets
+        depth += {"<": 1, ">": -1}.get(ch, 0)
+        if depth == 0 and (name.startswith("::", i) or ch == " "):
+            start = i + (2 if ch == ":" else 1)
+    return name[start:]
+
+
+def _demangle(names: list[str]) -> list[str]:
+    cxxfilt = shutil.which("c++filt")
+    if cxxfilt is None or not names:
+        return names
+    out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
+    lines = out.stdout.splitlines()
+    return [_short_name(d) for d in lines] if out.returncode == 0 and len(lines) == len(names) else names
+
+
+def parse_fatbin_usage(text: str) -> list[tuple[str, int, int, int, int, int]]:
+    """(function, arch, registers, stack, shared, local) from ``cuobjdump -res-usage`` of a fat binary."""
+    rows, arch = [], 0
+    # "arch = sm_80" opens a section; each kernel is "Function <mangled>:" followed by its usage line.
+    for m in re.finditer(r"arch = sm_(\d+)|" + _RES.pattern, text, re.MULTILINE):
+        if m.group(1):
+            arch = int(m.group(1))
+        else:
+            rows.append((m.group(2), arch, int(m.group(3)), int(m.group(4)), int(m.group(5)), int(m.group(6))))
+    return rows
+
+
 def extension_usage() -> list[Usage]:
-    """Resource usage of every kernel in the built CUDA extension, per embedded architecture."""
+    """Resource usage of every kernel in the built CUDA extension, per embedded architecture.
+
+    Shared memory is the larger of the static amount in the binary and the dynamic amount the kernel
+    requests at launch (``grace_kernels._C.dynamic_shared_memory``).
+    """
     spec = importlib.util.find_spec("grace_kernels._C")
     if spec is None or spec.origin is None:
         return []
     out = subprocess.run([_nvidia_bin("cuobjdump"), "-res-usage", spec.origin], capture_output=True, text=True)
-    usages, arch = [], 0
-    for line in out.stdout.splitlines():
-        m = re.search(r"arch = sm_(\d+)", line)
-        if m:
-            arch = int(m.group(1))
-        m = _RES.search(line)
-        if m:
-            usages.append(Usage(f"_C:{m.group(1)}", arch, int(m.group(2)), int(m.group(4)),
-                                int(m.group(5)), int(m.group(3))))
-    return usages
+    rows = parse_fatbin_usage(out.stdout)
+    if not rows:
+        return [Usage("_C", 0, 0, 0, 0, 0, error=f"no kernels found by cuobjdump in {spec.origin}: "
+                                                  f"{out.stderr.strip()[-300:]}")]
+    try:
+        dynamic = dict(getattr(importlib.import_module("grace_kernels._C"), "dynamic_shared_memory", {}))
+    except ImportError:
+        dynamic = {}
+    names = _demangle([r[0] for r in rows])
+    return [Usage(f"_C:{name}", arch, reg, max(shared, dynamic.get(name, 0)), local, stack)
+            for name, (_, arch, reg, stack, shared, local) in zip(names, rows, strict=True)]
 
 
 def run(archs: tuple[int, ...] = (80, 90)) -> list[Usage]:

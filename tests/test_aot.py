@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from grace_kernels import aot
+from grace_kernels import _ext, aot
 
 
 def test_resource_parser_reads_cuobjdump_lines():
@@ -20,6 +20,25 @@ def test_resource_parser_reads_cuobjdump_lines():
     assert (name, reg, stack, shared, local) == ("_lsq_fwd_kernel", "40", "0", "0", "8")
     assert not aot.Usage("k", 80, 40, 0, 8, 0).ok  # local memory (a spill) fails the check
     assert aot.Usage("k", 80, 40, 1024, 0, 0).ok
+
+
+def test_fatbin_parser_and_demangled_names():
+    text = ("arch = sm_80\n Function _Z3fooILi1EEvPKf:\n  REG:72 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:416\n"
+            "arch = sm_90\n Function _Z3fooILi1EEvPKf:\n  REG:77 STACK:0 SHARED:1024 LOCAL:8 CONSTANT[0]:416\n")
+    assert aot.parse_fatbin_usage(text) == [("_Z3fooILi1EEvPKf", 80, 72, 0, 0, 0),
+                                            ("_Z3fooILi1EEvPKf", 90, 77, 0, 1024, 8)]
+    assert aot._short_name("void grace_kernels::w4a16::(anonymous namespace)::w4a16_gemm_kernel<__half, 4>"
+                           "(__half const*, int4 const*, int, int)") == "w4a16_gemm_kernel<__half, 4>"
+
+
+@pytest.mark.skipif(_ext.C is None, reason="grace_kernels._C is not built")
+def test_extension_kernels_are_reported_per_arch_without_spills():
+    rows = aot.extension_usage()
+    print("\n".join(f"{u.kernel} sm_{u.arch}: {u.registers} regs, {u.shared_bytes} B smem, {u.local_bytes} B local"
+                    for u in rows))
+    assert {u.arch for u in rows} >= {80, 90} and all(u.ok for u in rows)
+    gemm = [u for u in rows if u.kernel.startswith("_C:w4a16_gemm_kernel<")]
+    assert len(gemm) == 12 and all(u.shared_bytes > 48 * 1024 for u in gemm)  # dynamic shared memory counted
 
 
 @pytest.mark.slow

@@ -9,7 +9,8 @@ row; steps of a whole group (128) spilled (python -m grace_kernels.aot).
 
 Each word is loaded once per nibble position it feeds (eight loads of the same address, served by
 L1); a layout that feeds the tensor cores straight from one wide load is what
-``repack_for_kernel`` and the CUDA kernel are for (issue 5, not built yet).
+``repack_for_kernel`` and the CUDA kernel (csrc/w4a16/) are for. This kernel runs where that one
+does not: GPUs without the built extension, shapes it does not take, and CPU CI under the interpreter.
 """
 
 from __future__ import annotations

@@ -238,8 +238,9 @@ def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
         w = repack_for_kernel(weight)
         if x2d.data_ptr() % 16:  # the kernel copies rows with 16-byte cp.async
             x2d = x2d.clone()
+        bias32 = None if bias is None else bias.float().contiguous()
         y = torch.ops.grace_kernels.w4a16_matmul_repacked(x2d, w.kernel_packed, w.kernel_scales.to(x.dtype),
-                                                          w.group_size, None if bias is None else bias.float())
+                                                          w.group_size, bias32)
         return y.reshape(*x.shape[:-1], n)
     y = _w4a16_op(x2d, weight.packed, weight.scales, weight.group_size)
     if bias is not None:

@@ -13,6 +13,8 @@ COMMAND_MODULES = [
     "grace.cli_info",
     "grace.lsq_demo",
     "grace.cli_train",
+    "grace.cli_model",
+    "grace.demo",
 ]
 
 

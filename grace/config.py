@@ -41,6 +41,7 @@ class TrainConfig:
     max_length: int = 2048
     bf16: bool = True                  # autocast for the student, bf16 teacher weights
     gradient_checkpointing: bool = False
+    freeze_vision: bool = True         # the paper's setup; False trains the vision tower too (pretraining)
     # objective
     temperature: float = 2.0
     tckd_weight: float = 1.0

@@ -1,4 +1,4 @@
-"""``grace demo``: a short, CPU-friendly demonstration of group-wise LSQ on an LLM-shaped layer.
+"""``grace lsq-demo``: a short, CPU-friendly demonstration of group-wise LSQ on an LLM-shaped layer.
 
 It quantizes one linear layer (a weight with LLM-like outliers, activations with a few large
 channels) to INT4, group 128, three ways, and measures the output SQNR of each against the
@@ -70,7 +70,7 @@ def run_lsq_demo(*, out_features: int = 512, in_features: int = 1024, steps: int
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="INT4 LSQ demonstration on an LLM-shaped layer (CPU, under a minute)")
+    p = sub.add_parser("lsq-demo", help="INT4 LSQ on one LLM-shaped layer: RTN vs LSQ init vs trained (CPU, seconds)")
     p.add_argument("--out", default="grace-demo", help="directory for lsq_demo.json (default: grace-demo)")
     p.add_argument("--steps", type=int, default=300)
     p.add_argument("--seed", type=int, default=0)

@@ -29,6 +29,54 @@ def language_backbone_prefix(model: nn.Module) -> str:
     return ""
 
 
+def select_linears(model: nn.Module, *, group_size: int, include: list[str] | None = None,
+                   exclude: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
+    """The (name, nn.Linear) pairs GRACE quantizes: by default every linear layer of the language backbone
+    (see :func:`language_backbone_prefix`), never the vision tower, projector/merger or LM head.
+
+    Raises:
+        ValueError: nothing matched, or a selected layer's in_features is not a multiple of
+            ``group_size`` (every offender named; checked before anything is changed).
+    """
+    if include is None:
+        prefix = language_backbone_prefix(model)
+        include = [f"{prefix}.*"] if prefix else ["*"]
+    exclude = list(DEFAULT_EXCLUDE if exclude is None else exclude)
+
+    def selected(name: str) -> bool:
+        return (any(fnmatch.fnmatchcase(name, p) for p in include)
+                and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
+
+    targets = [(n, m) for n, m in model.named_modules()
+               if type(m) is nn.Linear and selected(n)]  # exact type: never re-wrap a QuantLinear
+    if not targets:
+        raise ValueError(f"no nn.Linear matched include={include} exclude={exclude}")
+    bad = [f"{n} (in_features={m.in_features})" for n, m in targets if m.in_features % group_size]
+    if bad:
+        raise ValueError(f"group_size {group_size} does not divide the input dimension of: {', '.join(bad)}")
+
+    return targets
+
+
+def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
+
+
+def rtn_int4_model(model: nn.Module, *, group_size: int = 128, scale_dtype: torch.dtype = torch.float16,
+                   include: list[str] | None = None, exclude: list[str] | None = None) -> nn.Module:
+    """Round-to-nearest INT4 post-training quantization (absmax / 7 scales per group), in place: the same
+    layers as :func:`quantize_model`, swapped for real INT4 :class:`~grace_kernels.nn.W4A16Linear` layers.
+    The PTQ baseline of the paper's tables."""
+    from grace_kernels.nn import W4A16Linear
+
+    targets = select_linears(model, group_size=group_size, include=include, exclude=exclude)
+    for name, lin in targets:
+        _swap(model, name, W4A16Linear.from_linear(lin, group_size=group_size, scale_dtype=scale_dtype))
+    model.grace_quantized_modules = [n for n, _ in targets]
+    return model
+
+
 def quantize_model(
     model: nn.Module, *, bits: int = 4, group_size: int = 128, include: list[str] | None = None,
     exclude: list[str] | None = None, method: str = "percentile", scale_dtype: torch.dtype | None = None,
@@ -49,27 +97,10 @@ def quantize_model(
         ValueError: nothing matched, or a selected layer's in_features is not a multiple of
             ``group_size`` (named; checked for every layer before anything is swapped).
     """
-    if include is None:
-        prefix = language_backbone_prefix(model)
-        include = [f"{prefix}.*"] if prefix else ["*"]
+    targets = select_linears(model, group_size=group_size, include=include, exclude=exclude)
     exclude = list(DEFAULT_EXCLUDE if exclude is None else exclude)
-
-    def selected(name: str) -> bool:
-        return (any(fnmatch.fnmatchcase(name, p) for p in include)
-                and not any(fnmatch.fnmatchcase(name, p) for p in exclude))
-
-    targets = [(n, m) for n, m in model.named_modules()
-               if type(m) is nn.Linear and selected(n)]  # exact type: never re-wrap a QuantLinear
-    if not targets:
-        raise ValueError(f"no nn.Linear matched include={include} exclude={exclude}")
-    bad = [f"{n} (in_features={m.in_features})" for n, m in targets if m.in_features % group_size]
-    if bad:
-        raise ValueError(f"group_size {group_size} does not divide the input dimension of: {', '.join(bad)}")
-
     for name, lin in targets:
-        parent_name, _, child = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        setattr(parent, child, QuantLinear.from_linear(lin, bits, group_size, method=method, scale_dtype=scale_dtype))
+        _swap(model, name, QuantLinear.from_linear(lin, bits, group_size, method=method, scale_dtype=scale_dtype))
     names = [n for n, _ in targets]
     model.grace_quantized_modules = names
     n_params = sum(lin.weight.numel() for _, lin in targets)

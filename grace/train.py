@@ -153,7 +153,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     half = torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32
     student = _load_model(cfg.student, torch.float32, dev)
-    family.vision_tower(student).requires_grad_(False).to(half)
+    if cfg.freeze_vision:
+        family.vision_tower(student).requires_grad_(False).to(half)
     if cfg.bits is not None:
         quantize_model(student, bits=cfg.bits, group_size=cfg.group_size, method=cfg.init_method,
                        scale_dtype=getattr(torch, cfg.scale_dtype) if cfg.scale_dtype else None)
@@ -282,6 +283,9 @@ def _save_final(student, state_dict: dict, processor, cfg: TrainConfig) -> str:
     final = os.path.join(cfg.output_dir, "final")
     os.makedirs(final, exist_ok=True)
     _save_atomic(state_dict, os.path.join(final, "student_state.pt"))
+    if not getattr(student, "grace_quantized_modules", None):
+        # Nothing quantized (plain training or distillation): final/ is also a Hugging Face checkpoint.
+        student.save_pretrained(final, state_dict=state_dict)
     student.config.save_pretrained(final)
     processor.save_pretrained(final)
     with open(os.path.join(final, "quantization.json"), "w") as f:

@@ -6,7 +6,6 @@ written by grace.train._save_final itself.
 """
 
 import copy
-import inspect
 import json
 import os
 import shutil
@@ -31,10 +30,7 @@ GROUP = 128
 
 
 def _write_final(student, processor, cfg):
-    # _save_final gained the state dict as an argument (FSDP gathers it); accept both signatures.
-    if "state_dict" in inspect.signature(_save_final).parameters:
-        return _save_final(student, student.state_dict(), processor, cfg)
-    return _save_final(student, processor, cfg)
+    return _save_final(student, student.state_dict(), processor, cfg)
 
 
 def _make_run(base, out, *, bits=4, scale_dtype="bfloat16", seed=0):

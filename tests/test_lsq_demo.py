@@ -12,8 +12,8 @@ def test_training_the_scales_improves_on_their_initialisation(reference_backend)
 
 
 def test_cli_writes_summary(tmp_path, capsys, reference_backend):
-    assert main(["demo", "--out", str(tmp_path), "--steps", "5"]) == 0
+    assert main(["lsq-demo", "--out", str(tmp_path), "--steps", "5"]) == 0
     out = capsys.readouterr().out
     assert "| lsq_trained |" in out
     assert json.loads((tmp_path / "lsq_demo.json").read_text())["steps"] == 5
-    assert main(["demo", "--steps", "-1"]) == 2
+    assert main(["lsq-demo", "--steps", "-1"]) == 2

@@ -1,0 +1,87 @@
+"""``grace export``, ``grace eval`` and ``grace generate``: from a training run to a served INT4 model."""
+
+from __future__ import annotations
+
+import json
+import os
+
+
+def add_parser(sub) -> None:
+    p = sub.add_parser("export", help="write a trained run as an INT4 compressed-tensors (pack-quantized) checkpoint")
+    p.add_argument("run_dir", help="a finished `grace train` run (or its final/ directory)")
+    p.add_argument("out_dir", help="the model directory to create")
+    p.add_argument("--format", default="pack-quantized", help="checkpoint format (default: pack-quantized)")
+    p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
+                   help="dtype of the tensors kept in full precision (default: as trained)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    p.set_defaults(func=_export)
+
+    p = sub.add_parser("eval", help="greedy-decoding accuracy, weight bytes, peak memory and decode speed of a model")
+    p.add_argument("model_dir", help="an INT4 export, a Hugging Face checkpoint, or a training run")
+    p.add_argument("--data", required=True, help="LLaVA-format conversation JSON with the answers")
+    p.add_argument("--image-folder", default=None, help="image root (default: the JSON's directory)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", dest="json_out", default=None, help="also write the result to this JSON file")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("generate", help="greedy generation from one image and prompt")
+    p.add_argument("model_dir")
+    p.add_argument("--image", required=True)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-new-tokens", type=int, default=32)
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_generate)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
+
+
+def _load(model_dir: str, device: str):
+    from grace.export import load_model
+
+    model, processor = load_model(model_dir, device=device)
+    if processor is None:
+        raise ValueError(f"{model_dir} has no processor/tokenizer files")
+    return model, processor
+
+
+def _export(args) -> int:
+    from grace.export import export_run
+
+    out = export_run(args.run_dir, args.out_dir, format=args.format, dtype=args.dtype, overwrite=args.overwrite)
+    print(f"INT4 model written to {out}")
+    return 0
+
+
+def _eval(args) -> int:
+    from grace.data import load_records
+    from grace.evaluate import evaluate
+
+    if not os.path.isfile(args.data):
+        raise ValueError(f"data file not found: {args.data!r}")
+    device = _device(args.device)
+    model, processor = _load(args.model_dir, device)
+    folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
+    result = evaluate(model, processor, load_records(args.data), folder, batch_size=args.batch_size,
+                      max_new_tokens=args.max_new_tokens, device=device)
+    summary = result.to_dict()
+    print(json.dumps(summary, indent=1, default=str))
+    if args.json_out:
+        with open(args.json_out, "w") as f:
+            json.dump(summary, f, indent=1, default=str)
+    return 0
+
+
+def _generate(args) -> int:
+    from grace.evaluate import generate
+
+    if not os.path.isfile(args.image):
+        raise ValueError(f"image not found: {args.image!r}")
+    model, processor = _load(args.model_dir, _device(args.device))
+    print(generate(model, processor, args.image, args.prompt, max_new_tokens=args.max_new_tokens))
+    return 0

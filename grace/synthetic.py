@@ -1,0 +1,246 @@
+"""A small synthetic visual question-answering task, drawn with numpy and written in the LLaVA
+conversation format, so the demo and the tests exercise the real data path with no download.
+
+The task, kept small enough for a tiny VLM to learn from a few thousand samples on a CPU:
+
+* Images are ``image_size`` x ``image_size`` RGB on a white background, divided into a 2 x 2 grid of
+  cells (with the default 28 px and the tiny LLaVA's 14 px patches, one cell is one image token).
+  A cell holds at most one flat-colored shape: a circle, square or triangle (apex up) in red, green,
+  blue or yellow, of random size (two thirds of the cell up to the cell less a 1 px white border on
+  each side, so shapes in different cells never touch) at a random offset in its cell. Pixels
+  are exactly white or exactly one palette color: no anti-aliasing, PNG is lossless.
+* One question per image, the four types in turn (sample i has type ``QUESTION_TYPES[i % 4]``):
+
+  ==========  ====================================  ==========================  ================================
+  type        question                              image                       answers
+  ==========  ====================================  ==========================  ================================
+  color       what is the color of the object ?     one shape                   red, green, blue, yellow
+  shape       what is the shape of the object ?     one shape                   circle, square, triangle
+  count       how many are there ?                  1 to 4 shapes               one, two, three, four
+  position    where is the <color> object ?         two shapes of two colors    left, right, top, bottom
+              in the same row or the same column
+  ==========  ====================================  ==========================  ================================
+
+  For position the two shapes share a row (the answer is left or right) or a column (top or bottom),
+  so one word names the place of the asked-for shape relative to the other.
+* Every word of every question and answer is in ``grace.tiny.DEFAULT_WORDS`` (``VOCAB`` lists them),
+  lower case and separated by spaces, so the tiny word-level tokenizer never sees an unknown word.
+
+Splits are drawn from independent random streams of one seed, so the eval split does not depend on
+n_train. The layout space is small (672 single-shape layouts at 28 px), so an eval image can repeat
+a training layout: the eval split is held out in the sense of separately drawn samples, not of
+unseen layouts.
+
+Learnability, measured on a 2-core CPU: the tiny LLaVA student of :mod:`grace.tiny` trained from
+scratch with plain cross-entropy (vision tower frozen, AdamW lr 1e-3 one-cycle, 2000 steps of 32
+samples from 3000, about 80 s) scored color 1.00, count 1.00, shape 1.00, position 0.72 on 200 eval
+samples; with lr 2e-3 and the vision tower trained, shape stayed near chance after 2000 steps.
+
+Files written by :func:`write_task`::
+
+    out_dir/images/{train,eval}-NNNNN.png
+    out_dir/train.json, out_dir/eval.json   lists of {"id", "image", "question_type", "answer", "conversations"}
+    out_dir/meta.json                       the generation parameters; written last, so a complete
+                                            directory with the same parameters is reused as is
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from grace.tiny import IMAGE_SIZE
+
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
+SHAPES = ("circle", "square", "triangle")
+COUNT_WORDS = ("one", "two", "three", "four")
+QUESTION_TYPES = ("color", "shape", "count", "position")
+QUESTIONS = {
+    "color": "what is the color of the object ?",
+    "shape": "what is the shape of the object ?",
+    "count": "how many are there ?",
+    "position": "where is the {color} object ?",
+}
+# Cells in row-major order: 0 top left, 1 top right, 2 bottom left, 3 bottom right.
+_ROW_PAIRS, _COLUMN_PAIRS = ((0, 1), (2, 3)), ((0, 2), (1, 3))
+MIN_IMAGE_SIZE = 16
+_FORMAT = 1   # bump when the drawing or the question set changes, so cached directories are regenerated
+
+
+def _vocab() -> tuple[str, ...]:
+    words = [w for q in QUESTIONS.values() for w in q.split() if not w.startswith("{")]
+    words += list(COLORS) + list(SHAPES) + list(COUNT_WORDS) + ["left", "right", "top", "bottom"]
+    return tuple(dict.fromkeys(words))
+
+
+VOCAB = _vocab()
+
+
+@dataclasses.dataclass(frozen=True)
+class PlacedShape:
+    """One shape: its kind, color, grid cell (0..3, row-major), side of its bounding box in pixels and
+    the offset of that box from the cell's top-left corner."""
+    shape: str
+    color: str
+    cell: int
+    size: int
+    dy: int
+    dx: int
+
+
+def _cell_side(image_size: int) -> int:
+    return image_size // 2   # an odd image size leaves its last row and column white
+
+
+def shape_mask(shape: str, size: int) -> np.ndarray:
+    """Boolean [size, size] mask of ``shape`` filling a size x size box (pixel centers tested)."""
+    c = (np.arange(size) + 0.5) - size / 2           # pixel-center coordinates relative to the box center
+    y, x = np.meshgrid(c, c, indexing="ij")
+    if shape == "square":
+        return np.ones((size, size), dtype=bool)
+    if shape == "circle":
+        return x * x + y * y <= (size / 2) ** 2
+    if shape == "triangle":
+        # apex at the top center, base along the bottom edge: the half-width grows linearly with the row
+        return np.abs(x) <= (y + size / 2) / 2
+    raise ValueError(f"unknown shape {shape!r}; expected one of {SHAPES}")
+
+
+def render(shapes: list[PlacedShape], image_size: int = IMAGE_SIZE) -> np.ndarray:
+    """Draw ``shapes`` on a white uint8 [image_size, image_size, 3] image."""
+    cell = _cell_side(image_size)
+    img = np.full((image_size, image_size, 3), 255, dtype=np.uint8)
+    for s in shapes:
+        if not (1 <= s.dy and s.dy + s.size <= cell - 1 and 1 <= s.dx and s.dx + s.size <= cell - 1):
+            raise ValueError(f"{s} does not fit a {cell} px cell with a 1 px border")
+        top, left = (s.cell // 2) * cell + s.dy, (s.cell % 2) * cell + s.dx
+        region = img[top:top + s.size, left:left + s.size]
+        region[shape_mask(s.shape, s.size)] = COLORS[s.color]
+    return img
+
+
+def _place(rng: np.random.Generator, image_size: int, cell_index: int, color: str | None = None) -> PlacedShape:
+    cell = _cell_side(image_size)
+    # From two thirds of the cell up to the cell less its border: varied, yet large enough that a one-patch
+    # shape keeps its form (smaller shapes made circle / square / triangle hard for the tiny vision tower).
+    size = int(rng.integers((2 * cell + 2) // 3, cell - 2 + 1))
+    free = cell - size                                         # >= 2: one white pixel each side at least
+    dy, dx = (int(v) for v in rng.integers(1, free, size=2))   # offsets in [1, free - 1]
+    color = color or str(rng.choice(list(COLORS)))
+    return PlacedShape(str(rng.choice(SHAPES)), color, cell_index, size, dy, dx)
+
+
+def make_sample(rng: np.random.Generator, question_type: str,
+                image_size: int = IMAGE_SIZE) -> tuple[list[PlacedShape], str, str]:
+    """Draw one (shapes, question, answer) of ``question_type``; the answer follows from the shapes."""
+    if question_type in ("color", "shape"):
+        shape = _place(rng, image_size, int(rng.integers(4)))
+        answer = shape.color if question_type == "color" else shape.shape
+        return [shape], QUESTIONS[question_type], answer
+    if question_type == "count":
+        n = int(rng.integers(1, 5))
+        cells = sorted(int(c) for c in rng.choice(4, size=n, replace=False))
+        return [_place(rng, image_size, c) for c in cells], QUESTIONS["count"], COUNT_WORDS[n - 1]
+    if question_type == "position":
+        pairs = _ROW_PAIRS + _COLUMN_PAIRS
+        pair = pairs[int(rng.integers(len(pairs)))]
+        colors = [str(c) for c in rng.choice(list(COLORS), size=2, replace=False)]
+        shapes = [_place(rng, image_size, cell, color) for cell, color in zip(pair, colors, strict=True)]
+        target = int(rng.integers(2))
+        return shapes, QUESTIONS["position"].format(color=colors[target]), position_answer(shapes, target)
+    raise ValueError(f"unknown question type {question_type!r}; expected one of {QUESTION_TYPES}")
+
+
+def position_answer(shapes: list[PlacedShape], target: int) -> str:
+    """Where ``shapes[target]`` lies relative to the other of two shapes sharing a row or a column."""
+    a, b = shapes[target].cell, shapes[1 - target].cell
+    if a // 2 == b // 2:
+        return "left" if a % 2 < b % 2 else "right"
+    if a % 2 == b % 2:
+        return "top" if a // 2 < b // 2 else "bottom"
+    raise ValueError(f"cells {a} and {b} share neither a row nor a column")
+
+
+def _record(split: str, i: int, question_type: str, question: str, answer: str) -> dict:
+    return {"id": f"{split}-{i:05d}", "image": f"images/{split}-{i:05d}.png", "question_type": question_type,
+            "answer": answer, "conversations": [{"from": "human", "value": f"<image>\n{question}"},
+                                                {"from": "gpt", "value": answer}]}
+
+
+def _write_split(out_dir: str, split: str, n: int, rng: np.random.Generator, image_size: int) -> list[dict]:
+    records = []
+    for i in range(n):
+        qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
+        shapes, question, answer = make_sample(rng, qtype, image_size)
+        rec = _record(split, i, qtype, question, answer)
+        Image.fromarray(render(shapes, image_size)).save(os.path.join(out_dir, rec["image"]))
+        records.append(rec)
+    return records
+
+
+def _write_json(obj, path: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _complete(paths: dict, meta: dict) -> bool:
+    try:
+        with open(paths["meta"]) as f:
+            if json.load(f) != meta:
+                return False
+        for split in ("train", "eval"):
+            with open(paths[split]) as f:
+                records = json.load(f)
+            if len(records) != meta[f"n_{split}"]:
+                return False
+            if not all(os.path.exists(os.path.join(paths["image_folder"], r["image"])) for r in records):
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def write_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> dict:
+    """Write the task to ``out_dir`` (see the module docstring for the layout) and return its paths:
+    {"image_folder": out_dir (what records' "image" paths are relative to), "images", "train", "eval", "meta"}.
+
+    Deterministic: the same (n_train, n_eval, seed, image_size) give byte-identical files. When
+    ``out_dir`` already holds a complete task with the same parameters nothing is rewritten.
+    Raises ValueError for negative counts, a non-integer seed or an image smaller than 16 px.
+    """
+    for name, v in (("n_train", n_train), ("n_eval", n_eval), ("seed", seed), ("image_size", image_size)):
+        if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            raise ValueError(f"{name} must be an integer, got {v!r}")
+    if n_train < 0 or n_eval < 0:
+        raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
+    if seed < 0:
+        raise ValueError(f"seed must be >= 0, got {seed}")
+    if image_size < MIN_IMAGE_SIZE:
+        raise ValueError(f"image_size must be at least {MIN_IMAGE_SIZE} px so every shape fits its cell, "
+                         f"got {image_size}")
+    paths = {"image_folder": out_dir, "images": os.path.join(out_dir, "images"),
+             "train": os.path.join(out_dir, "train.json"), "eval": os.path.join(out_dir, "eval.json"),
+             "meta": os.path.join(out_dir, "meta.json")}
+    meta = {"format": _FORMAT, "n_train": int(n_train), "n_eval": int(n_eval), "seed": int(seed),
+            "image_size": int(image_size)}
+    if _complete(paths, meta):
+        return paths
+    if os.path.exists(paths["meta"]):
+        os.remove(paths["meta"])   # a run interrupted from here on must not look complete
+    os.makedirs(paths["images"], exist_ok=True)
+    for stale in glob.glob(os.path.join(paths["images"], "train-*.png")) + \
+            glob.glob(os.path.join(paths["images"], "eval-*.png")):
+        os.remove(stale)   # images of an earlier, larger run would otherwise linger
+    # One independent stream per split: the eval split does not change with n_train.
+    train_rng, eval_rng = (np.random.default_rng([int(seed), k]) for k in (0, 1))
+    _write_json(_write_split(out_dir, "train", n_train, train_rng, image_size), paths["train"])
+    _write_json(_write_split(out_dir, "eval", n_eval, eval_rng, image_size), paths["eval"])
+    _write_json(meta, paths["meta"])
+    return paths

@@ -1,0 +1,202 @@
+"""The synthetic visual-QA generator: deterministic, answers re-derived from the pixels alone, a few
+layouts checked by hand, and questions the tiny tokenizer reads without unknown words."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from grace.synthetic import (
+    COLORS,
+    QUESTION_TYPES,
+    VOCAB,
+    PlacedShape,
+    position_answer,
+    render,
+    write_task,
+)
+from grace.tiny import DEFAULT_WORDS, build_processor
+
+WHITE = (255, 255, 255)
+
+
+def _files(paths: dict) -> dict:
+    out = {}
+    for split in ("train", "eval"):
+        with open(paths[split], "rb") as f:
+            out[split] = f.read()
+        for rec in json.loads(out[split]):
+            with open(os.path.join(paths["image_folder"], rec["image"]), "rb") as f:
+                out[rec["image"]] = f.read()
+    return out
+
+
+def test_same_seed_same_bytes_other_seed_differs(tmp_path):
+    a = _files(write_task(str(tmp_path / "a"), 12, 8, seed=3))
+    b = _files(write_task(str(tmp_path / "b"), 12, 8, seed=3))
+    c = _files(write_task(str(tmp_path / "c"), 12, 8, seed=4))
+    assert a == b
+    assert a.keys() == c.keys()
+    assert a["train"] != c["train"]
+    assert sum(a[k] != c[k] for k in a if k.endswith(".png")) > 10
+
+
+def test_eval_split_does_not_depend_on_n_train(tmp_path):
+    a = _files(write_task(str(tmp_path / "a"), 4, 6))
+    b = _files(write_task(str(tmp_path / "b"), 9, 6))
+    assert a["eval"] == b["eval"]
+    assert all(a[k] == b[k] for k in a if k.startswith("images/eval-"))
+
+
+def test_cached_directory_is_reused_and_regenerated_on_change(tmp_path):
+    out = str(tmp_path / "task")
+    paths = write_task(out, 8, 4)
+    stamps = {p: os.stat(p).st_mtime_ns for p in (paths["train"], paths["eval"], paths["meta"])}
+    assert write_task(out, 8, 4) == paths
+    assert {p: os.stat(p).st_mtime_ns for p in stamps} == stamps
+
+    os.remove(os.path.join(out, "images", "train-00003.png"))   # an incomplete directory is rebuilt
+    write_task(out, 8, 4)
+    assert os.path.exists(os.path.join(out, "images", "train-00003.png"))
+
+    write_task(out, 3, 2)   # new parameters: rewritten, and the images of the larger run are gone
+    assert len(json.load(open(paths["train"]))) == 3
+    assert sorted(os.listdir(paths["images"])) == ["eval-00000.png", "eval-00001.png", "train-00000.png",
+                                                   "train-00001.png", "train-00002.png"]
+    assert json.load(open(paths["meta"]))["n_train"] == 3
+
+
+# --- re-deriving every answer from the pixels, with no help from the generator's own code ---------------
+
+def _components(img: np.ndarray) -> list[dict]:
+    """4-connected components of non-white pixels: color name, pixel count, bounding box, centroid."""
+    h, w, _ = img.shape
+    palette = {v: k for k, v in COLORS.items()}
+    seen = np.zeros((h, w), dtype=bool)
+    comps = []
+    for y0 in range(h):
+        for x0 in range(w):
+            if seen[y0, x0] or tuple(img[y0, x0]) == WHITE:
+                continue
+            color = tuple(int(v) for v in img[y0, x0])
+            assert color in palette, f"pixel {color} is neither white nor a palette color"
+            stack, pixels = [(y0, x0)], []
+            seen[y0, x0] = True
+            while stack:
+                y, x = stack.pop()
+                pixels.append((y, x))
+                for ny, nx in ((y + 1, x), (y - 1, x), (y, x + 1), (y, x - 1)):
+                    if 0 <= ny < h and 0 <= nx < w and not seen[ny, nx] and tuple(img[ny, nx]) != WHITE:
+                        assert tuple(img[ny, nx]) == color, "two colors touch: shapes overlap"
+                        seen[ny, nx] = True
+                        stack.append((ny, nx))
+            ys, xs = np.array(pixels).T
+            box = (ys.max() - ys.min() + 1) * (xs.max() - xs.min() + 1)
+            comps.append({"color": palette[color], "n": len(pixels), "fill": len(pixels) / box,
+                          "cy": ys.mean(), "cx": xs.mean()})
+    return comps
+
+
+def _shape_of(comp: dict) -> str:
+    # Share of its bounding box a shape covers: square 1, disc about pi/4, triangle about 1/2.
+    return "square" if comp["fill"] > 0.95 else "circle" if comp["fill"] > 0.7 else "triangle"
+
+
+def _answer_from_pixels(img: np.ndarray, rec: dict) -> str:
+    comps = _components(img)
+    qtype = rec["question_type"]
+    if qtype == "count":
+        return ("one", "two", "three", "four")[len(comps) - 1]
+    if qtype in ("color", "shape"):
+        assert len(comps) == 1
+        return comps[0]["color"] if qtype == "color" else _shape_of(comps[0])
+    assert qtype == "position" and len(comps) == 2
+    asked = rec["conversations"][0]["value"].split()[4]   # "<image>\nwhere is the <color> object ?"
+    (target,), (other,) = [c for c in comps if c["color"] == asked], [c for c in comps if c["color"] != asked]
+    dy, dx = target["cy"] - other["cy"], target["cx"] - other["cx"]
+    if abs(dx) > abs(dy):
+        return "left" if dx < 0 else "right"
+    return "top" if dy < 0 else "bottom"
+
+
+@pytest.mark.parametrize("image_size", [28, 16, 45])
+def test_answers_follow_from_the_pixels(tmp_path, image_size):
+    paths = write_task(str(tmp_path), 60, 20, seed=1, image_size=image_size)
+    records = json.load(open(paths["train"])) + json.load(open(paths["eval"]))
+    for rec in records:
+        img = np.asarray(Image.open(os.path.join(paths["image_folder"], rec["image"])))
+        assert img.shape == (image_size, image_size, 3) and img.dtype == np.uint8
+        assert _answer_from_pixels(img, rec) == rec["answer"], rec["id"]
+        human, gpt = rec["conversations"]
+        assert human["from"] == "human" and human["value"].startswith("<image>\n")
+        assert gpt == {"from": "gpt", "value": rec["answer"]}
+    types = [r["question_type"] for r in records]
+    assert {t: types.count(t) for t in QUESTION_TYPES} == {t: 20 for t in QUESTION_TYPES}
+
+
+# --- hand-checked layouts ----------------------------------------------------------------------------------
+
+def test_hand_checked_red_square_top_left():
+    img = render([PlacedShape("square", "red", cell=0, size=7, dy=1, dx=2)], 28)
+    red = np.all(img == COLORS["red"], axis=-1)
+    assert red.sum() == 49 and red[1:8, 2:9].all()
+    assert not red[0].any() and not red[:, 1].any() and not red[8].any()
+    assert (img[~red] == 255).all()
+
+
+def test_hand_checked_triangle_and_circle():
+    img = render([PlacedShape("triangle", "blue", cell=3, size=7, dy=1, dx=1),
+                  PlacedShape("circle", "yellow", cell=1, size=12, dy=1, dx=1)], 28)
+    blue = np.all(img == COLORS["blue"], axis=-1)
+    # Bottom-right cell starts at (14, 14): apex one pixel at the center column, base seven pixels wide.
+    assert blue[15].nonzero()[0].tolist() == [18]
+    assert blue[21].nonzero()[0].tolist() == list(range(15, 22))
+    assert blue.sum(axis=1)[15:22].tolist() == [1, 1, 3, 3, 5, 5, 7] and blue.sum() == 25
+    yellow = np.all(img == COLORS["yellow"], axis=-1)
+    # Top-right cell at (0, 14), box (1..12, 15..26): a disc, so the box corners stay white, its middle is filled.
+    assert yellow[1:13, 15:27].sum() == yellow.sum()
+    assert not yellow[1, 15] and not yellow[12, 26] and yellow[6, 20] and yellow[6, 15] and yellow[1, 20]
+
+
+def test_hand_checked_positions():
+    def two(a, b):
+        return [PlacedShape("square", "red", a, 7, 1, 1), PlacedShape("circle", "blue", b, 7, 1, 1)]
+
+    assert position_answer(two(1, 0), 0) == "right"
+    assert position_answer(two(1, 0), 1) == "left"
+    assert position_answer(two(0, 2), 0) == "top"
+    assert position_answer(two(0, 2), 1) == "bottom"
+    assert position_answer(two(3, 2), 0) == "right"
+    with pytest.raises(ValueError, match="neither a row nor a column"):
+        position_answer(two(0, 3), 0)
+
+
+def test_render_refuses_a_shape_that_leaves_its_cell():
+    with pytest.raises(ValueError, match="does not fit"):
+        render([PlacedShape("square", "red", cell=0, size=13, dy=1, dx=1)], 28)
+
+
+# --- vocabulary and inputs ---------------------------------------------------------------------------------
+
+def test_questions_and_answers_use_only_the_tiny_vocabulary(tmp_path):
+    assert set(VOCAB) <= set(DEFAULT_WORDS)
+    tok = build_processor().tokenizer
+    paths = write_task(str(tmp_path), 8, 0)
+    for rec in json.load(open(paths["train"])):
+        for turn in rec["conversations"]:
+            ids = tok(turn["value"], add_special_tokens=False)["input_ids"]
+            assert tok.unk_token_id not in ids, turn["value"]
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_train": -1, "n_eval": 2}, "n_train and n_eval"),
+    ({"n_train": 2, "n_eval": 2.5}, "n_eval must be an integer"),
+    ({"n_train": 2, "n_eval": 2, "seed": "x"}, "seed must be an integer"),
+    ({"n_train": 2, "n_eval": 2, "seed": -1}, "seed must be >= 0"),
+    ({"n_train": 2, "n_eval": 2, "image_size": 12}, "image_size must be at least 16"),
+])
+def test_bad_arguments_raise(tmp_path, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        write_task(str(tmp_path), **kwargs)

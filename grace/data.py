@@ -28,7 +28,9 @@ def load_records(path: str) -> list[dict]:
     return data
 
 
-def _messages(conversations: list[dict]) -> list[dict]:
+def to_messages(conversations: list[dict]) -> list[dict]:
+    """LLaVA turns ({"from": "human"|"gpt", "value"}) as chat-template messages; the ``<image>`` placeholder
+    becomes an image content item. Raises ValueError on a malformed turn."""
     msgs = []
     for turn in conversations:
         role = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}.get(turn.get("from"))
@@ -64,7 +66,7 @@ class ConversationDataset(torch.utils.data.Dataset):
         if not isinstance(convs, list) or not convs:
             raise _Skip("empty conversation")
         try:
-            msgs = _messages(convs)
+            msgs = to_messages(convs)
         except ValueError as e:
             raise _Skip("malformed conversation") from e
         if not any(m["role"] == "assistant" for m in msgs):
@@ -77,6 +79,9 @@ class ConversationDataset(torch.utils.data.Dataset):
                     image = im.convert("RGB")
             except (OSError, ValueError):
                 raise _Skip("missing or unreadable image") from None
+        n_image_items = sum(c["type"] == "image" for m in msgs for c in m["content"])
+        if n_image_items != (image is not None):
+            raise _Skip("image and <image> placeholder do not match")
         images = [image] if image is not None else None
         text = self.processor.apply_chat_template(msgs, tokenize=False)
         enc = self.processor(text=[text], images=images, return_tensors="pt")

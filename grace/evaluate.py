@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from grace.data import _messages
+from grace.data import to_messages
 
 _TRAILING_PUNCTUATION = ".,;:!?"
 
@@ -140,7 +140,7 @@ def _prepare(rec, image_folder: str) -> tuple[list[dict], Image.Image | None, st
     if not isinstance(convs, list) or not convs:
         raise _Skip("empty conversation")
     try:
-        msgs = _messages(convs)
+        msgs = to_messages(convs)
     except (ValueError, AttributeError) as e:
         raise _Skip("malformed conversation") from e
     k = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
@@ -266,7 +266,7 @@ def generate(model, processor, image_path: str | None, prompt: str, max_new_toke
         except (OSError, ValueError) as e:
             raise ValueError(f"cannot read image {image_path}: {e}") from None
     text = prompt.replace("<image>", "").strip()
-    msgs = _messages([{"from": "human", "value": f"<image>\n{text}" if image is not None else text}])
+    msgs = to_messages([{"from": "human", "value": f"<image>\n{text}" if image is not None else text}])
     was_training = model.training
     model.eval()
     try:

@@ -1,4 +1,4 @@
-"""Tiny local VLM checkpoints (LLaVA-1.5 and Qwen2-VL families) with a locally built tokenizer, chat
+"""Tiny local VLM checkpoints (LLaVA-1.5, Qwen2-VL and Qwen2.5-VL families) with a locally built tokenizer, chat
 template and processor: what tests and the CPU demo train, since no model hub is reachable.
 
 A teacher is larger than a student; both share one tokenizer and processor. Hidden sizes are
@@ -19,6 +19,9 @@ from transformers import (
     LlavaForConditionalGeneration,
     LlavaProcessor,
     PreTrainedTokenizerFast,
+    Qwen2_5_VLConfig,
+    Qwen2_5_VLForConditionalGeneration,
+    Qwen2_5_VLProcessor,
     Qwen2VLConfig,
     Qwen2VLForConditionalGeneration,
     Qwen2VLImageProcessor,
@@ -43,7 +46,7 @@ SIZES = {  # (hidden, intermediate, layers, heads)
 IMAGE_SIZE, PATCH = 28, 14   # LLaVA: 2 x 2 patches, 4 image tokens per image
 QWEN_IMAGE_SIZE = 56          # Qwen2-VL: 4 x 4 patches of 14, merged 2 x 2: 4 image tokens per image
 QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|> <|image_pad|> <|vision_end|> ")
-FAMILIES = ("llava", "qwen2_vl")
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
 
 
 def _tokenizer(vocab_words, extra_special: list[str]) -> PreTrainedTokenizerFast:
@@ -58,15 +61,16 @@ def _tokenizer(vocab_words, extra_special: list[str]) -> PreTrainedTokenizerFast
 
 def build_processor(vocab_words=None, family: str = "llava"):
     """A processor for the tiny checkpoints: a word-level tokenizer over ``vocab_words``."""
-    if family == "qwen2_vl":
+    if family in ("qwen2_vl", "qwen2_5_vl"):
         fast = _tokenizer(vocab_words, QWEN_SPECIAL)
         fast.image_token, fast.video_token = "<|image_pad|>", "<|video_pad|>"
         pixels = QWEN_IMAGE_SIZE * QWEN_IMAGE_SIZE   # min = max: every image becomes 4 x 4 patches
         image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=PATCH,
                                                 temporal_patch_size=2, merge_size=2)
         # The video processor is unused (image data only) but the processor class requires one.
-        return Qwen2VLProcessor(image_processor=image_processor, tokenizer=fast, chat_template=QWEN_CHAT_TEMPLATE,
-                                video_processor=Qwen2VLVideoProcessor())
+        cls = Qwen2VLProcessor if family == "qwen2_vl" else Qwen2_5_VLProcessor
+        return cls(image_processor=image_processor, tokenizer=fast, chat_template=QWEN_CHAT_TEMPLATE,
+                   video_processor=Qwen2VLVideoProcessor())
     fast = _tokenizer(vocab_words, [])
     image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
                                          crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
@@ -87,8 +91,8 @@ def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student"
     hidden, inter, layers, heads = SIZES[size]
     vocab = -(-len(tok) // 64) * 64   # padded like real checkpoints: rows past the tokenizer are never targets
     torch.manual_seed(seed)
-    if family == "qwen2_vl":
-        model = _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab)
+    if family in ("qwen2_vl", "qwen2_5_vl"):
+        model = _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab, v2_5=family == "qwen2_5_vl")
     else:
         model = _tiny_llava(tok, hidden, inter, layers, heads, vocab)
     os.makedirs(out_dir, exist_ok=True)
@@ -97,7 +101,7 @@ def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student"
     return out_dir
 
 
-def _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab):
+def _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab, v2_5: bool = False):
     half_head = hidden // heads // 2
     # M-RoPE splits each head's rotary frequencies between time, height and width positions.
     section = [half_head - 2 * (half_head * 3 // 8), half_head * 3 // 8, half_head * 3 // 8]
@@ -108,11 +112,17 @@ def _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab):
             "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
     vision = {"depth": 1, "embed_dim": 64, "hidden_size": hidden, "num_heads": 2, "mlp_ratio": 2, "patch_size": PATCH,
               "spatial_merge_size": 2, "temporal_patch_size": 2}
+    if v2_5:   # Qwen2.5-VL names the encoder width hidden_size and the merger's output out_hidden_size
+        vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "out_hidden_size": hidden, "num_heads": 2,
+                  "patch_size": PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2, "window_size": 56,
+                  "fullatt_block_indexes": [1]}
     ids = tok.convert_tokens_to_ids
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
-                           video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
-                           vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
-    return Qwen2VLForConditionalGeneration(config)
+    config_cls, model_cls = ((Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration) if v2_5
+                             else (Qwen2VLConfig, Qwen2VLForConditionalGeneration))
+    config = config_cls(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                        video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                        vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    return model_cls(config)
 
 
 def _tiny_llava(tok, hidden, inter, layers, heads, vocab):

@@ -1,4 +1,4 @@
-"""The GRACE trainer end to end on tiny local LLaVA-1.5 and Qwen2-VL checkpoints (CPU)."""
+"""The GRACE trainer end to end on tiny local LLaVA-1.5, Qwen2-VL and Qwen2.5-VL checkpoints (CPU)."""
 
 import importlib
 import json
@@ -47,13 +47,15 @@ def write_dataset(root, n=8, corrupt=True):
         (img / "corrupt.png").write_bytes(b"this is not a png")
         records += [{"id": "corrupt", "image": "corrupt.png", "conversations": records[0]["conversations"]},
                     {"id": "missing", "image": "nope.png", "conversations": records[0]["conversations"]},
-                    {"id": "empty", "image": "0.png", "conversations": []}]
+                    {"id": "empty", "image": "0.png", "conversations": []},
+                    {"id": "no placeholder", "image": "0.png", "conversations": [
+                        {"from": "human", "value": "what is the color ?"}, {"from": "gpt", "value": "red"}]}]
     path = root / "data.json"
     path.write_text(json.dumps(records))
     return str(path), str(img)
 
 
-@pytest.fixture(scope="module", params=["llava", "qwen2_vl"])
+@pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl"])
 def setup(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(request.param)
     teacher = build_tiny_vlm(str(root / "teacher"), family=request.param, size="teacher", seed=1)
@@ -73,13 +75,25 @@ def test_data_loader_skips_bad_samples_and_supervises_answers_only(setup):
     processor = build_processor(family=setup["family"])
     ds = ConversationDataset(load_records(setup["data"]), processor, setup["images"], max_length=2048)
     assert len(ds) == 8
-    assert dict(ds.skipped) == {"missing or unreadable image": 2, "empty conversation": 1}
+    assert dict(ds.skipped) == {"missing or unreadable image": 2, "empty conversation": 1,
+                                "image and <image> placeholder do not match": 1}
     tok = processor.tokenizer
     for i, sample in enumerate(ds.samples):
         supervised = sample["labels"][sample["labels"] != -100].tolist()
         assert tok.convert_ids_to_tokens(supervised) == [ANSWERS[i % 4], "</s>"]
     short = ConversationDataset(load_records(setup["data"]), processor, setup["images"], max_length=8)
     assert len(short) == 0 and short.skipped["longer than max_length"] == 8
+
+
+def test_data_loader_supervises_every_assistant_turn(setup, tmp_path):
+    processor = build_processor(family=setup["family"])
+    conv = [{"from": "human", "value": "<image>\nwhat is the color ?"}, {"from": "gpt", "value": "red"},
+            {"from": "human", "value": "what is the shape ?"}, {"from": "gpt", "value": "circle square"}]
+    ds = ConversationDataset([{"id": "multi", "image": "0.png", "conversations": conv}], processor,
+                             setup["images"], max_length=2048)
+    labels = ds.samples[0]["labels"]
+    tokens = processor.tokenizer.convert_ids_to_tokens(labels[labels != -100].tolist())
+    assert tokens == ["red", "</s>", "circle", "square", "</s>"]
 
 
 @pytest.mark.triton_in_trainer
@@ -90,7 +104,8 @@ def test_one_step_end_to_end(setup, tmp_path):
     row = result.metrics[-1]
     assert all(np.isfinite(row[k]) for k in ("loss", "ce", "gdkd", "rcka"))
     assert row["gdkd"] > 0 and row["rcka"] > 0 and 0 < row["gate"] <= 1
-    assert result.skipped == {"missing or unreadable image": 2, "empty conversation": 1}
+    assert result.skipped == {"missing or unreadable image": 2, "empty conversation": 1,
+                              "image and <image> placeholder do not match": 1}
     after = torch.load(os.path.join(result.final_dir, "student_state.pt"))
     initial = AutoModelForImageTextToText.from_pretrained(setup["student"], dtype=torch.float32)
     quantize_model(initial, bits=4, group_size=128, verbose=False)
@@ -201,7 +216,7 @@ def test_bad_configuration_fails_before_loading(setup, tmp_path):
         train(config(setup, tmp_path / "x", teacher=str(tmp_path / "nowhere")), progress=False)
     with pytest.raises(ValueError, match="bits must be"):
         train(config(setup, tmp_path / "x", bits=3), progress=False)
-    other = "qwen2_vl" if setup["family"] == "llava" else "llava"
+    other = "llava" if setup["family"].startswith("qwen") else "qwen2_vl"
     other_dir = build_tiny_vlm(str(tmp_path / "other"), family=other, size="teacher")
     with pytest.raises(ValueError, match="same family"):
         train(config(setup, tmp_path / "x", teacher=other_dir), progress=False)

@@ -35,12 +35,6 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_generate)
 
 
-def _device(name: str) -> str:
-    import torch
-
-    return ("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name
-
-
 def _load(model_dir: str, device: str):
     from grace.export import load_model
 
@@ -61,10 +55,11 @@ def _export(args) -> int:
 def _eval(args) -> int:
     from grace.data import load_records
     from grace.evaluate import evaluate
+    from grace.train import resolve_device
 
     if not os.path.isfile(args.data):
         raise ValueError(f"data file not found: {args.data!r}")
-    device = _device(args.device)
+    device = resolve_device(args.device)
     model, processor = _load(args.model_dir, device)
     folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
     result = evaluate(model, processor, load_records(args.data), folder, batch_size=args.batch_size,
@@ -79,9 +74,10 @@ def _eval(args) -> int:
 
 def _generate(args) -> int:
     from grace.evaluate import generate
+    from grace.train import resolve_device
 
     if not os.path.isfile(args.image):
         raise ValueError(f"image not found: {args.image!r}")
-    model, processor = _load(args.model_dir, _device(args.device))
+    model, processor = _load(args.model_dir, resolve_device(args.device))
     print(generate(model, processor, args.image, args.prompt, max_new_tokens=args.max_new_tokens))
     return 0

@@ -30,7 +30,7 @@ import tempfile
 import torch
 from torch import nn
 
-from grace.quantize import quantize_model
+from grace.quantize import quantize_model, replace_module
 from grace_kernels.nn import QuantLinear, W4A16Linear
 
 FORMATS = ("pack-quantized",)
@@ -174,11 +174,6 @@ def pack_quantized_config(*, group_size: int, ignore: list[str]) -> dict:
     }
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
-
-
 def export_run(run_dir: str, out_dir: str, *, format: str = "pack-quantized", dtype: str | None = None,
                overwrite: bool = False) -> str:
     """Write the trained student of ``run_dir`` as an INT4 Hugging Face checkpoint in ``out_dir``.
@@ -220,7 +215,7 @@ def export_run(run_dir: str, out_dir: str, *, format: str = "pack-quantized", dt
     quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     with torch.no_grad():
         for name in quantized:
-            _swap(model, name, W4A16Linear.from_quant_linear(model.get_submodule(name)))
+            replace_module(model, name, W4A16Linear.from_quant_linear(model.get_submodule(name)))
         if dtype is not None:
             # Parameters only: the INT4 scales are buffers and keep their trained dtype.
             for p in model.parameters():
@@ -385,7 +380,7 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
             if lin.in_features != scale.shape[-1] * group_size:
                 raise ValueError(f"{model_dir}: {ckpt}.weight_scale {tuple(scale.shape)} does not fit "
                                  f"in_features {lin.in_features} with group_size {group_size}")
-            _swap(model, name, W4A16Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+            replace_module(model, name, W4A16Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
                                            group_size=group_size, scale_dtype=scale.dtype, bias_dtype=dtype))
 
     state = model.state_dict(keep_vars=True)

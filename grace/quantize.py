@@ -58,7 +58,8 @@ def select_linears(model: nn.Module, *, group_size: int, include: list[str] | No
     return targets
 
 
-def _swap(model: nn.Module, name: str, module: nn.Module) -> None:
+def replace_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified name ``name`` of ``model``."""
     parent_name, _, child = name.rpartition(".")
     setattr(model.get_submodule(parent_name) if parent_name else model, child, module)
 
@@ -72,7 +73,7 @@ def rtn_int4_model(model: nn.Module, *, group_size: int = 128, scale_dtype: torc
 
     targets = select_linears(model, group_size=group_size, include=include, exclude=exclude)
     for name, lin in targets:
-        _swap(model, name, W4A16Linear.from_linear(lin, group_size=group_size, scale_dtype=scale_dtype))
+        replace_module(model, name, W4A16Linear.from_linear(lin, group_size=group_size, scale_dtype=scale_dtype))
     model.grace_quantized_modules = [n for n, _ in targets]
     return model
 
@@ -100,7 +101,8 @@ def quantize_model(
     targets = select_linears(model, group_size=group_size, include=include, exclude=exclude)
     exclude = list(DEFAULT_EXCLUDE if exclude is None else exclude)
     for name, lin in targets:
-        _swap(model, name, QuantLinear.from_linear(lin, bits, group_size, method=method, scale_dtype=scale_dtype))
+        quant = QuantLinear.from_linear(lin, bits, group_size, method=method, scale_dtype=scale_dtype)
+        replace_module(model, name, quant)
     names = [n for n, _ in targets]
     model.grace_quantized_modules = names
     n_params = sum(lin.weight.numel() for _, lin in targets)

@@ -6,10 +6,11 @@ learning rate for the scales), cosine schedule with warmup, gradient accumulatio
 adaptive beta controller updated once per optimizer step from that step's mean GDKD.
 
 Distributed (``torchrun --nproc_per_node=P -m grace train ...``; NCCL on GPUs, gloo on CPU): the student
-is sharded with PyTorch FSDP (``fully_shard`` per decoder block, the vision tower, then the root); the
-teacher is replicated on every rank (it is frozen and only runs forward). ``batch_size`` is per rank:
-each optimizer step consumes P * batch_size * grad_accum samples, rank r taking its slice of one global
-permutation, so a P-rank run and a single-process run with P times the batch see the same samples.
+is sharded with PyTorch FSDP (``fully_shard`` per decoder block, then the root; the frozen vision tower
+stays replicated); the teacher is replicated on every rank (it is frozen and only runs forward).
+``batch_size`` is per rank: each optimizer step consumes P * batch_size * grad_accum samples, rank r
+taking its slice of one global permutation, so a P-rank run and a single-process run with P times the
+batch see the same samples.
 Gradients are averaged over ranks (FSDP's reduce-scatter), the logged losses and the GDKD the controller
 sees are averaged over ranks too, so every rank holds the same beta. As with any data-parallel mean of
 per-rank means, this equals the single-process loss exactly when ranks hold equal numbers of supervised
@@ -54,7 +55,8 @@ class TrainResult:
     skipped: dict
 
 
-def _device(name: str, local_rank: int) -> torch.device:
+def resolve_device(name: str, local_rank: int = 0) -> torch.device:
+    """"auto" is the GPU when there is one, else the CPU; a bare "cuda" is this rank's GPU."""
     dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local_rank)
@@ -135,7 +137,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     use_teacher = cfg.kd or cfg.rcka
     s_conf = AutoConfig.from_pretrained(cfg.student)
     family = check_pair(AutoConfig.from_pretrained(cfg.teacher), s_conf) if use_teacher else family_of(s_conf)
-    dev = _device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    dev = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
     rank, world = _init_distributed(dev.type)
     main = rank == 0
     if main:
@@ -197,7 +199,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     elif main and os.path.exists(metrics_path):
         os.remove(metrics_path)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int) -> dict:
         # Full (unsharded) state dicts keyed by parameter name: a checkpoint written by P ranks resumes
         # on any number of ranks, single process included. Every rank takes part in the gather.
         model_sd, optim_sd = get_state_dict(student, opt, options=StateDictOptions(full_state_dict=True,
@@ -262,8 +264,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", gdkd=f"{sums['gdkd']:.3f}",
                         rcka=f"{sums['rcka']:.3f}", beta=f"{controller.beta:.3f}", gate=f"{sums['gate']:.2f}",
                         tok_s=f"{tokens / dt:.0f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0:
-            checkpoint(step + 1)
+        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
+            checkpoint(step + 1)   # the last step's checkpoint is written once, below
     final_state = checkpoint(total)
     final_dir = os.path.join(cfg.output_dir, "final")
     if main:

@@ -7,6 +7,7 @@
 
 #include <cuda_runtime_api.h>
 
+#include <algorithm>
 #include <cstdint>
 
 namespace grace_kernels::w4a16 {
@@ -28,6 +29,27 @@ struct Plan {
   int splits;
   int iters_per_split;
 };
+
+// The block plan for an M x N x K GEMM on a GPU with sm_count SMs (shared by the host op and the CPU
+// emulation, so the emulation runs the plans the GPU gets).
+inline int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+inline Plan make_plan(int64_t M, int64_t N, int64_t K, int sm_count) {
+  Plan p{};
+  // Taller row tiles reuse each dequantized weight fragment for more rows; 16 rows suit decode.
+  p.m_blocks = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
+  p.m_tiles = static_cast<int>(cdiv(M, 16 * p.m_blocks));
+  p.n_blocks = static_cast<int>(cdiv(N, kBlockN));
+  const int64_t k_iters = K / kBlockK;
+  // Split K until about two blocks per SM exist: a decode GEMM has only N / 128 tiles (32 for N = 4096,
+  // against 108-132 SMs), and a weight stream from too few SMs cannot reach the HBM bandwidth. Each split
+  // adds an M x N float32 partial write and read, small next to the weights for small M.
+  const int64_t tiles = static_cast<int64_t>(p.n_blocks) * p.m_tiles;
+  const int64_t want = std::clamp<int64_t>(cdiv(2 * sm_count, tiles), 1, k_iters);
+  p.iters_per_split = static_cast<int>(cdiv(k_iters, want));
+  p.splits = static_cast<int>(cdiv(k_iters, p.iters_per_split));  // no empty split
+  return p;
+}
 
 enum class Dtype { kHalf, kBFloat16 };
 

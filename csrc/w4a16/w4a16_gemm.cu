@@ -32,12 +32,10 @@
 //     kernel sums them in a fixed order (deterministic, unlike atomics).
 //   * Inside a block the 8 warps are 2 (N) x 4 (K): a stage of 128 k is shared by four warps, whose
 //     float32 accumulators are summed through shared memory at the end.
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
 #include <algorithm>
 #include <type_traits>
 
+#include "common/device.cuh"
 #include "w4a16/w4a16.h"
 
 namespace grace_kernels::w4a16 {
@@ -64,68 +62,9 @@ constexpr int reduction_bytes() { return (kWarpsK - 1) * kWarpsN * kMBlocks * 8 
 template <int kMBlocks>
 constexpr int smem_bytes() { return std::max(pipeline_bytes<kMBlocks>(), reduction_bytes<kMBlocks>()); }
 
-// ---------------------------------------------------------------------------------------------------
-// PTX wrappers
-
-__device__ __forceinline__ uint32_t smem_addr(const void* p) {
-  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ uint64_t evict_first_policy() {
-  uint64_t policy;
-  asm volatile("createpolicy.fractional.L2::evict_first.b64 %0, 1.0;\n" : "=l"(policy));
-  return policy;
-}
-
-// Weights: read once, so marked evict-first (see the header comment).
-__device__ __forceinline__ void cp_async_evict_first(void* smem, const void* gmem, uint64_t policy) {
-  asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n"
-               :: "r"(smem_addr(smem)), "l"(gmem), "l"(policy));
-}
-
-// Activations and scales: default caching. src_bytes = 0 fills the 16 bytes with zeros, which is how rows
-// past M enter the tile (their products are never stored, but must not be NaN garbage either).
-__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool valid = true) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
-               :: "r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 16 : 0));
-}
-
-__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
-
-template <int kPending>
-__device__ __forceinline__ void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" :: "n"(kPending) : "memory");
-}
-
-// Four 8x8 b16 matrices: lane l addresses row l % 8 of matrix l / 8 and receives elements 2 (l % 4), +1
-// of row l / 4 of each, which for the four quadrants of a 16x16 A tile is exactly the A fragment a0..a7.
-__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3]) : "r"(smem_addr(smem)));
-}
-
-template <typename T>
-__device__ __forceinline__ void mma_m16n8k16(float (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
-  if constexpr (std::is_same_v<T, __half>) {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  } else {
-    asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
-                 "{%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, {%0, %1, %2, %3};\n"
-                 : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-  }
-}
-
-// (a & b) | c in one instruction; the truth table is that expression applied to lop3's canonical inputs
-// 0xF0, 0xCC, 0xAA.
+// (a & b) | c in one instruction.
 __device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  constexpr int kLut = (0xF0 & 0xCC) | 0xAA;
-  uint32_t d;
-  asm("lop3.b32 %0, %1, %2, %3, %4;\n" : "=r"(d) : "r"(a), "r"(b), "r"(c), "n"(kLut));
-  return d;
+  return ptx::lop3<(0xF0 & 0xCC) | 0xAA>(a, b, c);
 }
 
 // ---------------------------------------------------------------------------------------------------
@@ -215,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
   constexpr int kAChunks = a_chunks<kMBlocks>();
   static_assert(kAChunks % kThreads == 0, "every thread copies the same number of activation chunks");
 
-  extern __shared__ int4 smem[];
+  int4* smem = rt::dynamic_smem<int4>();
   int4* sh_a = smem;                       // [kStages][kRows][16 chunks], swizzled
   int4* sh_b = sh_a + kStages * kAChunks;  // [kStages][8 k16 rows][64 chunks], as in global memory
   int4* sh_s = sh_b + kStages * kBChunks;  // [kStages][16 chunks]
@@ -231,7 +170,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
 
   const int64_t w_row_chunks = N / 4;  // one k16 row of the whole weight: 2 N words
   const int4* w_block = w + n_block * kBRowChunks;
-  const uint64_t policy = evict_first_policy();
+  const uint64_t policy = ptx::evict_first_policy();
 
   auto load_stage = [&](int it, int slot) {
     int4* a_dst = sh_a + slot * kAChunks;
@@ -243,7 +182,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
       const T* src = x + static_cast<int64_t>(valid ? m0 + row : 0) * K + it * kBlockK + chunk * 8;
       // Swizzle: chunk c of row r goes to c ^ (r % 8), so that the eight rows one ldmatrix phase reads
       // (same logical chunk) fall in eight different 16-byte bank groups.
-      cp_async(a_dst + row * kAChunksPerRow + (chunk ^ (row % 8)), src, valid);
+      ptx::cp_async(a_dst + row * kAChunksPerRow + (chunk ^ (row % 8)), src, valid);
     }
     int4* b_dst = sh_b + slot * kBChunks;
 #pragma unroll
@@ -251,12 +190,12 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
       const int c = threadIdx.x + i * kThreads;
       const int row = c / kBRowChunks, col = c % kBRowChunks;
       if (col * 2 < block_cols) {  // a chunk is 4 words = 2 columns of a k16 row
-        cp_async_evict_first(b_dst + c, w_block + (static_cast<int64_t>(it) * kK16PerStage + row) * w_row_chunks + col,
+        ptx::cp_async_policy(b_dst + c, w_block + (static_cast<int64_t>(it) * kK16PerStage + row) * w_row_chunks + col,
                              policy);
       }
     }
     if (threadIdx.x < kSChunks && threadIdx.x * 8 < block_cols) {
-      cp_async(sh_s + slot * kSChunks + threadIdx.x,
+      ptx::cp_async(sh_s + slot * kSChunks + threadIdx.x,
                scales + static_cast<int64_t>(it) * N + n_block * kBlockN + threadIdx.x * 8);
     }
   };
@@ -282,7 +221,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
 #pragma unroll
       for (int mb = 0; mb < kMBlocks; ++mb) {
         const int row = mb * 16 + lane % 16, chunk = 2 * r + lane / 16;
-        ldmatrix_x4(a[mb], a_st + row * kAChunksPerRow + (chunk ^ (row % 8)));
+        ptx::ldmatrix_x4(a[mb], a_st + row * kAChunksPerRow + (chunk ^ (row % 8)));
       }
       // The lane's 16 bytes of tile (r, wn): B fragments of the eight n8 sub-tiles, two per word.
       const int4 bq = b_st[r * kBRowChunks + wn * 32 + lane];
@@ -299,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
           const uint32_t b0 = as_bits<T>(__hmul2(as_pair<T>(frag[2 * h]), s2));
           const uint32_t b1 = as_bits<T>(__hmul2(as_pair<T>(frag[2 * h + 1]), s2));
 #pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb) mma_m16n8k16<T>(acc[mb][j], a[mb], b0, b1);
+          for (int mb = 0; mb < kMBlocks; ++mb) ptx::mma_m16n8k16<T>(acc[mb][j], a[mb], b0, b1);
         }
       }
     }
@@ -310,20 +249,20 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
 #pragma unroll
   for (int s = 0; s < kStages - 1; ++s) {
     if (it_begin + s < it_end) load_stage(it_begin + s, s);
-    cp_async_commit();
+    ptx::cp_async_commit();
   }
   for (int it = it_begin; it < it_end; ++it) {
-    cp_async_wait<kStages - 2>();  // this thread's copies of stage `it` have landed ...
+    ptx::cp_async_wait<kStages - 2>();  // this thread's copies of stage `it` have landed ...
     __syncthreads();               // ... everyone's have, and everyone is done with the slot refilled next
     const int next = it + kStages - 1;
     if (next < it_end) load_stage(next, (next - it_begin) % kStages);
-    cp_async_commit();
+    ptx::cp_async_commit();
     if (slab_valid) compute_stage((it - it_begin) % kStages);
   }
 
   // The four K-warps of a slab sum their accumulators through the (now idle) pipeline memory, in a fixed
   // order. Lane-minor layout: consecutive lanes write consecutive words, no bank conflicts.
-  cp_async_wait<0>();
+  ptx::cp_async_wait<0>();
   __syncthreads();
   constexpr int kAcc = kMBlocks * 8 * 4;
   float* red = reinterpret_cast<float*>(smem);
@@ -395,19 +334,16 @@ cudaError_t launch_typed(const Plan& p, const void* x, const int32_t* w, const v
                          float* workspace, void* out, int M, int N, int K, cudaStream_t stream) {
   auto* kernel = w4a16_gemm_kernel<T, kMBlocks>;
   constexpr int smem = smem_bytes<kMBlocks>();
-  // Above 48 KB, dynamic shared memory has to be asked for explicitly (per device, so on every launch).
-  cudaError_t err = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t err = rt::set_max_dynamic_smem(kernel, smem);
   if (err != cudaSuccess) return err;
-  const dim3 grid(p.n_blocks, p.splits, p.m_tiles);
-  kernel<<<grid, kThreads, smem, stream>>>(static_cast<const T*>(x), reinterpret_cast<const int4*>(w),
-                                           static_cast<const T*>(scales), bias, workspace, static_cast<T*>(out), M,
-                                           N, K, p.iters_per_split);
-  err = cudaGetLastError();
+  err = rt::launch(kernel, dim3(p.n_blocks, p.splits, p.m_tiles), dim3(kThreads), smem, stream,
+                   static_cast<const T*>(x), reinterpret_cast<const int4*>(w), static_cast<const T*>(scales), bias,
+                   workspace, static_cast<T*>(out), M, N, K, p.iters_per_split);
   if (err != cudaSuccess || p.splits == 1) return err;
   const int64_t mn = static_cast<int64_t>(M) * N;
   const int blocks = static_cast<int>(std::min<int64_t>((mn + 255) / 256, 4096));
-  reduce_partials_kernel<T><<<blocks, 256, 0, stream>>>(workspace, bias, static_cast<T*>(out), p.splits, mn, N);
-  return cudaGetLastError();
+  return rt::launch(reduce_partials_kernel<T>, dim3(blocks), dim3(256), 0, stream, workspace, bias,
+                    static_cast<T*>(out), p.splits, mn, N);
 }
 
 template <typename T>

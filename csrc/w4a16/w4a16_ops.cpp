@@ -7,7 +7,6 @@
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
 
-#include <algorithm>
 #include <array>
 #include <atomic>
 #include <optional>
@@ -16,25 +15,6 @@
 
 namespace grace_kernels::w4a16 {
 namespace {
-
-int64_t cdiv(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-Plan make_plan(int64_t M, int64_t N, int64_t K, int sm_count) {
-  Plan p{};
-  // Taller row tiles reuse each dequantized weight fragment for more rows; 16 rows suit decode.
-  p.m_blocks = M <= 16 ? 1 : (M <= 32 ? 2 : 4);
-  p.m_tiles = static_cast<int>(cdiv(M, 16 * p.m_blocks));
-  p.n_blocks = static_cast<int>(cdiv(N, kBlockN));
-  const int64_t k_iters = K / kBlockK;
-  // Split K until about two blocks per SM exist: a decode GEMM has only N / 128 tiles (32 for N = 4096,
-  // against 108-132 SMs), and a weight stream from too few SMs cannot reach the HBM bandwidth. Each split
-  // adds an M x N float32 partial write and read, small next to the weights for small M.
-  const int64_t tiles = static_cast<int64_t>(p.n_blocks) * p.m_tiles;
-  const int64_t want = std::clamp<int64_t>(cdiv(2 * sm_count, tiles), 1, k_iters);
-  p.iters_per_split = static_cast<int>(cdiv(k_iters, want));
-  p.splits = static_cast<int>(cdiv(k_iters, p.iters_per_split));  // no empty split
-  return p;
-}
 
 // Queried once per device (ATen's device-properties cache lives in a header that needs the full toolkit,
 // cuSPARSE included, which build machines may lack).

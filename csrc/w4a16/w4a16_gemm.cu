@@ -168,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
   const int block_cols = min(kBlockN, N - n_block * kBlockN);
   const bool slab_valid = wn * 64 < block_cols;
 
-  const int64_t w_row_chunks = N / 4;  // one k16 row of the whole weight: 2 N words
+  const int64_t w_row_chunks = N / 2;  // one k16 row of the whole weight: 2 N words = N / 2 chunks
   const int4* w_block = w + n_block * kBRowChunks;
   const uint64_t policy = ptx::evict_first_policy();
 

@@ -66,9 +66,14 @@ def _extensions():
         _log(f"skipping the CUDA extension: {reason}")
         return [], {}
 
-    sources = sorted(glob.glob(os.path.join("csrc", "**", "*.cu"), recursive=True)) + sorted(
-        glob.glob(os.path.join("csrc", "**", "*.cpp"), recursive=True)
-    )
+    # csrc/simt/ is the CPU executor the tests build on their own (it runs the kernels without a GPU); it
+    # is no part of the extension.
+    sources = [
+        path
+        for ext in ("cu", "cpp")
+        for path in sorted(glob.glob(os.path.join("csrc", "**", f"*.{ext}"), recursive=True))
+        if not path.startswith(os.path.join("csrc", "simt") + os.sep)
+    ]
     if not sources:
         return skip("no sources under csrc/")
     cuda_home = _find_cuda_home()

@@ -8,6 +8,9 @@ fragments to an emulated mma.sync.m16n8k16, which places every lane's registers 
 fragment layouts say they go. The emulated warp tiles, reduced over warps and split-K blocks as the
 kernel does, must equal x @ dequant(W)^T. A layout bug (a lane reading the wrong nibble, a scale
 permuted wrongly, a swizzle that is not undone) shows up as a wrong product here.
+
+This file re-derives the layout; it does not run the kernel's own pointer arithmetic (it indexes
+kernel_packed as a 2-D tensor). tests/test_w4a16_simt.py runs the kernel's source itself on CPU.
 """
 
 import pytest

@@ -2,10 +2,13 @@
 // 4-bit u = q + 8, x and scales float16 or bfloat16, float32 accumulation.
 //
 // Status: compiled for sm_80 and sm_90 (ptxas reports no spills for any instantiation; python -m
-// grace_kernels.aot prints registers and shared memory), and the data layout -- what every lane loads,
-// dequantizes and feeds to mma, the A swizzle, the warp reduction -- is emulated bit-exactly on CPU by
-// tests/test_w4a16_layout.py. This kernel has NOT been executed on a GPU: its parity tests
-// (tests/test_w4a16.py, marked gpu) and benchmark have only run where no GPU was present, i.e. not at all.
+// grace_kernels.aot prints registers and shared memory). This very source also runs on CPU: compiled by
+// g++ against the SIMT executor csrc/simt/simt.h (threads as host threads, ldmatrix / mma.sync per the PTX
+// ISA's fragment layouts, cp.async landing late) under AddressSanitizer and ThreadSanitizer, it must give
+// x @ W^T to one rounding for each row-tile height, with and without split-K, with a half column block
+// and a pipeline that wraps (tests/test_w4a16_simt.py); tests/test_w4a16_layout.py
+// re-derives the data layout lane by lane in Python. It has NOT been executed on a GPU: its parity tests
+// (tests/test_w4a16.py, marked gpu) and benchmark have not run yet.
 //
 // Design (the ideas of Marlin, Frantar et al. 2024, written anew):
 //   * Decode (M = 1..16) is bound by reading the weights once from HBM; everything here serves that.

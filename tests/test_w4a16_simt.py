@@ -1,0 +1,183 @@
+"""The CUDA W4A16 kernel's own source, run on CPU (csrc/simt/): its address arithmetic, cp.async pipeline,
+split-K and reduction, not a Python re-derivation of them.
+
+csrc/simt/w4a16_simt.cpp includes csrc/w4a16/w4a16_gemm.cu -- the file nvcc builds -- and compiles it with
+g++ against csrc/simt/simt.h, which runs each thread of a block as a host thread, the warp-collective
+ldmatrix / mma.sync through a per-warp exchange that follows the PTX ISA's fragment layouts, and cp.async
+as copies that land only at their wait_group (poison until then). It is built twice: with
+AddressSanitizer + UBSan (out-of-bounds global or shared accesses abort) and with ThreadSanitizer (a
+shared-memory access that no __syncthreads orders is a reported data race). The first run of this test
+found a real bug the lane-by-lane Python emulation (test_w4a16_layout.py) could not: the kernel strode
+through the weights' k16 rows with N / 4 chunks instead of N / 2.
+
+The result must equal x @ W^T to within one rounding of the output: W is q * s rounded once to the
+activation dtype (the kernel's __hmul2), the sum is exact up to float32 accumulation.
+"""
+
+import json
+import os
+import shutil
+import subprocess
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import torch
+
+import grace_kernels as gk
+
+ROOT = Path(__file__).resolve().parents[1]
+SOURCE = ROOT / "csrc" / "simt" / "w4a16_simt.cpp"
+SANITIZERS = {
+    "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
+    "tsan": ["-fsanitize=thread"],
+}
+# halt_on_error: a race fails the run rather than scrolling past.
+ENV = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66", "ASAN_OPTIONS": "detect_leaks=0"}
+
+
+def _cuda_include() -> Path | None:
+    """The CUDA toolkit's include directory (host-side cuda_fp16.h / cuda_bf16.h; nothing is linked)."""
+    candidates = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        candidates.append(str(Path(os.path.realpath(nvcc)).parents[1]))
+    candidates.append("/usr/local/cuda")
+    for c in candidates:
+        if c and (Path(c) / "include" / "cuda_fp16.h").is_file():
+            return Path(c) / "include"
+    return None
+
+
+@pytest.fixture(scope="module")
+def simt(tmp_path_factory) -> dict[str, Path]:
+    """{'asan': path, 'tsan': path}: the executor built both ways (in parallel, about 10 s on 2 cores)."""
+    cxx = shutil.which(os.environ.get("CXX", "g++"))
+    include = _cuda_include()
+    if cxx is None or include is None:
+        pytest.skip(f"needs a C++ compiler and the CUDA headers: g++ {cxx}, CUDA include {include}")
+    out = tmp_path_factory.mktemp("simt")
+
+    def build(name):
+        exe = out / f"w4a16_simt_{name}"
+        cmd = [cxx, "-std=c++20", "-O1", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
+               "-Wno-sign-compare", "-Werror", *SANITIZERS[name], f"-I{ROOT / 'csrc'}", f"-I{include}",
+               str(SOURCE), "-o", str(exe), "-pthread"]
+        r = subprocess.run(cmd, capture_output=True, text=True)
+        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
+        return name, exe
+
+    with ThreadPoolExecutor(2) as pool:
+        return dict(pool.map(build, SANITIZERS))
+
+
+def _bits(t: torch.Tensor) -> bytes:
+    return t.contiguous().view(torch.uint8).numpy().tobytes()
+
+
+def run_kernel(exe: Path, tmp: Path, x, weight, bias=None, sm_count=132, copies="late", seed=0):
+    """Runs the kernel on x [M, K] (float16/bfloat16) and a repacked Int4Weight; returns (out, plan)."""
+    m, k = x.shape
+    n = weight.shape[0]
+    (tmp / "x.bin").write_bytes(_bits(x))
+    (tmp / "w.bin").write_bytes(_bits(weight.kernel_packed))
+    (tmp / "scales.bin").write_bytes(_bits(weight.kernel_scales.to(x.dtype)))
+    if bias is not None:
+        (tmp / "bias.bin").write_bytes(_bits(bias.float()))
+    dtype = {torch.float16: "f16", torch.bfloat16: "bf16"}[x.dtype]
+    cmd = [str(exe), "gemm", str(tmp), dtype, str(m), str(n), str(k), str(sm_count), copies, str(seed),
+           str(int(bias is not None))]
+    r = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=600)
+    assert r.returncode == 0, f"{' '.join(cmd)} exited {r.returncode}\n{r.stderr[-6000:]}"
+    out = torch.frombuffer(bytearray((tmp / "out.bin").read_bytes()), dtype=x.dtype).view(m, n)
+    return out, json.loads(r.stdout)
+
+
+def make_problem(m, n, k, dtype, bias=False, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(-8, 8, (n, k), dtype=torch.int8, generator=g)
+    scales = (torch.rand(n, k // 128, generator=g) * 0.02 + 1e-3).to(dtype)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    b = torch.randn(n, generator=g) if bias else None
+    return x, gk.repack_for_kernel(gk.pack_int4(codes, scales)), b
+
+
+def assert_one_rounding(out, x, weight, bias):
+    """|out - exact| <= one ulp of the output dtype at |exact|, plus float32 summation error."""
+    w_lowp = weight.dequantize().to(x.dtype).double()  # q * s rounded once, as the kernel's __hmul2
+    exact = x.double() @ w_lowp.t() + (0 if bias is None else bias.double())
+    ulp = 2.0 ** -(10 if x.dtype == torch.float16 else 7)
+    tol = exact.abs() * ulp + 1e-6 * (x.double().abs() @ w_lowp.abs().t())
+    err = (out.double() - exact).abs()
+    assert not out.isnan().any(), "an output element was never written"
+    assert (err <= tol).all(), f"max error {err.max():.3g}, {(err / tol).max():.3g}x the tolerance"
+
+
+# (M, N, K, SMs the plan is made for): each exercises a different part of the kernel; the plan it gets
+# is asserted so that a change of make_plan cannot quietly stop covering it.
+CASES = [
+    pytest.param(1, 128, 128, 1, {"m_blocks": 1, "splits": 1}, id="decode-one-stage"),
+    pytest.param(3, 192, 512, 132, {"m_blocks": 1, "splits": 4, "n_blocks": 2}, id="split-k-half-block"),
+    pytest.param(17, 64, 256, 8, {"m_blocks": 2, "splits": 2}, id="m32-tile-row-tail"),
+    pytest.param(33, 256, 384, 132, {"m_blocks": 4, "splits": 3}, id="m64-tile-split-3"),
+    pytest.param(70, 128, 1024, 1, {"m_blocks": 4, "m_tiles": 2, "splits": 1, "iters_per_split": 8},
+                 id="pipeline-wraps-twice"),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("m,n,k,sms,plan", CASES)
+def test_kernel_source_matches_exact_product(simt, tmp_path, m, n, k, sms, plan, dtype):
+    x, w, _ = make_problem(m, n, k, dtype)
+    out, got_plan = run_kernel(simt["asan"], tmp_path, x, w, sm_count=sms)
+    assert plan.items() <= got_plan.items(), got_plan
+    assert_one_rounding(out, x, w, None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sms", [1, 132], ids=["epilogue-bias", "reduction-bias"])
+def test_bias_is_added_once_in_float32(simt, tmp_path, sms, dtype):
+    x, w, b = make_problem(5, 192, 256, dtype, bias=True, seed=1)
+    out, plan = run_kernel(simt["asan"], tmp_path, x, w, bias=b, sm_count=sms)
+    assert (plan["splits"] > 1) == (sms > 1)
+    assert_one_rounding(out, x, w, b)
+
+
+@pytest.mark.parametrize("copies,seed", [("early", 0), ("late", 7), ("early", 3)])
+def test_result_independent_of_copy_timing_and_block_order(simt, tmp_path, copies, seed):
+    # Copies that land at issue rather than at wait_group, and blocks run in a shuffled order: split-K
+    # partials are summed in a fixed order, so the output is bitwise the same.
+    x, w, _ = make_problem(20, 192, 512, torch.bfloat16, seed=2)
+    base, _ = run_kernel(simt["asan"], tmp_path, x, w, sm_count=132)
+    out, _ = run_kernel(simt["asan"], tmp_path, x, w, sm_count=132, copies=copies, seed=seed)
+    assert torch.equal(out, base)
+
+
+@pytest.mark.parametrize("m,n,k,sms", [(3, 192, 512, 132), (40, 64, 640, 1)], ids=["split-k", "pipeline"])
+def test_no_data_race_under_threadsanitizer(simt, tmp_path, m, n, k, sms):
+    x, w, _ = make_problem(m, n, k, torch.float16, seed=3)
+    out, _ = run_kernel(simt["tsan"], tmp_path, x, w, sm_count=sms)
+    assert_one_rounding(out, x, w, None)
+
+
+def test_comparison_catches_a_wrong_weight(simt, tmp_path):
+    x, w, _ = make_problem(1, 128, 256, torch.float16)
+    _, other, _ = make_problem(1, 128, 256, torch.float16, seed=5)
+    out, _ = run_kernel(simt["asan"], tmp_path, x, other)
+    with pytest.raises(AssertionError, match="tolerance"):
+        assert_one_rounding(out, x, w, None)
+
+
+# Each broken kernel must be caught, or the clean runs above would prove nothing.
+@pytest.mark.parametrize("name,build,expect", [
+    ("race", "tsan", "ThreadSanitizer: data race"),
+    ("early-read", "asan", "thread 1 read 0xffffffff (the source holds 0x00000004)"),
+    ("divergent", "asan", "divergent warp 0"),
+    ("overflow", "asan", "outside the block's 1024 bytes of dynamic shared memory"),
+    ("opt-in", "asan", "no opt-in: cudaError 1"),
+])
+def test_executor_catches_broken_kernels(simt, name, build, expect):
+    r = subprocess.run([str(simt[build]), "selftest", name], capture_output=True, text=True, env=ENV, timeout=120)
+    assert expect in r.stdout + r.stderr, r.stdout + r.stderr[-3000:]
+    if name in ("race", "divergent", "overflow"):
+        assert r.returncode != 0

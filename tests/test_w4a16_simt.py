@@ -61,7 +61,7 @@ def simt(tmp_path_factory) -> dict[str, Path]:
     def build(name):
         exe = out / f"w4a16_simt_{name}"
         cmd = [cxx, "-std=c++20", "-O1", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
-               "-Wno-sign-compare", "-Werror", *SANITIZERS[name], f"-I{ROOT / 'csrc'}", f"-I{include}",
+               "-Wno-sign-compare", *SANITIZERS[name], f"-I{ROOT / 'csrc'}", f"-I{include}",
                str(SOURCE), "-o", str(exe), "-pthread"]
         r = subprocess.run(cmd, capture_output=True, text=True)
         assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"

@@ -6,9 +6,10 @@ g++ against csrc/simt/simt.h, which runs each thread of a block as a host thread
 ldmatrix / mma.sync through a per-warp exchange that follows the PTX ISA's fragment layouts, and cp.async
 as copies that land only at their wait_group (poison until then). It is built twice: with
 AddressSanitizer + UBSan (out-of-bounds global or shared accesses abort) and with ThreadSanitizer (a
-shared-memory access that no __syncthreads orders is a reported data race). The first run of this test
-found a real bug the lane-by-lane Python emulation (test_w4a16_layout.py) could not: the kernel strode
-through the weights' k16 rows with N / 4 chunks instead of N / 2.
+shared-memory access that no __syncthreads orders is a reported data race). It also counts what the
+kernel's accesses cost the memory system (global sectors per cp.async, shared-memory wavefronts). The
+first run of this test found a real bug the lane-by-lane Python emulation (test_w4a16_layout.py) could
+not: the kernel strode through the weights' k16 rows with N / 4 chunks instead of N / 2.
 
 The result must equal x @ W^T to within one rounding of the output: W is q * s rounded once to the
 activation dtype (the kernel's __hmul2), the sum is exact up to float32 accumulation.
@@ -76,7 +77,8 @@ def _bits(t: torch.Tensor) -> bytes:
 
 
 def run_kernel(exe: Path, tmp: Path, x, weight, bias=None, sm_count=132, copies="late", seed=0):
-    """Runs the kernel on x [M, K] (float16/bfloat16) and a repacked Int4Weight; returns (out, plan)."""
+    """Runs the kernel on x [M, K] (float16/bfloat16) and a repacked Int4Weight; returns (out, report):
+    report["plan"] is the launch plan, report["cp_async"] and report["ldmatrix"] the access accounting."""
     m, k = x.shape
     n = weight.shape[0]
     (tmp / "x.bin").write_bytes(_bits(x))
@@ -129,8 +131,8 @@ CASES = [
 @pytest.mark.parametrize("m,n,k,sms,plan", CASES)
 def test_kernel_source_matches_exact_product(simt, tmp_path, m, n, k, sms, plan, dtype):
     x, w, _ = make_problem(m, n, k, dtype)
-    out, got_plan = run_kernel(simt["asan"], tmp_path, x, w, sm_count=sms)
-    assert plan.items() <= got_plan.items(), got_plan
+    out, report = run_kernel(simt["asan"], tmp_path, x, w, sm_count=sms)
+    assert plan.items() <= report["plan"].items(), report["plan"]
     assert_one_rounding(out, x, w, None)
 
 
@@ -138,8 +140,8 @@ def test_kernel_source_matches_exact_product(simt, tmp_path, m, n, k, sms, plan,
 @pytest.mark.parametrize("sms", [1, 132], ids=["epilogue-bias", "reduction-bias"])
 def test_bias_is_added_once_in_float32(simt, tmp_path, sms, dtype):
     x, w, b = make_problem(5, 192, 256, dtype, bias=True, seed=1)
-    out, plan = run_kernel(simt["asan"], tmp_path, x, w, bias=b, sm_count=sms)
-    assert (plan["splits"] > 1) == (sms > 1)
+    out, report = run_kernel(simt["asan"], tmp_path, x, w, bias=b, sm_count=sms)
+    assert (report["plan"]["splits"] > 1) == (sms > 1)
     assert_one_rounding(out, x, w, b)
 
 
@@ -158,6 +160,48 @@ def test_no_data_race_under_threadsanitizer(simt, tmp_path, m, n, k, sms):
     x, w, _ = make_problem(m, n, k, torch.float16, seed=3)
     out, _ = run_kernel(simt["tsan"], tmp_path, x, w, sm_count=sms)
     assert_one_rounding(out, x, w, None)
+
+
+def _copy_sites(report) -> dict[str, dict]:
+    """The cp.async accounting by what each call site in w4a16_gemm.cu copies."""
+    source = (ROOT / "csrc" / "w4a16" / "w4a16_gemm.cu").read_text().splitlines()
+    names = {"cp_async_policy(b_dst": "weights", "cp_async(a_dst": "activations", "cp_async(sh_s": "scales"}
+    sites = {}
+    for site in report["cp_async"]:
+        line = source[site["line"] - 1]
+        sites[next((v for k, v in names.items() if k in line), line.strip())] = site
+    return sites
+
+
+def test_access_pattern_is_coalesced_and_conflict_free(simt, tmp_path):
+    # Counted on the kernel's own source (a property of its addresses, not a timing): every 32-byte global
+    # sector a cp.async touches is used whole (rows past M read nothing), its 16-byte shared stores and every
+    # ldmatrix phase need one wavefront each -- the "fully coalesced", "conflict-free" of the kernel's comments.
+    x, w, _ = make_problem(17, 192, 512, torch.float16)
+    _, report = run_kernel(simt["asan"], tmp_path, x, w)
+    sites = _copy_sites(report)
+    assert set(sites) == {"weights", "activations", "scales"}, sites
+    for name, site in sites.items():
+        assert site["bytes"] == 32 * site["sectors"], (name, site)
+        assert site["smem_wavefronts"] == site["smem_ideal"], (name, site)
+    # Weights (192 x 512 at half a byte) and scales (192 x 4) are read once, the 17 x 512 activations once per
+    # column block: the only re-reading the design allows.
+    assert report["plan"]["n_blocks"] == 2 and report["plan"]["m_tiles"] == 1
+    assert sites["activations"]["bytes"] == 2 * 17 * 512 * 2
+    assert sites["weights"]["bytes"] == 192 * 512 // 2
+    assert sites["scales"]["bytes"] == 192 * 4 * 2
+    assert report["ldmatrix"]["wavefronts"] == 4 * report["ldmatrix"]["instructions"] > 0
+
+
+def test_access_accounting_sees_waste(simt):
+    r = subprocess.run([str(simt["asan"]), "selftest", "strided"], capture_output=True, text=True, env=ENV,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr[-3000:]
+    report = json.loads(r.stdout)
+    (site,) = report["cp_async"]
+    assert (site["bytes"], site["sectors"]) == (512, 32)  # half of every sector unused
+    assert (site["smem_wavefronts"], site["smem_ideal"]) == (32, 4)  # 8-way bank conflicts
+    assert report["ldmatrix"] == {"instructions": 1, "wavefronts": 32}
 
 
 def test_comparison_catches_a_wrong_weight(simt, tmp_path):

@@ -19,6 +19,10 @@
 //   * Shared memory starts as 0xFF bytes (uninitialised), is sized exactly as launched (so ASan sees an
 //     overrun), and a launch asking for more than 48 KB without the opt-in attribute fails, as on the GPU.
 //   * A barrier that some threads never reach fails as a deadlock after Options::deadlock_seconds.
+//   * Memory access accounting (stats()): for every warp-wide cp.async (grouped by call site, as the GPU
+//     groups lanes by instruction) the global bytes asked for against the 32-byte sectors touched, and the
+//     shared-memory wavefronts its 16-byte stores need; for every ldmatrix, its wavefronts. These count
+//     what the access pattern costs on NVIDIA's memory system; they are not timings.
 // Limits: warp-collective exchanges order the lanes of one warp (the GPU does not promise that for
 // ordinary memory), so a race between two lanes of one warp can go unreported; blocks never overlap, so
 // races between blocks are not modelled; floating-point results match the GPU's to rounding, not bits.
@@ -43,7 +47,9 @@
 #include <memory>
 #include <mutex>
 #include <random>
+#include <source_location>
 #include <thread>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -127,18 +133,29 @@ struct Warp {
   // One lane's side of a warp-collective instruction. Two sets, used alternately: a lane can write set p
   // again only after every lane has passed the next collective, by when all reads of set p are done.
   struct Slot {
+    unsigned seq = ~0u;  // the lane's count of collectives so far: equal across a converged warp
     const char* op = nullptr;
     const void* addr = nullptr;
     uint32_t regs[6] = {};
   };
   Barrier barrier{32};
   Slot slots[2][32];
+  long ldmatrix_instructions = 0, ldmatrix_wavefronts = 0;  // written by lane 0 only
   std::atomic<bool> exited[32] = {};
+};
+
+// One lane's cp.async, logged for the access accounting.
+struct CopyRecord {
+  int line;        // call site in the kernel source
+  unsigned count;  // how many times this lane has issued from that site before: with the line, the instruction
+  int lane;
+  uintptr_t global;  // 0 when src-size is 0 (nothing read)
+  ptrdiff_t shared;  // offset in the block's shared memory
 };
 
 struct Block {
   Block(dim3 grid_dim, dim3 block_dim, dim3 block_idx, int smem_size, int threads)
-      : grid(grid_dim), dim(block_dim), index(block_idx), smem_bytes(smem_size), barrier(threads) {
+      : grid(grid_dim), dim(block_dim), index(block_idx), smem_bytes(smem_size), barrier(threads), copies(threads) {
     smem.reset(new int4[std::max(smem_size, 16) / 16]);
     std::memset(static_cast<void*>(smem.get()), 0xFF, std::max(smem_size, 16));
     for (int w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
@@ -148,7 +165,71 @@ struct Block {
   int smem_bytes;
   Barrier barrier;
   std::vector<std::unique_ptr<Warp>> warps;
+  std::vector<std::vector<CopyRecord>> copies;  // per thread
 };
+
+struct CopySiteStats {
+  long instructions = 0;     // warp-wide instructions
+  long bytes = 0;            // global bytes asked for
+  long sectors = 0;          // distinct 32-byte global sectors touched, per instruction
+  long smem_wavefronts = 0;  // shared-memory wavefronts of the 16-byte stores
+  long smem_ideal = 0;       // one per 8 active lanes: what a conflict-free pattern needs
+};
+
+struct Stats {
+  std::map<int, CopySiteStats> cp_async;  // by source line
+  long ldmatrix_instructions = 0, ldmatrix_wavefronts = 0;
+};
+
+// Summed over every block run so far. Updated between blocks only, by the launching thread.
+inline Stats& stats() {
+  static Stats st;
+  return st;
+}
+
+// Wavefronts of one quarter-warp phase of 16-byte shared accesses: the eight 16-byte bank groups serve one
+// distinct address each per wavefront.
+inline int phase_wavefronts(const std::vector<ptrdiff_t>& offsets) {
+  std::map<int, std::vector<ptrdiff_t>> by_group;
+  for (ptrdiff_t o : offsets) {
+    auto& v = by_group[static_cast<int>((o / 16) % 8)];
+    if (std::find(v.begin(), v.end(), o) == v.end()) v.push_back(o);
+  }
+  size_t worst = 0;
+  for (const auto& [group, addresses] : by_group) worst = std::max(worst, addresses.size());
+  return static_cast<int>(worst);
+}
+
+// Groups a finished block's cp.async log into warp instructions and adds them to stats().
+inline void account_copies(const Block& b) {
+  std::map<std::tuple<int, int, unsigned>, std::vector<const CopyRecord*>> instructions;  // (warp, line, count)
+  for (size_t t = 0; t < b.copies.size(); ++t) {
+    for (const CopyRecord& r : b.copies[t]) instructions[{static_cast<int>(t / 32), r.line, r.count}].push_back(&r);
+  }
+  for (const auto& [key, lanes] : instructions) {
+    CopySiteStats& site = stats().cp_async[std::get<1>(key)];
+    ++site.instructions;
+    std::vector<uintptr_t> sectors;
+    std::vector<ptrdiff_t> phases[4];
+    for (const CopyRecord* r : lanes) {
+      if (r->global != 0) {
+        site.bytes += 16;
+        if (std::find(sectors.begin(), sectors.end(), r->global / 32) == sectors.end()) sectors.push_back(r->global / 32);
+      }
+      phases[r->lane / 8].push_back(r->shared);
+    }
+    site.sectors += static_cast<long>(sectors.size());
+    for (const auto& phase : phases) {
+      if (phase.empty()) continue;
+      site.smem_wavefronts += phase_wavefronts(phase);
+      ++site.smem_ideal;
+    }
+  }
+  for (const auto& w : b.warps) {
+    stats().ldmatrix_instructions += w->ldmatrix_instructions;
+    stats().ldmatrix_wavefronts += w->ldmatrix_wavefronts;
+  }
+}
 
 struct PendingCopy {
   void* dst;
@@ -161,6 +242,7 @@ struct Thread {
   dim3 index;
   int lane, warp;
   unsigned collectives = 0;
+  std::map<int, unsigned> copies_from;  // cp.async issued so far, per call site
   std::vector<PendingCopy> open;                   // issued since the last commit_group
   std::deque<std::vector<PendingCopy>> committed;  // committed groups, oldest first
 };
@@ -191,22 +273,28 @@ inline void check_shared(const void* p, int bytes, const char* what) {
 // The calling lane's view of one warp-collective instruction.
 class Exchange {
  public:
-  explicit Exchange(const char* op) : t_(self()), w_(*t_.block->warps[t_.warp]), set_(t_.collectives++ & 1) {
+  explicit Exchange(const char* op) : t_(self()), w_(*t_.block->warps[t_.warp]), seq_(t_.collectives++) {
+    mine().seq = seq_;
     mine().op = op;
   }
 
-  Warp::Slot& mine() { return w_.slots[set_][t_.lane]; }
-  const Warp::Slot& lane(int l) const { return w_.slots[set_][l]; }
+  Warp::Slot& mine() { return w_.slots[seq_ & 1][t_.lane]; }
+  const Warp::Slot& lane(int l) const { return w_.slots[seq_ & 1][l]; }
 
-  // Every lane has deposited its operands (and all 32 are at this same instruction).
+  // Every lane has deposited its operands (and all 32 are at this same instruction). A lane that exited
+  // before it left an older seq behind (the barrier stopped waiting for it); one that exits after it
+  // cannot have overwritten its slot.
   void sync() {
     const char* op = mine().op;
     w_.barrier.arrive_and_wait(op);
     for (int l = 0; l < 32; ++l) {
-      if (w_.exited[l]) fail("%s in warp %d: lane %d has exited (warp-collectives need all 32 lanes)", op, t_.warp, l);
-      if (std::strcmp(w_.slots[set_][l].op, op) != 0) {
+      const Warp::Slot& other = lane(l);
+      if (other.seq != seq_ && w_.exited[l]) {
+        fail("%s in warp %d: lane %d has exited (warp-collectives need all 32 lanes)", op, t_.warp, l);
+      }
+      if (other.seq != seq_ || std::strcmp(other.op, op) != 0) {
         fail("divergent warp %d: lane %d is at %s while lane %d is at %s", t_.warp, t_.lane, op, l,
-             w_.slots[set_][l].op);
+             other.op == nullptr ? "(none yet)" : other.op);
       }
     }
   }
@@ -214,13 +302,17 @@ class Exchange {
  private:
   Thread& t_;
   Warp& w_;
-  int set_;
+  unsigned seq_;
 };
 
-inline void cp_async(void* dst, const void* src, bool valid) {
+inline void cp_async(void* dst, const void* src, bool valid, const std::source_location& site) {
   Thread& t = self();
   check_shared(dst, 16, "cp.async destination");
   check_aligned(dst, 16, "cp.async destination");
+  const int line = static_cast<int>(site.line());
+  const int thread = static_cast<int>(t.warp * 32 + t.lane);
+  t.block->copies[thread].push_back({line, t.copies_from[line]++, t.lane, valid ? reinterpret_cast<uintptr_t>(src) : 0,
+                                     static_cast<char*>(dst) - reinterpret_cast<char*>(t.block->smem.get())});
   PendingCopy c{dst, {}};
   if (valid) {
     check_aligned(src, 16, "cp.async source");
@@ -303,6 +395,7 @@ void run_grid(dim3 grid, dim3 block, int smem_bytes, Body body) {
       });
     }
     for (std::thread& th : pool) th.join();
+    account_copies(b);
   }
 }
 
@@ -336,8 +429,16 @@ namespace grace_kernels::ptx {
 // The emulation has no L2: the policy is a token.
 inline uint64_t evict_first_policy() { return 1; }
 
-inline void cp_async(void* smem, const void* gmem, bool valid = true) { simt::cp_async(smem, gmem, valid); }
-inline void cp_async_policy(void* smem, const void* gmem, uint64_t) { simt::cp_async(smem, gmem, true); }
+// The default argument records the kernel's call site: the lanes that issue from one site form one warp
+// instruction for the access accounting.
+inline void cp_async(void* smem, const void* gmem, bool valid = true,
+                     const std::source_location& site = std::source_location::current()) {
+  simt::cp_async(smem, gmem, valid, site);
+}
+inline void cp_async_policy(void* smem, const void* gmem, uint64_t,
+                            const std::source_location& site = std::source_location::current()) {
+  simt::cp_async(smem, gmem, true, site);
+}
 inline void cp_async_commit() { simt::cp_async_commit(); }
 
 template <int kPending>
@@ -352,6 +453,16 @@ inline void ldmatrix_x4(uint32_t (&r)[4], const void* smem) {
   ex.mine().addr = smem;
   ex.sync();
   const int lane = simt::self().lane;
+  if (lane == 0) {  // one phase per matrix: its eight row addresses
+    simt::Warp& w = *simt::self().block->warps[simt::self().warp];
+    const auto* base = reinterpret_cast<const char*>(simt::self().block->smem.get());
+    ++w.ldmatrix_instructions;
+    for (int i = 0; i < 4; ++i) {
+      std::vector<ptrdiff_t> rows;
+      for (int l = 8 * i; l < 8 * i + 8; ++l) rows.push_back(static_cast<const char*>(ex.lane(l).addr) - base);
+      w.ldmatrix_wavefronts += simt::phase_wavefronts(rows);
+    }
+  }
   // Register i is matrix i, whose rows lanes 8 i .. 8 i + 7 addressed; this lane gets row lane / 4,
   // elements 2 (lane % 4) and 2 (lane % 4) + 1.
   for (int i = 0; i < 4; ++i) {

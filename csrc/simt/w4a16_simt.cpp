@@ -7,13 +7,15 @@
 //       order); BIAS 0 | 1. Reads DIR/x.bin ([M, K] DTYPE), DIR/w.bin (kernel_packed int32 [K/16, 2N]),
 //       DIR/scales.bin (kernel_scales [K/128, N] DTYPE), DIR/bias.bin (float32 [N], if BIAS); plans the
 //       launch with make_plan for a GPU of SM_COUNT SMs, runs grace_kernels::w4a16::launch, writes
-//       DIR/out.bin ([M, N] DTYPE) and prints the plan as one JSON line.
+//       DIR/out.bin ([M, N] DTYPE) and prints one JSON line: the plan, and the access accounting of
+//       simt::stats() (cp.async per call site, ldmatrix).
 //   w4a16_simt selftest NAME
 //       Runs a deliberately broken kernel, to show that the executor catches that kind of bug: race (a
 //       shared-memory read without __syncthreads; ThreadSanitizer reports it), early-read (a cp.async
 //       destination read before its wait_group; prints the poison it saw), divergent (half a warp at
 //       ldmatrix, half at mma), overflow (a cp.async past the launched shared memory), opt-in (a launch
-//       over 48 KB of shared memory without the opt-in attribute).
+//       over 48 KB of shared memory without the opt-in attribute), strided (uncoalesced and
+//       bank-conflicted accesses; prints their accounting).
 #define GRACE_SIMT 1
 
 #include <cinttypes>
@@ -55,6 +57,21 @@ std::unique_ptr<Buffer> read_file(const std::string& path, size_t bytes) {
   return buf;
 }
 
+// The access accounting of simt::stats() as JSON members: "cp_async": [per call site], "ldmatrix": {...}.
+void print_access() {
+  const simt::Stats& st = simt::stats();
+  std::printf("\"cp_async\": [");
+  const char* sep = "";
+  for (const auto& [line, c] : st.cp_async) {
+    std::printf("%s{\"line\": %d, \"instructions\": %ld, \"bytes\": %ld, \"sectors\": %ld, \"smem_wavefronts\": %ld, "
+                "\"smem_ideal\": %ld}",
+                sep, line, c.instructions, c.bytes, c.sectors, c.smem_wavefronts, c.smem_ideal);
+    sep = ", ";
+  }
+  std::printf("], \"ldmatrix\": {\"instructions\": %ld, \"wavefronts\": %ld}", st.ldmatrix_instructions,
+              st.ldmatrix_wavefronts);
+}
+
 int run_gemm(char** argv) {
   const std::string dir = argv[0], dtype = argv[1], copies = argv[6];
   const int M = std::stoi(argv[2]), N = std::stoi(argv[3]), K = std::stoi(argv[4]), sms = std::stoi(argv[5]);
@@ -84,10 +101,12 @@ int run_gemm(char** argv) {
 
   std::ofstream f(dir + "/out.bin", std::ios::binary);
   f.write(out.as<char>(), static_cast<std::streamsize>(out.bytes));
-  std::printf("{\"m_blocks\": %d, \"m_tiles\": %d, \"n_blocks\": %d, \"splits\": %d, \"iters_per_split\": %d, "
-              "\"shared_bytes\": %d}\n",
+  std::printf("{\"plan\": {\"m_blocks\": %d, \"m_tiles\": %d, \"n_blocks\": %d, \"splits\": %d, "
+              "\"iters_per_split\": %d, \"shared_bytes\": %d}, ",
               plan.m_blocks, plan.m_tiles, plan.n_blocks, plan.splits, plan.iters_per_split,
               grace_kernels::w4a16::shared_bytes(plan.m_blocks));
+  print_access();
+  std::printf("}\n");
   return 0;
 }
 
@@ -127,9 +146,20 @@ __global__ void overflow_kernel(const int4* in) {
 
 __global__ void noop_kernel() {}
 
+// Lane l copies the 16 bytes at 64 l (half of every 32-byte sector wasted) into shared chunk 8 l (all
+// lanes of a phase in one bank group), then ldmatrix reads rows 128 bytes apart (the same again).
+__global__ void strided_kernel(const int4* in) {
+  int4* s = grace_kernels::rt::dynamic_smem<int4>();
+  grace_kernels::ptx::cp_async(s + 8 * threadIdx.x, in + 4 * threadIdx.x);
+  grace_kernels::ptx::cp_async_commit();
+  grace_kernels::ptx::cp_async_wait<0>();
+  uint32_t r[4];
+  grace_kernels::ptx::ldmatrix_x4(r, s + 8 * threadIdx.x);
+}
+
 int run_selftest(const std::string& name) {
   using grace_kernels::rt::launch;
-  Buffer in(16 * 64), out(4 * 64);
+  Buffer in(16 * 128), out(4 * 64);
   for (int i = 0; i < 64 * 4; ++i) in.as<int32_t>()[i] = i;
   cudaError_t err = cudaSuccess;
   if (name == "race") {
@@ -142,6 +172,12 @@ int run_selftest(const std::string& name) {
     err = launch(divergent_kernel, dim3(1), dim3(32), 32 * 16, nullptr);
   } else if (name == "overflow") {
     err = launch(overflow_kernel, dim3(1), dim3(64), 64 * 16, nullptr, in.as<const int4>());
+  } else if (name == "strided") {
+    err = launch(strided_kernel, dim3(1), dim3(32), 32 * 8 * 16, nullptr, in.as<const int4>());
+    std::printf("{");
+    print_access();
+    std::printf("}\n");
+    return err == cudaSuccess ? 0 : 1;
   } else if (name == "opt-in") {
     err = launch(noop_kernel, dim3(1), dim3(32), 64 * 1024, nullptr);
     std::printf("launch with 64 KB of shared memory and no opt-in: cudaError %d\n", static_cast<int>(err));
@@ -162,6 +198,6 @@ int main(int argc, char** argv) {
   if (mode == "selftest" && argc == 3) return run_selftest(argv[2]);
   std::fprintf(stderr,
                "usage: w4a16_simt gemm DIR DTYPE M N K SM_COUNT COPIES SEED BIAS\n"
-               "       w4a16_simt selftest race|early-read|divergent|overflow|opt-in\n");
+               "       w4a16_simt selftest race|early-read|divergent|overflow|opt-in|strided\n");
   return 2;
 }

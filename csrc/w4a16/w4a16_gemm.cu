@@ -6,7 +6,8 @@
 // g++ against the SIMT executor csrc/simt/simt.h (threads as host threads, ldmatrix / mma.sync per the PTX
 // ISA's fragment layouts, cp.async landing late) under AddressSanitizer and ThreadSanitizer, it must give
 // x @ W^T to one rounding for each row-tile height, with and without split-K, with a half column block
-// and a pipeline that wraps (tests/test_w4a16_simt.py); tests/test_w4a16_layout.py
+// and a pipeline that wraps, and its global copies use whole 32-byte sectors and its shared-memory accesses
+// are bank-conflict-free, as counted on its addresses (tests/test_w4a16_simt.py); tests/test_w4a16_layout.py
 // re-derives the data layout lane by lane in Python. It has NOT been executed on a GPU: its parity tests
 // (tests/test_w4a16.py, marked gpu) and benchmark have not run yet.
 //
@@ -184,7 +185,8 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
       const bool valid = m0 + row < M;
       const T* src = x + static_cast<int64_t>(valid ? m0 + row : 0) * K + it * kBlockK + chunk * 8;
       // Swizzle: chunk c of row r goes to c ^ (r % 8), so that the eight rows one ldmatrix phase reads
-      // (same logical chunk) fall in eight different 16-byte bank groups.
+      // (same logical chunk) fall in eight different 16-byte bank groups. Rows past M come in as zeros
+      // (valid = false): their products are never stored, but must not be NaN garbage either.
       ptx::cp_async(a_dst + row * kAChunksPerRow + (chunk ^ (row % 8)), src, valid);
     }
     int4* b_dst = sh_b + slot * kBChunks;
@@ -193,13 +195,14 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
       const int c = threadIdx.x + i * kThreads;
       const int row = c / kBRowChunks, col = c % kBRowChunks;
       if (col * 2 < block_cols) {  // a chunk is 4 words = 2 columns of a k16 row
+        // Evict-first: each weight byte is read once (see the header comment).
         ptx::cp_async_policy(b_dst + c, w_block + (static_cast<int64_t>(it) * kK16PerStage + row) * w_row_chunks + col,
                              policy);
       }
     }
     if (threadIdx.x < kSChunks && threadIdx.x * 8 < block_cols) {
       ptx::cp_async(sh_s + slot * kSChunks + threadIdx.x,
-               scales + static_cast<int64_t>(it) * N + n_block * kBlockN + threadIdx.x * 8);
+                    scales + static_cast<int64_t>(it) * N + n_block * kBlockN + threadIdx.x * 8);
     }
   };
 

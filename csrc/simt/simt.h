@@ -144,11 +144,10 @@ struct Warp {
   std::atomic<bool> exited[32] = {};
 };
 
-// One lane's cp.async, logged for the access accounting.
+// One lane's cp.async, logged for the access accounting (in its thread's log: the lane is the log's index % 32).
 struct CopyRecord {
   int line;        // call site in the kernel source
   unsigned count;  // how many times this lane has issued from that site before: with the line, the instruction
-  int lane;
   uintptr_t global;  // 0 when src-size is 0 (nothing read)
   ptrdiff_t shared;  // offset in the block's shared memory
 };
@@ -202,21 +201,24 @@ inline int phase_wavefronts(const std::vector<ptrdiff_t>& offsets) {
 
 // Groups a finished block's cp.async log into warp instructions and adds them to stats().
 inline void account_copies(const Block& b) {
-  std::map<std::tuple<int, int, unsigned>, std::vector<const CopyRecord*>> instructions;  // (warp, line, count)
+  // (warp, line, count) -> (lane, record) of the lanes that issued that instruction
+  std::map<std::tuple<int, int, unsigned>, std::vector<std::pair<int, const CopyRecord*>>> instructions;
   for (size_t t = 0; t < b.copies.size(); ++t) {
-    for (const CopyRecord& r : b.copies[t]) instructions[{static_cast<int>(t / 32), r.line, r.count}].push_back(&r);
+    for (const CopyRecord& r : b.copies[t]) {
+      instructions[{static_cast<int>(t / 32), r.line, r.count}].emplace_back(static_cast<int>(t % 32), &r);
+    }
   }
   for (const auto& [key, lanes] : instructions) {
     CopySiteStats& site = stats().cp_async[std::get<1>(key)];
     ++site.instructions;
     std::vector<uintptr_t> sectors;
     std::vector<ptrdiff_t> phases[4];
-    for (const CopyRecord* r : lanes) {
+    for (const auto& [lane, r] : lanes) {
       if (r->global != 0) {
         site.bytes += 16;
         if (std::find(sectors.begin(), sectors.end(), r->global / 32) == sectors.end()) sectors.push_back(r->global / 32);
       }
-      phases[r->lane / 8].push_back(r->shared);
+      phases[lane / 8].push_back(r->shared);
     }
     site.sectors += static_cast<long>(sectors.size());
     for (const auto& phase : phases) {
@@ -310,9 +312,8 @@ inline void cp_async(void* dst, const void* src, bool valid, const std::source_l
   check_shared(dst, 16, "cp.async destination");
   check_aligned(dst, 16, "cp.async destination");
   const int line = static_cast<int>(site.line());
-  const int thread = static_cast<int>(t.warp * 32 + t.lane);
-  t.block->copies[thread].push_back({line, t.copies_from[line]++, t.lane, valid ? reinterpret_cast<uintptr_t>(src) : 0,
-                                     static_cast<char*>(dst) - reinterpret_cast<char*>(t.block->smem.get())});
+  t.block->copies[t.warp * 32 + t.lane].push_back({line, t.copies_from[line]++, valid ? reinterpret_cast<uintptr_t>(src) : 0,
+                                                  static_cast<char*>(dst) - reinterpret_cast<char*>(t.block->smem.get())});
   PendingCopy c{dst, {}};
   if (valid) {
     check_aligned(src, 16, "cp.async source");

@@ -2,6 +2,11 @@
 Triton kernel against cuBLAS on the dequantized weight and against torch's own int4 GEMM
 (aten._weight_int4pack_mm, bfloat16 only), all timed in the same run so the speedups compare like with like.
 
+Our CUDA paths, each timed on its own: "cuda" the fused kernel, "cuda-dense" the large-M alternative
+(our dequantize kernel, then cuBLAS), "cuda-auto" what w4a16_matmul dispatches to (from M >= 128 the
+faster of the two, measured at the first call), so the table shows where the crossover falls. On GPUs
+every candidate is timed as GPU time per call inside a CUDA graph (harness.time_ms(graph=True)).
+
 Effective GB/s counts the bytes a W4A16 GEMM must move: the packed weights and scales, x and y; "% peak"
 compares it with the device's DRAM bandwidth. Weights rotate through several copies larger than L2, so
 each call streams them from HBM as in decode (the cuBLAS baseline rotates its dense copies too).
@@ -18,6 +23,7 @@ from shapes import CPU_LINEAR_SHAPES, LINEAR_SHAPES
 
 import grace_kernels as gk
 from grace_kernels import _ext
+from grace_kernels.ops import w4a16 as w4a16_ops
 from grace_kernels.ops.w4a16 import cuda_kernel_unsupported
 from grace_kernels.testing import make_weight
 
@@ -25,7 +31,8 @@ ON_GPU = torch.cuda.is_available()
 MS = [1, 4, 16, 32, 64, 128, 256, 1024, 4096] if ON_GPU else [1, 16]
 SHAPES = LINEAR_SHAPES if ON_GPU else CPU_LINEAR_SHAPES
 DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float32]
-OURS = (["cuda"] if ON_GPU and _ext.C is not None else []) + (["triton"] if ON_GPU else ["reference"])
+OURS = (["cuda", "cuda-dense", "cuda-auto"] if ON_GPU and _ext.C is not None else []) + (
+    ["triton"] if ON_GPU else ["reference"])
 BASELINE = "cublas-dequant" if ON_GPU else "torch-dequant"
 COPIES = 8 if ON_GPU else 1  # 8 x (4096 x 11008 / 2 bytes) is well above an H100's 50 MB L2
 
@@ -78,7 +85,7 @@ def test_w4a16(name, n, k, m, dtype, report):
     dense = [w.dequantize().to(dtype) for w in weights]
     fns[BASELINE] = lambda: x @ dense[next(it) % COPIES].t()
     for backend in OURS:
-        if backend == "cuda":
+        if backend.startswith("cuda"):
             if cuda_kernel_unsupported(n, k, weights[0].group_size, dtype):
                 continue
             ws = [gk.repack_for_kernel(w) for w in weights]  # once, at load time, as a model would
@@ -91,7 +98,7 @@ def test_w4a16(name, n, k, m, dtype, report):
     elif ON_GPU:
         print(f"aten._weight_int4pack_mm skipped for {name} m={m} {dtype}: {why}")
 
-    times = {b: time_ms(fn, warmup=3, reps=20 if ON_GPU else 3) for b, fn in fns.items()}
+    times = {b: time_ms(fn, warmup=3, reps=20 if ON_GPU else 3, graph=ON_GPU) for b, fn in fns.items()}
     gbytes = (weights[0].nbytes + (m * k + m * n) * x.element_size()) / 1e9
     peak_gbs, _ = hardware_limits()
     for backend, ms in times.items():
@@ -110,8 +117,43 @@ def _int4pack_mm(x, pack, group_size):
 
 
 def _ours(backend, x, weights, it):
+    if backend in ("cuda", "cuda-dense"):  # one CUDA path on its own, whatever the dispatch would choose
+        path = w4a16_ops._cuda_kernel_matmul if backend == "cuda" else w4a16_ops._cuda_dense_matmul
+        return lambda: path(x, weights[next(it) % COPIES], None)
+
     def fn():
-        with gk.use_backend(backend):
+        with gk.use_backend(backend.removesuffix("-auto")):
             return gk.w4a16_matmul(x, weights[next(it) % COPIES])
 
     return fn
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16] if ON_GPU else [torch.float16])
+@pytest.mark.parametrize("name,n,k", SHAPES)
+def test_w4a16_dequantize(name, n, k, dtype, report):
+    """The large-M path's dequantize kernel: bytes moved (int4 weights + scales in, dense weight out) per
+    second against the DRAM peak, and against the eager PyTorch dequantization of the same weight."""
+    dev = device()
+    weights = [gk.repack_for_kernel(gk.quantize_rtn(make_weight(n, k, seed=i), scale_dtype=dtype)).to(dev)
+               for i in range(COPIES)]
+    it = iter(range(10 ** 9))
+    op = torch.ops.grace_kernels.w4a16_dequantize_repacked
+
+    def ours():
+        w = weights[next(it) % COPIES]
+        return op(w.kernel_packed, w.kernel_scales, w.group_size)
+
+    def eager():
+        return weights[next(it) % COPIES].dequantize().to(dtype)
+
+    fns = {"torch-eager": eager}
+    if not ON_GPU or _ext.C is not None:
+        fns["cuda" if ON_GPU else "reference"] = ours  # on CPU the op runs its reference implementation
+    times = {b: time_ms(fn, warmup=2, reps=20 if ON_GPU else 3, graph=ON_GPU) for b, fn in fns.items()}
+    gbytes = (weights[0].nbytes + n * k * torch.finfo(dtype).bits // 8) / 1e9
+    peak_gbs, _ = hardware_limits()
+    for backend, ms in times.items():
+        report.add(layer=f"dequantize:{name}", m=0, n=n, k=k, dtype=str(dtype).removeprefix("torch."),
+                   backend=backend, ms=ms, gb_per_s=gbytes / (ms / 1e3),
+                   pct_peak_bw=(100 * gbytes / (ms / 1e3) / peak_gbs) if peak_gbs else None,
+                   speedup_vs_eager=times["torch-eager"] / ms, device=device_name())

@@ -14,10 +14,13 @@ namespace grace_kernels::w4a16 {
 at::Tensor w4a16_matmul_repacked_cuda(const at::Tensor& x, const at::Tensor& kernel_packed,
                                       const at::Tensor& kernel_scales, int64_t group_size,
                                       const std::optional<at::Tensor>& bias);
+at::Tensor w4a16_dequantize_repacked_cuda(const at::Tensor& kernel_packed, const at::Tensor& kernel_scales,
+                                          int64_t group_size);
 }
 
 TORCH_LIBRARY_IMPL(grace_kernels, CUDA, m) {
   m.impl("w4a16_matmul_repacked", &grace_kernels::w4a16::w4a16_matmul_repacked_cuda);
+  m.impl("w4a16_dequantize_repacked", &grace_kernels::w4a16::w4a16_dequantize_repacked_cuda);
 }
 
 // A near-empty Python module: importing it runs the static registrations above. (No pybind11: its headers
@@ -37,6 +40,12 @@ extern "C" PyMODINIT_FUNC PyInit__C(void) {
       PyDict_SetItemString(smem, name.c_str(), bytes);
       Py_XDECREF(bytes);
     }
+  }
+  for (const char* dtype : {"__half", "__nv_bfloat16"}) {
+    const std::string name = std::string("w4a16_dequant_kernel<") + dtype + ">";
+    PyObject* bytes = PyLong_FromLong(grace_kernels::w4a16::dequantize_shared_bytes());
+    PyDict_SetItemString(smem, name.c_str(), bytes);
+    Py_XDECREF(bytes);
   }
   if (PyModule_AddObject(m, "dynamic_shared_memory", smem) < 0) {
     Py_DECREF(smem);

@@ -39,6 +39,8 @@ def test_extension_kernels_are_reported_per_arch_without_spills():
     assert {u.arch for u in rows} >= {80, 90} and all(u.ok for u in rows)
     gemm = [u for u in rows if u.kernel.startswith("_C:w4a16_gemm_kernel<")]
     assert len(gemm) == 12 and all(u.shared_bytes > 48 * 1024 for u in gemm)  # dynamic shared memory counted
+    dequant = [u for u in rows if u.kernel.startswith("_C:w4a16_dequant_kernel<")]
+    assert len(dequant) == 4 and all(u.shared_bytes == 64 * 68 * 4 for u in dequant)
 
 
 @pytest.mark.slow

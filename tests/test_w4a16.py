@@ -104,6 +104,101 @@ def test_opcheck_repacked_op():
                               (x, w.kernel_packed, w.kernel_scales, 128, bias))
 
 
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequantize_op_cpu_is_the_rounded_reference(dtype):
+    w = gk.repack_for_kernel(gk.pack_int4(_codes(192, 384), (torch.rand(192, 3) * 0.1 + 1e-3).to(dtype)))
+    d = torch.ops.grace_kernels.w4a16_dequantize_repacked(w.kernel_packed, w.kernel_scales, 128)
+    assert d.dtype == dtype and d.shape == (192, 384)
+    assert torch.equal(d, w.dequantize().to(dtype))
+    torch.library.opcheck(torch.ops.grace_kernels.w4a16_dequantize_repacked.default,
+                          (w.kernel_packed, w.kernel_scales, 128))
+
+
+# --- large M on the CUDA backend: fused kernel or dequantize + cuBLAS, by measurement (DenseCrossover).
+# The two paths are the ops above, whose CPU implementations let the dispatch run here on CPU tensors.
+
+class _FakeTimer:
+    """Stands in for CUDA-event timing: runs the candidate once, reports the given milliseconds for the path
+    it took (the last entry of ``calls``) and records what it timed."""
+
+    def __init__(self, calls, kernel_ms, dense_ms):
+        self.calls, self.ms, self.timed = calls, {"kernel": kernel_ms, "dense": dense_ms}, []
+
+    def __call__(self, fn, reps):
+        out = fn()
+        self.timed.append(self.calls[-1])
+        return self.ms[self.calls[-1]], out
+
+
+def _crossover_case(monkeypatch, kernel_ms, dense_ms, m=256, bias=True):
+    from grace_kernels.ops import w4a16 as ops
+
+    calls = []
+    for path, real in (("kernel", ops._cuda_kernel_matmul), ("dense", ops._cuda_dense_matmul)):
+        def traced(x2d, w, b, real=real, path=path):
+            calls.append(path)
+            return real(x2d, w, b)
+        monkeypatch.setattr(ops, f"_cuda_{path}_matmul", traced)
+    timer = _FakeTimer(calls, kernel_ms, dense_ms)
+    crossover = ops.DenseCrossover(timer=timer)
+    monkeypatch.setattr(ops, "DENSE_CROSSOVER", crossover)
+    w = gk.repack_for_kernel(gk.pack_int4(_codes(128, 256), (torch.rand(128, 2) * 0.05 + 1e-3).half()))
+    x = torch.randn(m, 256).half()
+    b = torch.randn(128) if bias else None
+    return ops, crossover, timer, calls, w, x, b
+
+
+@pytest.mark.parametrize("kernel_ms,dense_ms,winner", [(1.0, 0.5, "dense"), (1.0, 0.97, "kernel"),
+                                                      (0.4, 0.9, "kernel")])
+def test_crossover_measures_once_and_keeps_the_faster(monkeypatch, kernel_ms, dense_ms, winner):
+    ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, kernel_ms, dense_ms)
+    gold = x.float() @ w.dequantize().t() + b
+    for _ in range(3):
+        y = ops._cuda_matmul(x, w, b)
+        # Either path is x @ W^T: the CPU implementations round W to float16 (dense) or keep it exact.
+        torch.testing.assert_close(y.float(), gold, rtol=2e-2, atol=2e-2)
+    assert timer.timed == ["kernel", "dense"]  # measured on the first call only
+    assert calls == ["kernel", "dense", winner, winner]
+    (row,) = crossover.table()
+    assert row["choice"] == winner and row["m_bucket"] == 256 and row["n"] == 128 and row["k"] == 256
+    assert (row["kernel_ms"], row["dense_ms"]) == (kernel_ms, dense_ms)
+
+
+def test_crossover_keys_on_m_bucket_and_bias(monkeypatch):
+    ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, 1.0, 0.5, m=200)
+    ops._cuda_matmul(x, w, b)
+    ops._cuda_matmul(x[:129], w, b)  # same bucket (256): no new measurement
+    ops._cuda_matmul(x[:128], w, b)  # bucket 128
+    ops._cuda_matmul(x, w, None)  # without bias
+    assert [r["m_bucket"] for r in crossover.table()] == [256, 128, 256]
+    assert len(timer.timed) == 6
+
+
+def test_small_m_and_policies_skip_the_measurement(monkeypatch):
+    ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, 1.0, 0.1)
+    ops._cuda_matmul(x[: ops.DENSE_MIN_M - 1], w, b)
+    monkeypatch.setenv(ops.DENSE_ENV, "never")
+    ops._cuda_matmul(x, w, b)
+    monkeypatch.setenv(ops.DENSE_ENV, "always")
+    ops._cuda_matmul(x[:3], w, b)
+    assert calls == ["kernel", "kernel", "dense"] and timer.timed == [] and crossover.table() == []
+    monkeypatch.setenv(ops.DENSE_ENV, "fastest")
+    with pytest.raises(ValueError, match="GRACE_KERNELS_W4A16_DENSE"):
+        ops._cuda_matmul(x, w, b)
+
+
+def test_crossover_does_not_time_while_capturing(monkeypatch):
+    ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, 1.0, 0.5)
+    monkeypatch.setattr(ops, "_cannot_time", lambda: True)
+    ops._cuda_matmul(x, w, b)
+    assert calls == ["kernel"] and timer.timed == [] and crossover.table() == []
+    monkeypatch.setattr(ops, "_cannot_time", lambda: False)
+    ops._cuda_matmul(x, w, b)  # measured now: dense wins
+    monkeypatch.setattr(ops, "_cannot_time", lambda: True)
+    ops._cuda_matmul(x, w, b)  # a known key runs its winner even while capturing
+    assert calls == ["kernel", "kernel", "dense", "dense"]
+
+
 def test_linear_kernel_weight_is_cached_until_the_buffers_change():
     layer = W4A16Linear.from_linear(torch.nn.Linear(128, 64))
     kw = layer.kernel_weight()
@@ -206,10 +301,14 @@ def test_bad_input_raises(call, match):
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 1536), (8960, 1536), (1536, 8960), (256, 1536)]
 
 
+# "cuda" is the fused kernel, "cuda-dense" the large-M path (dequantize kernel + cuBLAS), each forced.
+_DENSE_POLICY = {"cuda": "never", "cuda-dense": "always"}
+
+
 def _gpu_backends():
     if not torch.cuda.is_available():
-        return ["triton", "cuda"]
-    return ["triton"] + (["cuda"] if _ext.C is not None else [])
+        return ["triton", "cuda", "cuda-dense"]
+    return ["triton"] + (["cuda", "cuda-dense"] if _ext.C is not None else [])
 
 
 @pytest.mark.gpu
@@ -217,17 +316,18 @@ def _gpu_backends():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m", [1, 3, 16, 17, 64, 257, 4096])
 @pytest.mark.parametrize("n,k", GPU_SHAPES)
-def test_gpu_parity(m, n, k, dtype, backend):
+def test_gpu_parity(m, n, k, dtype, backend, monkeypatch):
     """LLaVA-1.5-7B and Qwen2-VL-2B layers: the kernel vs x @ dequant(W) in float32."""
-    if backend == "cuda" and _ext.C is None:
+    if backend.startswith("cuda") and _ext.C is None:
         pytest.skip(f"grace_kernels._C is not built: {_ext.error}")
     w = gk.quantize_rtn(make_weight(n, k, device="cuda"), scale_dtype=dtype)
-    if backend == "cuda":
+    if backend.startswith("cuda"):
         w = gk.repack_for_kernel(w)
+        monkeypatch.setenv("GRACE_KERNELS_W4A16_DENSE", _DENSE_POLICY[backend])
     x = torch.randn(m, k, device="cuda", dtype=dtype)
     gold = x.float() @ w.dequantize().t()
     lowp = x @ w.dequantize().to(dtype).t()
-    with gk.use_backend(backend):
+    with gk.use_backend(backend.removesuffix("-dense")):
         y = gk.w4a16_matmul(x, w)
     assert y.dtype == dtype
     assert_close_to_gold(y.float(), lowp.float(), gold, atol=1e-2, name=f"w4a16[{backend}]")
@@ -266,3 +366,46 @@ def test_gpu_unsupported_shapes_fall_back_or_raise():
     with pytest.raises(ValueError, match="K % 128"):  # the C++ check, reached only by calling the op directly
         torch.ops.grace_kernels.w4a16_matmul_repacked(x[:, :192].contiguous(), w.kernel_packed[:12], w.kernel_scales,
                                                       128, None)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("n,k", [(4096, 4096), (11008, 4096), (192, 1024)])
+def test_gpu_dequantize_kernel_is_bit_exact(n, k, dtype):
+    if _ext.C is None:
+        pytest.skip(f"grace_kernels._C is not built: {_ext.error}")
+    w = gk.repack_for_kernel(gk.quantize_rtn(make_weight(n, k, device="cuda"), scale_dtype=dtype))
+    d = torch.ops.grace_kernels.w4a16_dequantize_repacked(w.kernel_packed, w.kernel_scales, 128)
+    assert torch.equal(d.view(torch.int16), w.dequantize().to(dtype).view(torch.int16))
+
+
+@pytest.mark.gpu
+def test_gpu_crossover_measures_then_replays_in_a_cuda_graph():
+    """Auto dispatch at M = 512: measured on the first eager call; a CUDA graph captured afterwards bakes the
+    measured choice in; a shape first seen while capturing runs the fused kernel, unmeasured."""
+    if _ext.C is None:
+        pytest.skip(f"grace_kernels._C is not built: {_ext.error}")
+    from grace_kernels.ops import w4a16 as ops
+
+    ops.DENSE_CROSSOVER.clear()
+    w = gk.repack_for_kernel(gk.quantize_rtn(make_weight(4096, 4096, device="cuda")))
+    x = torch.randn(512, 4096, device="cuda", dtype=torch.float16)
+    gold = x.float() @ w.dequantize().t()
+    lowp = x @ w.dequantize().half().t()
+    y = gk.w4a16_matmul(x, w)
+    (row,) = ops.DENSE_CROSSOVER.table()
+    assert row["m_bucket"] == 512 and row["kernel_ms"] > 0 and row["dense_ms"] > 0, row
+    assert_close_to_gold(y.float(), lowp.float(), gold, atol=1e-2, name=f"w4a16[auto:{row['choice']}]")
+    x2 = torch.randn(300, 4096, device="cuda", dtype=torch.float16)  # bucket 512 is known; 300 -> 512 too
+    x3 = torch.randn(1500, 4096, device="cuda", dtype=torch.float16)  # bucket 2048: unknown while capturing
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y2 = gk.w4a16_matmul(x2, w)
+        y3 = gk.w4a16_matmul(x3, w)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert len(ops.DENSE_CROSSOVER.table()) == 1  # nothing was timed during the capture
+    for xi, yi in ((x2, y2), (x3, y3)):
+        assert_close_to_gold(yi.float(), (xi @ w.dequantize().half().t()).float(), xi.float() @ w.dequantize().t(),
+                             atol=1e-2, name="w4a16[graph]")

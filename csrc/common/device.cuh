@@ -1,5 +1,5 @@
 // Device primitives the kernels are written against: PTX wrappers (cp.async, ldmatrix, mma, lop3,
-// L2 cache policies), dynamic shared memory, and the launch. Kernels call only these names for anything
+// L2 cache policies), counted plain loads and stores, dynamic shared memory, and the launch. Kernels call only these names for anything
 // that is not plain C++, which is what lets one kernel source compile twice:
 //   * by nvcc, for the GPU (this file);
 //   * by a host C++ compiler with GRACE_SIMT defined, against csrc/simt/simt.h, which gives the same
@@ -87,6 +87,23 @@ __device__ __forceinline__ uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
 }
 
 }  // namespace grace_kernels::ptx
+
+namespace grace_kernels::mem {
+
+// Plain loads and stores, global or shared. On the GPU they are ordinary accesses; the SIMT executor
+// counts what each warp-wide one costs (32-byte sectors, shared-memory bank wavefronts), which is why a
+// kernel whose coalescing or bank layout is a design claim goes through these names.
+template <typename T>
+__device__ __forceinline__ T load(const T* p) {
+  return *p;
+}
+
+template <typename T>
+__device__ __forceinline__ void store(T* p, const T& v) {
+  *p = v;
+}
+
+}  // namespace grace_kernels::mem
 
 namespace grace_kernels::rt {
 

@@ -21,8 +21,9 @@
 //   * A barrier that some threads never reach fails as a deadlock after Options::deadlock_seconds.
 //   * Memory access accounting (stats()): for every warp-wide cp.async (grouped by call site, as the GPU
 //     groups lanes by instruction) the global bytes asked for against the 32-byte sectors touched, and the
-//     shared-memory wavefronts its 16-byte stores need; for every ldmatrix, its wavefronts. These count
-//     what the access pattern costs on NVIDIA's memory system; they are not timings.
+//     shared-memory wavefronts its 16-byte stores need; for every ldmatrix, its wavefronts; for every plain
+//     load or store through grace_kernels::mem, its sectors (global) or bank wavefronts (shared). These
+//     count what the access pattern costs on NVIDIA's memory system; they are not timings.
 // Limits: warp-collective exchanges order the lanes of one warp (the GPU does not promise that for
 // ordinary memory), so a race between two lanes of one warp can go unreported; blocks never overlap, so
 // races between blocks are not modelled; floating-point results match the GPU's to rounding, not bits.
@@ -152,9 +153,19 @@ struct CopyRecord {
   ptrdiff_t shared;  // offset in the block's shared memory
 };
 
+// One lane's plain load or store through grace_kernels::mem (in its thread's log, as CopyRecord).
+struct AccessRecord {
+  int line;
+  unsigned count;
+  bool store;
+  bool shared;
+  uintptr_t address;  // shared: offset in the block's shared memory
+  int bytes;
+};
+
 struct Block {
   Block(dim3 grid_dim, dim3 block_dim, dim3 block_idx, int smem_size, int threads)
-      : grid(grid_dim), dim(block_dim), index(block_idx), smem_bytes(smem_size), barrier(threads), copies(threads) {
+      : grid(grid_dim), dim(block_dim), index(block_idx), smem_bytes(smem_size), barrier(threads), copies(threads), accesses(threads) {
     smem.reset(new int4[std::max(smem_size, 16) / 16]);
     std::memset(static_cast<void*>(smem.get()), 0xFF, std::max(smem_size, 16));
     for (int w = 0; w < (threads + 31) / 32; ++w) warps.push_back(std::make_unique<Warp>());
@@ -165,6 +176,7 @@ struct Block {
   Barrier barrier;
   std::vector<std::unique_ptr<Warp>> warps;
   std::vector<std::vector<CopyRecord>> copies;  // per thread
+  std::vector<std::vector<AccessRecord>> accesses;  // per thread
 };
 
 struct CopySiteStats {
@@ -175,8 +187,18 @@ struct CopySiteStats {
   long smem_ideal = 0;       // one per 8 active lanes: what a conflict-free pattern needs
 };
 
+struct AccessSiteStats {
+  bool store = false, shared = false;
+  long instructions = 0;  // warp-wide instructions
+  long bytes = 0;         // bytes asked for
+  long sectors = 0;       // global: distinct 32-byte sectors touched, per instruction
+  long wavefronts = 0;    // shared: bank wavefronts
+  long ideal = 0;         // shared: one per phase of active lanes (conflict-free)
+};
+
 struct Stats {
   std::map<int, CopySiteStats> cp_async;  // by source line
+  std::map<int, AccessSiteStats> plain;   // grace_kernels::mem loads and stores, by source line
   long ldmatrix_instructions = 0, ldmatrix_wavefronts = 0;
 };
 
@@ -186,18 +208,24 @@ inline Stats& stats() {
   return st;
 }
 
-// Wavefronts of one quarter-warp phase of 16-byte shared accesses: the eight 16-byte bank groups serve one
-// distinct address each per wavefront.
-inline int phase_wavefronts(const std::vector<ptrdiff_t>& offsets) {
-  std::map<int, std::vector<ptrdiff_t>> by_group;
+// Wavefronts of one phase of shared-memory accesses of `bytes` each at the given offsets: each of the 32
+// banks (4-byte words, word w in bank w % 32) serves one distinct word per wavefront; lanes reading the
+// same word share it.
+inline int phase_wavefronts(const std::vector<ptrdiff_t>& offsets, int bytes = 16) {
+  std::map<int, std::vector<ptrdiff_t>> by_bank;
   for (ptrdiff_t o : offsets) {
-    auto& v = by_group[static_cast<int>((o / 16) % 8)];
-    if (std::find(v.begin(), v.end(), o) == v.end()) v.push_back(o);
+    for (ptrdiff_t word = o / 4; word <= (o + bytes - 1) / 4; ++word) {
+      auto& v = by_bank[static_cast<int>(word % 32)];
+      if (std::find(v.begin(), v.end(), word) == v.end()) v.push_back(word);
+    }
   }
   size_t worst = 0;
-  for (const auto& [group, addresses] : by_group) worst = std::max(worst, addresses.size());
+  for (const auto& [bank, words] : by_bank) worst = std::max(worst, words.size());
   return static_cast<int>(worst);
 }
+
+// Lanes a shared-memory access of `bytes` serves per phase: the 128 bytes the banks deliver at once.
+inline int lanes_per_phase(int bytes) { return std::clamp(128 / std::max(bytes, 4), 8, 32); }
 
 // Groups a finished block's cp.async log into warp instructions and adds them to stats().
 inline void account_copies(const Block& b) {
@@ -227,6 +255,37 @@ inline void account_copies(const Block& b) {
       ++site.smem_ideal;
     }
   }
+  // The same for plain loads and stores: (warp, line, count) -> (lane, record).
+  std::map<std::tuple<int, int, unsigned>, std::vector<std::pair<int, const AccessRecord*>>> plain;
+  for (size_t t = 0; t < b.accesses.size(); ++t) {
+    for (const AccessRecord& r : b.accesses[t]) {
+      plain[{static_cast<int>(t / 32), r.line, r.count}].emplace_back(static_cast<int>(t % 32), &r);
+    }
+  }
+  for (const auto& [key, lanes] : plain) {
+    AccessSiteStats& site = stats().plain[std::get<1>(key)];
+    const AccessRecord& first = *lanes.front().second;
+    site.store = first.store;
+    site.shared = first.shared;
+    ++site.instructions;
+    std::vector<uintptr_t> sectors;
+    std::map<int, std::vector<ptrdiff_t>> phases;
+    for (const auto& [lane, r] : lanes) {
+      site.bytes += r->bytes;
+      if (r->shared) {
+        phases[lane / lanes_per_phase(r->bytes)].push_back(static_cast<ptrdiff_t>(r->address));
+        continue;
+      }
+      for (uintptr_t s = r->address / 32; s <= (r->address + r->bytes - 1) / 32; ++s) {
+        if (std::find(sectors.begin(), sectors.end(), s) == sectors.end()) sectors.push_back(s);
+      }
+    }
+    site.sectors += static_cast<long>(sectors.size());
+    for (const auto& [phase, offsets] : phases) {
+      site.wavefronts += phase_wavefronts(offsets, first.bytes);
+      ++site.ideal;
+    }
+  }
   for (const auto& w : b.warps) {
     stats().ldmatrix_instructions += w->ldmatrix_instructions;
     stats().ldmatrix_wavefronts += w->ldmatrix_wavefronts;
@@ -245,6 +304,7 @@ struct Thread {
   int lane, warp;
   unsigned collectives = 0;
   std::map<int, unsigned> copies_from;  // cp.async issued so far, per call site
+  std::map<int, unsigned> accesses_from;  // grace_kernels::mem accesses so far, per call site
   std::vector<PendingCopy> open;                   // issued since the last commit_group
   std::deque<std::vector<PendingCopy>> committed;  // committed groups, oldest first
 };
@@ -325,6 +385,20 @@ inline void cp_async(void* dst, const void* src, bool valid, const std::source_l
   }
   if (options().poison) std::memset(dst, 0xFF, 16);
   t.open.push_back(c);
+}
+
+// A plain access through grace_kernels::mem: logged for the accounting, bounds-checked if shared.
+inline void log_access(const void* p, int bytes, bool store, const std::source_location& site) {
+  Thread& t = self();
+  const auto* base = reinterpret_cast<const char*>(t.block->smem.get());
+  const auto* q = static_cast<const char*>(p);
+  const bool shared = q >= base && q < base + std::max(t.block->smem_bytes, 16);
+  if (shared) check_shared(p, bytes, store ? "shared store" : "shared load");
+  check_aligned(p, static_cast<uintptr_t>(bytes), store ? "store" : "load");
+  const int line = static_cast<int>(site.line());
+  t.block->accesses[t.warp * 32 + t.lane].push_back(
+      {line, t.accesses_from[line]++, store, shared,
+       shared ? static_cast<uintptr_t>(q - base) : reinterpret_cast<uintptr_t>(p), bytes});
 }
 
 inline void cp_async_commit() {
@@ -503,6 +577,22 @@ uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
 }
 
 }  // namespace grace_kernels::ptx
+
+namespace grace_kernels::mem {
+
+template <typename T>
+T load(const T* p, const std::source_location& site = std::source_location::current()) {
+  simt::log_access(p, sizeof(T), false, site);
+  return *p;
+}
+
+template <typename T>
+void store(T* p, const T& v, const std::source_location& site = std::source_location::current()) {
+  simt::log_access(p, sizeof(T), true, site);
+  *p = v;
+}
+
+}  // namespace grace_kernels::mem
 
 namespace grace_kernels::rt {
 

@@ -1,5 +1,5 @@
-// The W4A16 CUDA kernel (csrc/w4a16/w4a16_gemm.cu, the very source nvcc builds) compiled for the host and
-// run by the CPU executor of simt.h. Not part of the extension; tests/test_w4a16_simt.py builds it with
+// The W4A16 CUDA kernels (csrc/w4a16/w4a16_gemm.cu and w4a16_dequant.cu, the very sources nvcc builds)
+// compiled for the host and run by the CPU executor of simt.h. Not part of the extension; tests/test_w4a16_simt.py builds it with
 // AddressSanitizer and with ThreadSanitizer and drives it.
 //
 //   w4a16_simt gemm DIR DTYPE M N K SM_COUNT COPIES SEED BIAS
@@ -8,7 +8,11 @@
 //       DIR/scales.bin (kernel_scales [K/128, N] DTYPE), DIR/bias.bin (float32 [N], if BIAS); plans the
 //       launch with make_plan for a GPU of SM_COUNT SMs, runs grace_kernels::w4a16::launch, writes
 //       DIR/out.bin ([M, N] DTYPE) and prints one JSON line: the plan, and the access accounting of
-//       simt::stats() (cp.async per call site, ldmatrix).
+//       simt::stats() (cp.async and plain accesses per call site, ldmatrix).
+//   w4a16_simt dequant DIR DTYPE N K SEED
+//       Reads DIR/w.bin and DIR/scales.bin as above, runs grace_kernels::w4a16::launch_dequantize (blocks in
+//       SEED's order), writes DIR/out.bin (W [N, K] DTYPE) and prints one JSON line: its shared memory and
+//       the access accounting (the plain loads and stores of grace_kernels::mem per call site).
 //   w4a16_simt selftest NAME
 //       Runs a deliberately broken kernel, to show that the executor catches that kind of bug: race (a
 //       shared-memory read without __syncthreads; ThreadSanitizer reports it), early-read (a cp.async
@@ -22,6 +26,7 @@
 #include <fstream>
 #include <string>
 
+#include "w4a16/w4a16_dequant.cu"
 #include "w4a16/w4a16_gemm.cu"
 
 namespace {
@@ -68,6 +73,15 @@ void print_access() {
                 sep, line, c.instructions, c.bytes, c.sectors, c.smem_wavefronts, c.smem_ideal);
     sep = ", ";
   }
+  std::printf("], \"plain\": [");
+  sep = "";
+  for (const auto& [line, a] : st.plain) {
+    std::printf("%s{\"line\": %d, \"space\": \"%s\", \"op\": \"%s\", \"instructions\": %ld, \"bytes\": %ld, "
+                "\"sectors\": %ld, \"wavefronts\": %ld, \"ideal\": %ld}",
+                sep, line, a.shared ? "shared" : "global", a.store ? "store" : "load", a.instructions, a.bytes,
+                a.sectors, a.wavefronts, a.ideal);
+    sep = ", ";
+  }
   std::printf("], \"ldmatrix\": {\"instructions\": %ld, \"wavefronts\": %ld}", st.ldmatrix_instructions,
               st.ldmatrix_wavefronts);
 }
@@ -110,6 +124,26 @@ int run_gemm(char** argv) {
   return 0;
 }
 
+int run_dequant(char** argv) {
+  const std::string dir = argv[0], dtype = argv[1];
+  const int N = std::stoi(argv[2]), K = std::stoi(argv[3]);
+  if (dtype != "f16" && dtype != "bf16") simt::fail("DTYPE must be f16 or bf16, got %s", dtype.c_str());
+  simt::options().seed = static_cast<unsigned>(std::stoul(argv[4]));
+  const auto w = read_file(dir + "/w.bin", size_t{4} * (K / 16) * 2 * N);
+  const auto scales = read_file(dir + "/scales.bin", size_t{2} * (K / 128) * N);
+  Buffer out(size_t{2} * N * K);
+  std::memset(out.data, 0xFF, out.bytes);
+  const cudaError_t err = grace_kernels::w4a16::launch_dequantize(
+      dtype == "f16" ? Dtype::kHalf : Dtype::kBFloat16, w->as<int32_t>(), scales->data, out.data, N, K, nullptr);
+  if (err != cudaSuccess) simt::fail("launch returned cudaError %d", static_cast<int>(err));
+  std::ofstream f(dir + "/out.bin", std::ios::binary);
+  f.write(out.as<char>(), static_cast<std::streamsize>(out.bytes));
+  std::printf("{\"shared_bytes\": %d, ", grace_kernels::w4a16::dequantize_shared_bytes());
+  print_access();
+  std::printf("}\n");
+  return 0;
+}
+
 // ------------------------------------------------------------------------------------- broken kernels
 
 __global__ void race_kernel(float* out) {
@@ -147,7 +181,9 @@ __global__ void overflow_kernel(const int4* in) {
 __global__ void noop_kernel() {}
 
 // Lane l copies the 16 bytes at 64 l (half of every 32-byte sector wasted) into shared chunk 8 l (all
-// lanes of a phase in one bank group), then ldmatrix reads rows 128 bytes apart (the same again).
+// lanes of a phase in one bank group), then ldmatrix reads rows 128 bytes apart (the same again). Then the
+// same mistakes with plain accesses: lane l loads the word at 64 l bytes (one sector per 4 bytes) and
+// stores it to shared word 32 l (every lane in bank 0).
 __global__ void strided_kernel(const int4* in) {
   int4* s = grace_kernels::rt::dynamic_smem<int4>();
   grace_kernels::ptx::cp_async(s + 8 * threadIdx.x, in + 4 * threadIdx.x);
@@ -155,6 +191,9 @@ __global__ void strided_kernel(const int4* in) {
   grace_kernels::ptx::cp_async_wait<0>();
   uint32_t r[4];
   grace_kernels::ptx::ldmatrix_x4(r, s + 8 * threadIdx.x);
+  __syncthreads();
+  const uint32_t v = grace_kernels::mem::load(reinterpret_cast<const uint32_t*>(in + 4 * threadIdx.x));
+  grace_kernels::mem::store(reinterpret_cast<uint32_t*>(s) + 32 * threadIdx.x, v);
 }
 
 int run_selftest(const std::string& name) {
@@ -195,9 +234,11 @@ int run_selftest(const std::string& name) {
 int main(int argc, char** argv) {
   const std::string mode = argc > 1 ? argv[1] : "";
   if (mode == "gemm" && argc == 11) return run_gemm(argv + 2);
+  if (mode == "dequant" && argc == 7) return run_dequant(argv + 2);
   if (mode == "selftest" && argc == 3) return run_selftest(argv[2]);
   std::fprintf(stderr,
                "usage: w4a16_simt gemm DIR DTYPE M N K SM_COUNT COPIES SEED BIAS\n"
+               "       w4a16_simt dequant DIR DTYPE N K SEED\n"
                "       w4a16_simt selftest race|early-read|divergent|overflow|opt-in|strided\n");
   return 2;
 }

@@ -1,6 +1,7 @@
-// W4A16 GEMM for the CUDA extension: the block tiling shared by the kernel (w4a16_gemm.cu) and its host
-// side (w4a16_ops.cpp), and the launcher between them. This header needs no torch, so the .cu file that
-// nvcc compiles once per architecture stays free of the ATen headers (a large part of the build time).
+// W4A16 kernels for the CUDA extension: the GEMM's block tiling, shared by the kernel (w4a16_gemm.cu) and
+// its host side (w4a16_ops.cpp), and the launchers between them (the GEMM, and the dequantize kernel of
+// w4a16_dequant.cu). This header needs no torch, so the .cu files that nvcc compiles once per
+// architecture stay free of the ATen headers (a large part of the build time).
 //
 // The tiling is mirrored by tests/test_w4a16_layout.py, which emulates the kernel on CPU.
 #pragma once
@@ -61,5 +62,14 @@ int shared_bytes(int m_blocks);
 // float32 partials to workspace [splits, M, N] and a second kernel sums them in a fixed order.
 cudaError_t launch(const Plan& plan, Dtype dtype, const void* x, const int32_t* w, const void* scales,
                    const float* bias, float* workspace, void* out, int M, int N, int K, cudaStream_t stream);
+
+// Dynamic shared memory of one dequantize block.
+int dequantize_shared_bytes();
+
+// Writes the dense weight out [N, K] (dtype, row-major) = scale * q from the kernel layout w [K / 16, 2 N]
+// and scales [K / 128, N] (dtype), rounded once per element exactly as the GEMM rounds it. Needs N % 64 == 0
+// and K % 128 == 0.
+cudaError_t launch_dequantize(Dtype dtype, const int32_t* w, const void* scales, void* out, int N, int K,
+                              cudaStream_t stream);
 
 }  // namespace grace_kernels::w4a16

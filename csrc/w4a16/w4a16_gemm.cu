@@ -40,10 +40,13 @@
 #include <type_traits>
 
 #include "common/device.cuh"
+#include "w4a16/convert.cuh"
 #include "w4a16/w4a16.h"
 
 namespace grace_kernels::w4a16 {
 namespace {
+
+using namespace detail;
 
 constexpr int kK16PerStage = kBlockK / 16;            // 8 k16 rows of weight tiles per stage
 constexpr int kK16PerWarp = kK16PerStage / kWarpsK;   // 2
@@ -65,85 +68,6 @@ constexpr int reduction_bytes() { return (kWarpsK - 1) * kWarpsN * kMBlocks * 8 
 
 template <int kMBlocks>
 constexpr int smem_bytes() { return std::max(pipeline_bytes<kMBlocks>(), reduction_bytes<kMBlocks>()); }
-
-// (a & b) | c in one instruction.
-__device__ __forceinline__ uint32_t lop3_and_or(uint32_t a, uint32_t b, uint32_t c) {
-  return ptx::lop3<(0xF0 & 0xCC) | 0xAA>(a, b, c);
-}
-
-// ---------------------------------------------------------------------------------------------------
-// Half-precision helpers: T2 is the packed pair type; registers travel as uint32_t to feed the mma.
-
-template <typename T>
-using Pair = std::conditional_t<std::is_same_v<T, __half>, __half2, __nv_bfloat162>;
-
-template <typename T>
-__device__ __forceinline__ Pair<T> as_pair(uint32_t bits) { return *reinterpret_cast<Pair<T>*>(&bits); }
-
-template <typename T>
-__device__ __forceinline__ uint32_t as_bits(Pair<T> v) { return *reinterpret_cast<uint32_t*>(&v); }
-
-// One word of the kernel layout holds nibbles p = 0..7; pairs (p, p + 4) are the two consecutive k of
-// one fragment register. Returns the four registers for pairs (0, 4), (1, 5), (2, 6), (3, 7) as codes
-// q = u - 8, exactly.
-template <typename T>
-__device__ __forceinline__ void dequant_word(uint32_t q, uint32_t (&out)[4]);
-
-template <>
-__device__ __forceinline__ void dequant_word<__half>(uint32_t q, uint32_t (&out)[4]) {
-  // 0x6400 is 1024.0, whose ulp is 1: OR-ing u into the low mantissa bits gives 1024 + u, and u at bits
-  // 4..7 gives 1024 + 16 u. Subtracting 1032 (0x6408), or one fma by 1/16 (0x2C00) with -72 (0xD480),
-  // leaves u - 8, so pairs (1, 5) and (3, 7) need no shift at all.
-  constexpr uint32_t kLo = 0x000F000F, kHi = 0x00F000F0, kMagic = 0x64006400;
-  const Pair<__half> sub = as_pair<__half>(0x64086408), mul = as_pair<__half>(0x2C002C00),
-                     add = as_pair<__half>(0xD480D480);
-  const uint32_t lo0 = lop3_and_or(q, kLo, kMagic), hi0 = lop3_and_or(q, kHi, kMagic);
-  q >>= 8;
-  const uint32_t lo1 = lop3_and_or(q, kLo, kMagic), hi1 = lop3_and_or(q, kHi, kMagic);
-  out[0] = as_bits<__half>(__hsub2(as_pair<__half>(lo0), sub));
-  out[1] = as_bits<__half>(__hfma2(as_pair<__half>(hi0), mul, add));
-  out[2] = as_bits<__half>(__hsub2(as_pair<__half>(lo1), sub));
-  out[3] = as_bits<__half>(__hfma2(as_pair<__half>(hi1), mul, add));
-}
-
-template <>
-__device__ __forceinline__ void dequant_word<__nv_bfloat16>(uint32_t q, uint32_t (&out)[4]) {
-  // bfloat16 keeps 7 mantissa bits: 0x4300 (128.0, ulp 1) can take u in bits 0..3 but 16 u would carry
-  // into the exponent, so every pair is shifted down to bits 0..3 and 136 (0x4308) subtracted.
-  constexpr uint32_t kLo = 0x000F000F, kMagic = 0x43004300;
-  const Pair<__nv_bfloat16> sub = as_pair<__nv_bfloat16>(0x43084308);
-#pragma unroll
-  for (int r = 0; r < 4; ++r) {
-    out[r] = as_bits<__nv_bfloat16>(__hsub2(as_pair<__nv_bfloat16>(lop3_and_or(q >> (4 * r), kLo, kMagic)), sub));
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ Pair<T> broadcast(T s) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __half2half2(s);
-  } else {
-    return __bfloat162bfloat162(s);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ Pair<T> to_pair(float a, float b) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __floats2half2_rn(a, b);
-  } else {
-    return __floats2bfloat162_rn(a, b);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T to_scalar(float a) {
-  if constexpr (std::is_same_v<T, __half>) {
-    return __float2half_rn(a);
-  } else {
-    return __float2bfloat16_rn(a);
-  }
-}
 
 // ---------------------------------------------------------------------------------------------------
 // The GEMM. Block (n_block, split, m_tile) computes rows [16 kMBlocks m_tile, +16 kMBlocks) x columns
@@ -235,16 +159,12 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
                                  static_cast<uint32_t>(bq.z), static_cast<uint32_t>(bq.w)};
 #pragma unroll
       for (int wi = 0; wi < 4; ++wi) {
-        uint32_t frag[4];
-        dequant_word<T>(words[wi], frag);
+        uint32_t frag[2][2];
+        scaled_fragments<T>(words[wi], s8, wi, frag);
 #pragma unroll
         for (int h = 0; h < 2; ++h) {
-          const int j = 2 * wi + h;  // sub-tile: registers b0b1 = pair 2h, b2b3 = pair 2h + 1
-          const Pair<T> s2 = broadcast<T>(s8[j]);
-          const uint32_t b0 = as_bits<T>(__hmul2(as_pair<T>(frag[2 * h]), s2));
-          const uint32_t b1 = as_bits<T>(__hmul2(as_pair<T>(frag[2 * h + 1]), s2));
 #pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb) ptx::mma_m16n8k16<T>(acc[mb][j], a[mb], b0, b1);
+          for (int mb = 0; mb < kMBlocks; ++mb) ptx::mma_m16n8k16<T>(acc[mb][2 * wi + h], a[mb], frag[h][0], frag[h][1]);
         }
       }
     }
@@ -279,7 +199,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) dst[((mb * 8 + j) * 4 + e) * 32] = acc[mb][j][e];
+        for (int e = 0; e < 4; ++e) mem::store(dst + ((mb * 8 + j) * 4 + e) * 32, acc[mb][j][e]);
   }
   __syncthreads();
   if (wk > 0 || !slab_valid) return;
@@ -291,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mb][j][e] += src[((mb * 8 + j) * 4 + e) * 32];
+        for (int e = 0; e < 4; ++e) acc[mb][j][e] += mem::load(src + ((mb * 8 + j) * 4 + e) * 32);
   }
 
   // Epilogue: accumulator c0 c1 (c2 c3) of sub-tile j is row g (g + 8), columns 2t, 2t + 1. Without a K
@@ -313,9 +233,10 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
             v0 += bias[col];
             v1 += bias[col + 1];
           }
-          *reinterpret_cast<Pair<T>*>(out + static_cast<int64_t>(row) * N + col) = to_pair<T>(v0, v1);
+          mem::store(reinterpret_cast<Pair<T>*>(out + static_cast<int64_t>(row) * N + col), to_pair<T>(v0, v1));
         } else {
-          *reinterpret_cast<float2*>(partial + (static_cast<int64_t>(split) * M + row) * N + col) = make_float2(v0, v1);
+          mem::store(reinterpret_cast<float2*>(partial + (static_cast<int64_t>(split) * M + row) * N + col),
+                     make_float2(v0, v1));
         }
       }
     }

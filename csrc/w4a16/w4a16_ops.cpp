@@ -1,6 +1,7 @@
-// Host side of the W4A16 CUDA kernel: argument checks, the block plan, the split-K workspace, the launch.
-// Registered as the CUDA implementation of grace_kernels::w4a16_matmul_repacked, whose schema, fake and
-// CPU implementation live in grace_kernels/ops/w4a16.py (csrc/torch_bindings.cpp).
+// Host side of the W4A16 CUDA kernels: argument checks, the block plan, the split-K workspace, the launches.
+// Registered as the CUDA implementations of grace_kernels::w4a16_matmul_repacked and
+// grace_kernels::w4a16_dequantize_repacked, whose schemas, fakes and CPU implementations live in
+// grace_kernels/ops/w4a16.py (csrc/torch_bindings.cpp).
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
@@ -29,9 +30,9 @@ int sm_count(c10::DeviceIndex device) {
   return n;
 }
 
-void check_aligned(const at::Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, "w4a16_matmul_repacked: ", name,
-                    " must be 16-byte aligned (the kernel copies it with 16-byte cp.async)");
+void check_aligned(const char* op, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0, op, ": ", name,
+                    " must be 16-byte aligned (the kernels read it 16 bytes at a time)");
 }
 
 }  // namespace
@@ -72,9 +73,9 @@ at::Tensor w4a16_matmul_repacked_cuda(const at::Tensor& x, const at::Tensor& ker
                       "w4a16_matmul_repacked: bias must be a contiguous float32 [", N, "] on x's device");
     bias_ptr = bias->data_ptr<float>();
   }
-  check_aligned(x, "x");
-  check_aligned(kernel_packed, "kernel_packed");
-  check_aligned(kernel_scales, "kernel_scales");
+  check_aligned("w4a16_matmul_repacked", x, "x");
+  check_aligned("w4a16_matmul_repacked", kernel_packed, "kernel_packed");
+  check_aligned("w4a16_matmul_repacked", kernel_scales, "kernel_scales");
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({M, N}, x.options());
@@ -88,6 +89,38 @@ at::Tensor w4a16_matmul_repacked_cuda(const at::Tensor& x, const at::Tensor& ker
                         plan.splits > 1 ? workspace.data_ptr<float>() : nullptr, out.data_ptr(),
                         static_cast<int>(M), static_cast<int>(N), static_cast<int>(K),
                         c10::cuda::getCurrentCUDAStream()));
+  return out;
+}
+
+at::Tensor w4a16_dequantize_repacked_cuda(const at::Tensor& kernel_packed, const at::Tensor& kernel_scales,
+                                          int64_t group_size) {
+  TORCH_CHECK_VALUE(kernel_packed.is_cuda() && kernel_scales.is_cuda() && kernel_packed.device() == kernel_scales.device(),
+                    "w4a16_dequantize_repacked: kernel_packed and kernel_scales must be CUDA tensors on one device");
+  TORCH_CHECK_VALUE(group_size == kGroupSize, "w4a16_dequantize_repacked: the CUDA kernel needs group_size 128, got ",
+                    group_size);
+  TORCH_CHECK_VALUE(kernel_packed.scalar_type() == at::kInt && kernel_packed.dim() == 2 && kernel_packed.size(1) % 2 == 0,
+                    "w4a16_dequantize_repacked: kernel_packed must be int32 [K / 16, 2 N], got ",
+                    kernel_packed.scalar_type(), " ", kernel_packed.sizes());
+  const int64_t K = kernel_packed.size(0) * 16, N = kernel_packed.size(1) / 2;
+  TORCH_CHECK_VALUE(K % kGroupSize == 0 && N % 64 == 0 && K > 0 && N > 0,
+                    "w4a16_dequantize_repacked: the CUDA kernel needs K % 128 == 0 and N % 64 == 0, got K = ", K,
+                    ", N = ", N);
+  TORCH_CHECK_VALUE((kernel_scales.scalar_type() == at::kHalf || kernel_scales.scalar_type() == at::kBFloat16) &&
+                        kernel_scales.dim() == 2 && kernel_scales.size(0) == K / kGroupSize && kernel_scales.size(1) == N,
+                    "w4a16_dequantize_repacked: kernel_scales must be float16/bfloat16 [", K / kGroupSize, ", ", N,
+                    "], got ", kernel_scales.scalar_type(), " ", kernel_scales.sizes());
+  TORCH_CHECK_VALUE(kernel_packed.is_contiguous() && kernel_scales.is_contiguous(),
+                    "w4a16_dequantize_repacked: kernel_packed and kernel_scales must be contiguous");
+  TORCH_CHECK_VALUE(N * K < (int64_t{1} << 34) && K / kGroupSize <= 65535,
+                    "w4a16_dequantize_repacked: weight too large for the kernel's grid");
+  check_aligned("w4a16_dequantize_repacked", kernel_packed, "kernel_packed");
+  check_aligned("w4a16_dequantize_repacked", kernel_scales, "kernel_scales");
+
+  const c10::cuda::CUDAGuard guard(kernel_packed.device());
+  at::Tensor out = at::empty({N, K}, kernel_scales.options());
+  C10_CUDA_CHECK(launch_dequantize(kernel_scales.scalar_type() == at::kHalf ? Dtype::kHalf : Dtype::kBFloat16,
+                                   kernel_packed.data_ptr<int32_t>(), kernel_scales.data_ptr(), out.data_ptr(),
+                                   static_cast<int>(N), static_cast<int>(K), c10::cuda::getCurrentCUDAStream()));
   return out;
 }
 

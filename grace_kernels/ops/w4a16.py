@@ -19,6 +19,14 @@ Backends (grace_kernels._backend):
                x, K % 128 == 0, N % 64 == 0, group_size == 128. Other shapes fall back to Triton (a
                layer whose N is not a multiple of 64 can be zero-padded to one to use the CUDA kernel);
                forcing the cuda backend on such a shape raises ValueError naming the rule.
+               From M >= DENSE_MIN_M rows the GEMM is bound by math, not by the weight stream, and the
+               cuda backend may instead dequantize the weight once (op
+               ``grace_kernels::w4a16_dequantize_repacked``, bit-exactly the weight the kernel multiplies)
+               and hand x @ W^T to cuBLAS (torch.nn.functional.linear, so its accumulation follows
+               torch.backends.cuda.matmul's reduced-precision settings). Which one runs is measured, not
+               guessed: the first call of each (device, dtype, N, K, bias, M rounded up to a power of two)
+               times both on its own inputs and remembers the faster (see :class:`DenseCrossover`;
+               ``GRACE_KERNELS_W4A16_DENSE=auto|never|always`` overrides it).
     triton     a Triton split-K kernel on the canonical layout (CUDA tensors without the extension, and
                CPU tensors under TRITON_INTERPRET=1);
     reference  dequantize, then a float32 matmul (CPU).
@@ -30,6 +38,10 @@ Shape rules: K % 8 == 0 and K % group_size == 0 (the format itself); group_size 
 from __future__ import annotations
 
 import dataclasses
+import os
+import statistics
+import threading
+from collections.abc import Callable
 
 import torch
 
@@ -190,6 +202,26 @@ def _(x, kernel_packed, kernel_scales, group_size, bias=None):
     return x.new_empty(x.shape[0], kernel_packed.shape[1] // 2)
 
 
+# The dense weight for the large-M path: W [N, K] = scale * q in kernel_scales' dtype, rounded once per
+# element exactly as the GEMM rounds it (csrc/w4a16/w4a16_dequant.cu registers the CUDA implementation).
+torch.library.define(
+    "grace_kernels::w4a16_dequantize_repacked",
+    "(Tensor kernel_packed, Tensor kernel_scales, int group_size) -> Tensor",
+)
+
+
+@torch.library.impl("grace_kernels::w4a16_dequantize_repacked", "cpu")
+def _w4a16_dequantize_repacked_cpu(kernel_packed, kernel_scales, group_size):
+    packed, scales = ref.repack_from_kernel_ref(kernel_packed, kernel_scales)
+    return ref.dequantize_int4_ref(packed, scales, group_size).to(kernel_scales.dtype)
+
+
+@torch.library.register_fake("grace_kernels::w4a16_dequantize_repacked")
+def _(kernel_packed, kernel_scales, group_size):
+    torch._check(kernel_packed.dim() == 2, lambda: "kernel_packed must be 2-D")
+    return kernel_scales.new_empty(kernel_packed.shape[1] // 2, kernel_packed.shape[0] * 16)
+
+
 def cuda_kernel_unsupported(n: int, k: int, group_size: int, dtype: torch.dtype) -> str | None:
     """Why the CUDA kernel cannot take this GEMM, or None when it can."""
     if dtype not in (torch.float16, torch.bfloat16):
@@ -212,6 +244,120 @@ def _pick_backend(weight: Int4Weight, x: torch.Tensor) -> str:
     return backend
 
 
+DENSE_ENV = "GRACE_KERNELS_W4A16_DENSE"
+DENSE_POLICIES = ("auto", "never", "always")
+# Below this many rows the fused kernel is not measured against dequantize + cuBLAS: a W4A16 GEMM of up to
+# a few dozen rows is bound by the weight stream, which the fused kernel reads at 4 bits and the dense path
+# at 16 (after writing them), so it cannot lose there (the issue's targets are 2x or more up to M = 64).
+DENSE_MIN_M = 128
+
+
+def dense_policy() -> str:
+    """``GRACE_KERNELS_W4A16_DENSE``: auto (measure, the default), never (fused kernel), always (dense)."""
+    name = os.environ.get(DENSE_ENV, "").strip().lower() or "auto"
+    if name not in DENSE_POLICIES:
+        raise ValueError(f"{DENSE_ENV}={name!r} is not one of {DENSE_POLICIES}")
+    return name
+
+
+def _cuda_time_ms(fn: Callable[[], torch.Tensor], reps: int) -> tuple[float, torch.Tensor]:
+    """Median of reps timed calls (CUDA events) after one untimed call; returns it and the last output."""
+    out = fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        out = fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return statistics.median(times), out
+
+
+class DenseCrossover:
+    """Remembers, per GEMM shape, whether the fused kernel or dequantize + cuBLAS is faster.
+
+    The crossover depends on the GPU, the shape and cuBLAS's own heuristics, so it is measured where it
+    is used rather than written down: :meth:`run` times both candidates on the call's own inputs the first
+    time a key is seen (a few milliseconds, once per shape and power-of-two bucket of M), remembers the
+    winner and returns its output. The dense path must win by ``margin`` (5%) to be chosen, since it
+    costs an N x K transient. While a CUDA graph is being captured or torch.compile is tracing nothing can
+    be timed: a known key runs its winner, an unknown one the fused kernel (warm a model up eagerly before
+    capturing it to have the measured choice baked in).
+    """
+
+    def __init__(self, timer: Callable[[Callable[[], torch.Tensor], int], tuple[float, torch.Tensor]] = _cuda_time_ms,
+                 reps: int = 5, margin: float = 0.05):
+        self.timer, self.reps, self.margin = timer, reps, margin
+        self._choices: dict[tuple, str] = {}
+        self._times: dict[tuple, dict[str, float]] = {}
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def key(x: torch.Tensor, n: int, k: int, has_bias: bool) -> tuple:
+        m = x.shape[0]
+        return (str(x.device), str(x.dtype).removeprefix("torch."), n, k, has_bias, 1 << (m - 1).bit_length())
+
+    def run(self, key: tuple, kernel: Callable[[], torch.Tensor], dense: Callable[[], torch.Tensor]) -> torch.Tensor:
+        choice = self._choices.get(key)
+        if choice is None:
+            if _cannot_time():
+                return kernel()
+            (t_kernel, y_kernel), (t_dense, y_dense) = (self.timer(f, self.reps) for f in (kernel, dense))
+            choice = "dense" if t_dense < (1 - self.margin) * t_kernel else "kernel"
+            with self._lock:
+                self._choices[key] = choice
+                self._times[key] = {"kernel": t_kernel, "dense": t_dense}
+            return y_dense if choice == "dense" else y_kernel
+        return dense() if choice == "dense" else kernel()
+
+    def table(self) -> list[dict]:
+        """The decisions so far, with the times (ms) they were made on: one row per key."""
+        names = ("device", "dtype", "n", "k", "bias", "m_bucket")
+        with self._lock:
+            return [{**dict(zip(names, key, strict=True)), "choice": choice,
+                     **{f"{path}_ms": ms for path, ms in self._times[key].items()}}
+                    for key, choice in self._choices.items()]
+
+    def clear(self) -> None:
+        with self._lock:
+            self._choices.clear()
+            self._times.clear()
+
+
+def _cannot_time() -> bool:
+    # A capture needs an initialised CUDA context; asking without one would create it (or fail on CPU hosts).
+    return torch.compiler.is_compiling() or (torch.cuda.is_initialized() and torch.cuda.is_current_stream_capturing())
+
+
+DENSE_CROSSOVER = DenseCrossover()
+
+
+def _cuda_kernel_matmul(x2d: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    if x2d.data_ptr() % 16:  # the kernel copies rows with 16-byte cp.async
+        x2d = x2d.clone()
+    bias32 = None if bias is None else bias.float().contiguous()
+    return torch.ops.grace_kernels.w4a16_matmul_repacked(x2d, w.kernel_packed, w.kernel_scales.to(x2d.dtype),
+                                                         w.group_size, bias32)
+
+
+def _cuda_dense_matmul(x2d: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    dense = torch.ops.grace_kernels.w4a16_dequantize_repacked(w.kernel_packed, w.kernel_scales.to(x2d.dtype),
+                                                              w.group_size)
+    return torch.nn.functional.linear(x2d, dense, None if bias is None else bias.to(x2d.dtype))
+
+
+def _cuda_matmul(x2d: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+    policy = dense_policy()
+    kernel = lambda: _cuda_kernel_matmul(x2d, w, bias)  # noqa: E731
+    dense = lambda: _cuda_dense_matmul(x2d, w, bias)  # noqa: E731
+    if policy == "always":
+        return dense()
+    if policy == "never" or x2d.shape[0] < DENSE_MIN_M:
+        return kernel()
+    return DENSE_CROSSOVER.run(DenseCrossover.key(x2d, *w.shape, bias is not None), kernel, dense)
+
+
 def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ W^T (+ bias), float32 accumulation, in x's dtype.
 
@@ -219,7 +365,8 @@ def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
         x: [..., K] float16/bfloat16 (float32 runs on the Triton/reference paths only).
         weight: an :class:`Int4Weight` [N, K]; on the CUDA path its kernel layout is used, computed here
             on every call when absent (call :func:`repack_for_kernel` once at load time instead;
-            W4A16Linear caches it).
+            W4A16Linear caches it). From M >= DENSE_MIN_M rows the CUDA path may run dequantize + cuBLAS
+            instead of the fused kernel, where measured faster (module docstring).
         bias: [N] or None, added in float32 before the final rounding.
 
     Returns [..., N] in x's dtype. Raises ValueError on mismatched shapes or devices.
@@ -235,13 +382,7 @@ def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
         raise ValueError(f"x is on {x.device} but the weight is on {weight.packed.device}")
     x2d = x.reshape(-1, k).contiguous()
     if _pick_backend(weight, x2d) == "cuda":
-        w = repack_for_kernel(weight)
-        if x2d.data_ptr() % 16:  # the kernel copies rows with 16-byte cp.async
-            x2d = x2d.clone()
-        bias32 = None if bias is None else bias.float().contiguous()
-        y = torch.ops.grace_kernels.w4a16_matmul_repacked(x2d, w.kernel_packed, w.kernel_scales.to(x.dtype),
-                                                          w.group_size, bias32)
-        return y.reshape(*x.shape[:-1], n)
+        return _cuda_matmul(x2d, repack_for_kernel(weight), bias).reshape(*x.shape[:-1], n)
     y = _w4a16_op(x2d, weight.packed, weight.scales, weight.group_size)
     if bias is not None:
         y = y + bias.float()

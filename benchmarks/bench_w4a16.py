@@ -119,7 +119,12 @@ def _int4pack_mm(x, pack, group_size):
 def _ours(backend, x, weights, it):
     if backend in ("cuda", "cuda-dense"):  # one CUDA path on its own, whatever the dispatch would choose
         path = w4a16_ops._cuda_kernel_matmul if backend == "cuda" else w4a16_ops._cuda_dense_matmul
-        return lambda: path(x, weights[next(it) % COPIES], None)
+
+        def one_path():
+            w = weights[next(it) % COPIES]
+            return path(x, w.kernel_packed, w.kernel_scales, w.group_size, None)
+
+        return one_path
 
     def fn():
         with gk.use_backend(backend.removesuffix("-auto")):

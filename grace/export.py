@@ -32,6 +32,7 @@ from torch import nn
 
 from grace.quantize import quantize_model, replace_module
 from grace_kernels.nn import QuantLinear, W4A16Linear
+from grace_kernels.ops.w4a16 import cuda_kernel_unsupported
 
 FORMATS = ("pack-quantized",)
 # The compressed-tensors release whose on-disk schema this module writes (and the tests check).
@@ -324,7 +325,8 @@ def _config_dtype(config: dict) -> torch.dtype:
     return _DTYPES.get(name, torch.float32)
 
 
-def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None):
+def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                    kernel_layout: bool | None = None):
     """Load a pack-quantized INT4 checkpoint into this project's modules.
 
     Builds the model from config.json, replaces every nn.Linear not listed under "ignore" by a
@@ -335,6 +337,10 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
         dtype: dtype of the full-precision tensors and of the activations (torch dtype or its name);
             None: the dtype config.json records (float32 when it records none). INT4 scales keep
             the dtype stored in the file.
+        kernel_layout: hold the INT4 weights only in the CUDA kernel's layout
+            (``W4A16Linear.use_kernel_layout_``: half the INT4 weight memory of keeping both layouts),
+            for every layer the CUDA kernel takes (float16/bfloat16 ``dtype``, N % 64 == 0, K % 128 == 0,
+            group 128). None: when ``device`` is a GPU and the CUDA extension is built.
 
     Returns:
         (model in eval mode on ``device``, processor or None when the directory holds none).
@@ -405,7 +411,17 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
         if isinstance(m, W4A16Linear) and m.weight_shape.tolist() != [m.out_features, m.in_features]:
             raise ValueError(f"{model_dir}: {on_disk[name]}.weight_shape is {m.weight_shape.tolist()}, "
                              f"the model expects {[m.out_features, m.in_features]}")
-    return model.to(device).eval(), _processor_or_none(model_dir)
+    model = model.to(device).eval()
+    if kernel_layout is None:
+        from grace_kernels._backend import cuda_ext_available
+
+        kernel_layout = torch.device(device).type == "cuda" and cuda_ext_available()
+    if kernel_layout:
+        for m in model.modules():
+            if isinstance(m, W4A16Linear) and cuda_kernel_unsupported(m.out_features, m.in_features, m.group_size,
+                                                                      dtype) is None:
+                m.use_kernel_layout_()
+    return model, _processor_or_none(model_dir)
 
 
 def load_model(model_dir: str, device: str | torch.device = "cpu"):

@@ -6,6 +6,7 @@ Public API (each op documented in ``grace_kernels.ops.<op>``):
     gated_dkd_loss, fused_linear_grace_loss                  entropy-gated decoupled distillation
     cka, rcka_loss                                           relational CKA over visual tokens
     pack_int4, unpack_int4, repack_for_kernel, w4a16_matmul  INT4 weight-only GEMM
+    (w4a16_matmul_repacked: the same on a weight held only in the kernel layout)
 
 Backend choice (CUDA extension / Triton / PyTorch reference) lives in ``grace_kernels._backend``.
 """
@@ -29,6 +30,7 @@ from grace_kernels.ops.w4a16 import (  # noqa: F401
     repack_to_canonical,
     unpack_int4,
     w4a16_matmul,
+    w4a16_matmul_repacked,
 )
 
 # --- end ops ---

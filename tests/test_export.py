@@ -259,6 +259,22 @@ def test_export_in_bfloat16_for_serving(bf16_run, tmp_path, reference_backend):
     assert agree >= 0.9, agree
 
 
+def test_kernel_layout_load_serves_the_same_model(bf16_run, reference_backend):
+    # What load_int4_model does by default on a GPU with the extension, forced here on CPU: every layer the
+    # CUDA kernel takes holds only the kernel layout; the logits are bit for bit those of the canonical load.
+    canonical, processor = load_int4_model(bf16_run["export"], dtype="bfloat16")
+    served, _ = load_int4_model(bf16_run["export"], dtype="bfloat16", kernel_layout=True)
+    unchanged, _ = load_int4_model(bf16_run["export"], kernel_layout=True)  # float32 activations: no CUDA kernel
+    assert all(m.layout == "canonical" for m in unchanged.modules() if isinstance(m, W4A16Linear))
+    layers = [m for m in served.modules() if isinstance(m, W4A16Linear)]
+    assert layers and all(m.layout == "kernel" for m in layers)
+    assert all(m.layout == "canonical" for m in canonical.modules() if isinstance(m, W4A16Linear))
+    inputs = _inputs(processor)
+    assert torch.equal(_logits(served, inputs, torch.bfloat16), _logits(canonical, inputs, torch.bfloat16))
+    sd, ref = served.state_dict(), canonical.state_dict()
+    assert sd.keys() == ref.keys() and all(torch.equal(sd[k], ref[k]) for k in ref)
+
+
 def test_tied_embeddings_are_saved_once_and_tied_again(llava_run, tmp_path, reference_backend):
     from transformers import AutoConfig, AutoModelForImageTextToText
 

@@ -130,14 +130,19 @@ class _FakeTimer:
         return self.ms[self.calls[-1]], out
 
 
+def _dispatch(ops, x, w, b):
+    """The CUDA backend's choice between the fused kernel and dequantize + dense GEMM, on CPU tensors."""
+    return ops._cuda_matmul(x, w.kernel_packed, w.kernel_scales, w.group_size, b)
+
+
 def _crossover_case(monkeypatch, kernel_ms, dense_ms, m=256, bias=True):
     from grace_kernels.ops import w4a16 as ops
 
     calls = []
     for path, real in (("kernel", ops._cuda_kernel_matmul), ("dense", ops._cuda_dense_matmul)):
-        def traced(x2d, w, b, real=real, path=path):
+        def traced(*args, real=real, path=path):
             calls.append(path)
-            return real(x2d, w, b)
+            return real(*args)
         monkeypatch.setattr(ops, f"_cuda_{path}_matmul", traced)
     timer = _FakeTimer(calls, kernel_ms, dense_ms)
     crossover = ops.DenseCrossover(timer=timer)
@@ -154,7 +159,7 @@ def test_crossover_measures_once_and_keeps_the_faster(monkeypatch, kernel_ms, de
     ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, kernel_ms, dense_ms)
     gold = x.float() @ w.dequantize().t() + b
     for _ in range(3):
-        y = ops._cuda_matmul(x, w, b)
+        y = _dispatch(ops, x, w, b)
         # Either path is x @ W^T: the CPU implementations round W to float16 (dense) or keep it exact.
         torch.testing.assert_close(y.float(), gold, rtol=2e-2, atol=2e-2)
     assert timer.timed == ["kernel", "dense"]  # measured on the first call only
@@ -166,36 +171,36 @@ def test_crossover_measures_once_and_keeps_the_faster(monkeypatch, kernel_ms, de
 
 def test_crossover_keys_on_m_bucket_and_bias(monkeypatch):
     ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, 1.0, 0.5, m=200)
-    ops._cuda_matmul(x, w, b)
-    ops._cuda_matmul(x[:129], w, b)  # same bucket (256): no new measurement
-    ops._cuda_matmul(x[:128], w, b)  # bucket 128
-    ops._cuda_matmul(x, w, None)  # without bias
+    _dispatch(ops, x, w, b)
+    _dispatch(ops, x[:129], w, b)  # same bucket (256): no new measurement
+    _dispatch(ops, x[:128], w, b)  # bucket 128
+    _dispatch(ops, x, w, None)  # without bias
     assert [r["m_bucket"] for r in crossover.table()] == [256, 128, 256]
     assert len(timer.timed) == 6
 
 
 def test_small_m_and_policies_skip_the_measurement(monkeypatch):
     ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, 1.0, 0.1)
-    ops._cuda_matmul(x[: ops.DENSE_MIN_M - 1], w, b)
+    _dispatch(ops, x[: ops.DENSE_MIN_M - 1], w, b)
     monkeypatch.setenv(ops.DENSE_ENV, "never")
-    ops._cuda_matmul(x, w, b)
+    _dispatch(ops, x, w, b)
     monkeypatch.setenv(ops.DENSE_ENV, "always")
-    ops._cuda_matmul(x[:3], w, b)
+    _dispatch(ops, x[:3], w, b)
     assert calls == ["kernel", "kernel", "dense"] and timer.timed == [] and crossover.table() == []
     monkeypatch.setenv(ops.DENSE_ENV, "fastest")
     with pytest.raises(ValueError, match="GRACE_KERNELS_W4A16_DENSE"):
-        ops._cuda_matmul(x, w, b)
+        _dispatch(ops, x, w, b)
 
 
 def test_crossover_does_not_time_while_capturing(monkeypatch):
     ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, 1.0, 0.5)
     monkeypatch.setattr(ops, "_cannot_time", lambda: True)
-    ops._cuda_matmul(x, w, b)
+    _dispatch(ops, x, w, b)
     assert calls == ["kernel"] and timer.timed == [] and crossover.table() == []
     monkeypatch.setattr(ops, "_cannot_time", lambda: False)
-    ops._cuda_matmul(x, w, b)  # measured now: dense wins
+    _dispatch(ops, x, w, b)  # measured now: dense wins
     monkeypatch.setattr(ops, "_cannot_time", lambda: True)
-    ops._cuda_matmul(x, w, b)  # a known key runs its winner even while capturing
+    _dispatch(ops, x, w, b)  # a known key runs its winner even while capturing
     assert calls == ["kernel", "kernel", "dense", "dense"]
 
 
@@ -272,6 +277,44 @@ def test_state_dict_uses_compressed_tensors_names_and_round_trips():
     other.load_state_dict(sd)
     x = torch.randn(2, 128)
     assert torch.equal(other(x), layer(x))
+
+
+def test_kernel_layout_holds_one_copy_and_keeps_the_checkpoint_format():
+    layer = W4A16Linear.from_linear(torch.nn.Linear(256, 192), scale_dtype=torch.bfloat16)
+    x = torch.randn(3, 256)
+    y, sd = layer(x), {k: v.clone() for k, v in layer.state_dict().items()}
+    bytes_before = sum(b.numel() * b.element_size() for b in layer.buffers())
+    w = gk.repack_for_kernel(layer.int4_weight)
+    assert layer.use_kernel_layout_() is layer and layer.layout == "kernel" and "layout=kernel" in repr(layer)
+    # The buffers are the kernel layout itself, not a second copy beside the canonical one.
+    assert torch.equal(layer.weight_packed, w.kernel_packed) and torch.equal(layer.weight_scale, w.kernel_scales)
+    assert sum(b.numel() * b.element_size() for b in layer.buffers()) == bytes_before
+    assert torch.equal(layer(x), y)  # on CPU: the canonical weight rebuilt per call, the same math
+    out = layer.state_dict()
+    assert out.keys() == sd.keys() and all(torch.equal(out[k], sd[k]) for k in sd)
+    # Loading a canonical state dict keeps the kernel layout and takes the new weights.
+    other = W4A16Linear.from_linear(torch.nn.Linear(256, 192), scale_dtype=torch.bfloat16)
+    layer.load_state_dict(other.state_dict())
+    assert layer.layout == "kernel" and torch.equal(layer(x), other(x))
+    assert torch.equal(layer.int4_weight.packed, other.weight_packed)
+
+
+def test_kernel_layout_rejects_shapes_the_kernel_cannot_take():
+    with pytest.raises(ValueError, match="N % 64"):
+        W4A16Linear.from_linear(torch.nn.Linear(128, 96)).use_kernel_layout_()
+    with pytest.raises(ValueError, match="group_size 128"):
+        W4A16Linear.from_linear(torch.nn.Linear(128, 64), group_size=64).use_kernel_layout_()
+
+
+def test_w4a16_matmul_repacked_on_cpu_matches_w4a16_matmul():
+    w = gk.repack_for_kernel(gk.pack_int4(_codes(64, 256), torch.rand(64, 2).half() * 0.1))
+    x, b = torch.randn(2, 5, 256).half(), torch.randn(64).half()
+    y = gk.w4a16_matmul_repacked(x, w.kernel_packed, w.kernel_scales, b)
+    assert y.shape == (2, 5, 64) and torch.equal(y, gk.w4a16_matmul(x, w, b))
+    with pytest.raises(ValueError, match="last dimension"):
+        gk.w4a16_matmul_repacked(x[..., :128], w.kernel_packed, w.kernel_scales)
+    with pytest.raises(ValueError, match="kernel_packed must be int32"):
+        gk.w4a16_matmul_repacked(x, w.kernel_packed.float(), w.kernel_scales)
 
 
 def test_opcheck():
@@ -409,3 +452,19 @@ def test_gpu_crossover_measures_then_replays_in_a_cuda_graph():
     for xi, yi in ((x2, y2), (x3, y3)):
         assert_close_to_gold(yi.float(), (xi @ w.dequantize().half().t()).float(), xi.float() @ w.dequantize().t(),
                              atol=1e-2, name="w4a16[graph]")
+
+
+@pytest.mark.gpu
+def test_gpu_kernel_layout_linear_matches_and_frees_the_canonical_copy():
+    if _ext.C is None:
+        pytest.skip(f"grace_kernels._C is not built: {_ext.error}")
+    layer = W4A16Linear.from_linear(torch.nn.Linear(4096, 4096), scale_dtype=torch.float16).cuda()
+    x = torch.randn(5, 4096, device="cuda", dtype=torch.float16)
+    y = layer(x)  # canonical buffers + the cached kernel layout: two copies
+    torch.cuda.synchronize()
+    both = torch.cuda.memory_allocated()
+    layer.use_kernel_layout_()
+    torch.cuda.synchronize()
+    packed_bytes = 4096 * 4096 // 2
+    assert torch.cuda.memory_allocated() <= both - packed_bytes  # one copy of the INT4 weight freed
+    assert torch.equal(layer(x), y)  # the same kernel on the same bits

@@ -12,7 +12,9 @@ from grace_kernels.ops.w4a16 import (
     pack_int4,
     quantize_rtn,
     repack_for_kernel,
+    repack_to_canonical,
     w4a16_matmul,
+    w4a16_matmul_repacked,
 )
 
 
@@ -23,7 +25,10 @@ class W4A16Linear(nn.Module):
     ``weight_scale`` [N, K/group_size] float16/bfloat16, ``weight_shape`` int64 [2], and ``bias``.
     On CUDA inputs the CUDA kernel's layout (:func:`repack_for_kernel`) is computed once and cached
     outside the state dict, keyed on the buffers' identity and version so that loading a state dict
-    or moving the module invalidates it.
+    or moving the module invalidates it. That keeps both layouts in memory; for serving, call
+    :meth:`use_kernel_layout_` once after loading: the buffers then hold only the kernel layout (half the
+    INT4 weight memory), while ``state_dict`` still writes, and ``load_state_dict`` still reads, the
+    canonical format.
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 128,
@@ -43,11 +48,56 @@ class W4A16Linear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=bias_dtype),
                                  requires_grad=False) if bias else None
         self._kernel_cache: tuple[tuple, Int4Weight] | None = None
+        # "canonical": weight_packed int32 [N, K/8], weight_scale [N, K/gs]. "kernel": weight_packed int32
+        # [K/16, 2N], weight_scale [K/gs, N], the CUDA kernel's layout (use_kernel_layout_).
+        self.layout = "canonical"
 
     @property
     def int4_weight(self) -> Int4Weight:
+        """The weight in the canonical format (rebuilt from the kernel layout when that is all the layer holds)."""
+        if self.layout == "kernel":
+            return repack_to_canonical(self.weight_packed, self.weight_scale, self.group_size)
         return Int4Weight(self.weight_packed, self.weight_scale, (self.out_features, self.in_features),
                           self.group_size)
+
+    @torch.no_grad()
+    def use_kernel_layout_(self) -> W4A16Linear:
+        """Keep only the CUDA kernel's layout in the buffers (in place; returns self).
+
+        For serving: the canonical copy is dropped, so the INT4 weights take their packed size once
+        rather than twice. Forward on CUDA reads the buffers directly; on CPU it rebuilds the canonical
+        weight per call (correct, slow). ``state_dict`` converts back to the canonical format and
+        ``load_state_dict`` accepts it (and keeps the kernel layout). Raises ValueError when the CUDA
+        kernel cannot take this layer's shape (N % 64, K % 128, group_size 128).
+        """
+        if self.layout == "kernel":
+            return self
+        why = cuda_kernel_unsupported(self.out_features, self.in_features, self.group_size, self.weight_scale.dtype)
+        if why is not None:
+            raise ValueError(f"use_kernel_layout_: {why}")
+        w = repack_for_kernel(self.int4_weight)
+        self.weight_packed, self.weight_scale = w.kernel_packed, w.kernel_scales
+        self.layout, self._kernel_cache = "kernel", None
+        return self
+
+    def _to_canonical_(self) -> None:
+        w = self.int4_weight
+        self.weight_packed, self.weight_scale = w.packed, w.scales
+        self.layout = "canonical"
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.layout == "kernel":  # the checkpoint format is the canonical one, whatever the layer holds
+            w = self.int4_weight
+            destination[prefix + "weight_packed"], destination[prefix + "weight_scale"] = w.packed, w.scales
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        kernel = self.layout == "kernel"
+        if kernel:
+            self._to_canonical_()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if kernel:
+            self.use_kernel_layout_()
 
     @classmethod
     def from_int4_weight(cls, weight: Int4Weight, bias: torch.Tensor | None = None) -> W4A16Linear:
@@ -89,6 +139,8 @@ class W4A16Linear(nn.Module):
 
     def kernel_weight(self) -> Int4Weight:
         """:attr:`int4_weight` with the CUDA kernel's layout filled in, repacked only when the buffers changed."""
+        if self.layout == "kernel":
+            return self.int4_weight
         key = tuple((t.data_ptr(), t._version) for t in (self.weight_packed, self.weight_scale))
         if self._kernel_cache is None or self._kernel_cache[0] != key:
             self._kernel_cache = (key, repack_for_kernel(self.int4_weight))
@@ -102,8 +154,10 @@ class W4A16Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
+        if self.layout == "kernel":
+            return w4a16_matmul_repacked(x, self.weight_packed, self.weight_scale, bias, self.group_size)
         return w4a16_matmul(x, self._weight_for(x), bias)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"group_size={self.group_size}, scale_dtype={self.weight_scale.dtype}")
+                f"group_size={self.group_size}, scale_dtype={self.weight_scale.dtype}, layout={self.layout}")

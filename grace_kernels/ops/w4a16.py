@@ -33,6 +33,9 @@ Backends (grace_kernels._backend):
 
 Shape rules: K % 8 == 0 and K % group_size == 0 (the format itself); group_size in {32, 64, 128,
 256}. Any M and N. Violations raise ValueError naming them.
+
+``w4a16_matmul_repacked`` is the same GEMM on a weight held only in the kernel layout (a served
+W4A16Linear after ``use_kernel_layout_``), with no canonical copy on the CUDA path.
 """
 
 from __future__ import annotations
@@ -333,29 +336,64 @@ def _cannot_time() -> bool:
 DENSE_CROSSOVER = DenseCrossover()
 
 
-def _cuda_kernel_matmul(x2d: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+def _cuda_kernel_matmul(x2d: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: torch.Tensor, group_size: int,
+                        bias: torch.Tensor | None) -> torch.Tensor:
     if x2d.data_ptr() % 16:  # the kernel copies rows with 16-byte cp.async
         x2d = x2d.clone()
     bias32 = None if bias is None else bias.float().contiguous()
-    return torch.ops.grace_kernels.w4a16_matmul_repacked(x2d, w.kernel_packed, w.kernel_scales.to(x2d.dtype),
-                                                         w.group_size, bias32)
+    return torch.ops.grace_kernels.w4a16_matmul_repacked(x2d, kernel_packed, kernel_scales.to(x2d.dtype), group_size,
+                                                         bias32)
 
 
-def _cuda_dense_matmul(x2d: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
-    dense = torch.ops.grace_kernels.w4a16_dequantize_repacked(w.kernel_packed, w.kernel_scales.to(x2d.dtype),
-                                                              w.group_size)
+def _cuda_dense_matmul(x2d: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: torch.Tensor, group_size: int,
+                       bias: torch.Tensor | None) -> torch.Tensor:
+    dense = torch.ops.grace_kernels.w4a16_dequantize_repacked(kernel_packed, kernel_scales.to(x2d.dtype), group_size)
     return torch.nn.functional.linear(x2d, dense, None if bias is None else bias.to(x2d.dtype))
 
 
-def _cuda_matmul(x2d: torch.Tensor, w: Int4Weight, bias: torch.Tensor | None) -> torch.Tensor:
+def _cuda_matmul(x2d: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: torch.Tensor, group_size: int,
+                 bias: torch.Tensor | None) -> torch.Tensor:
+    args = (x2d, kernel_packed, kernel_scales, group_size, bias)
     policy = dense_policy()
-    kernel = lambda: _cuda_kernel_matmul(x2d, w, bias)  # noqa: E731
-    dense = lambda: _cuda_dense_matmul(x2d, w, bias)  # noqa: E731
     if policy == "always":
-        return dense()
+        return _cuda_dense_matmul(*args)
     if policy == "never" or x2d.shape[0] < DENSE_MIN_M:
-        return kernel()
-    return DENSE_CROSSOVER.run(DenseCrossover.key(x2d, *w.shape, bias is not None), kernel, dense)
+        return _cuda_kernel_matmul(*args)
+    n, k = kernel_packed.shape[1] // 2, kernel_packed.shape[0] * 16
+    return DENSE_CROSSOVER.run(DenseCrossover.key(x2d, n, k, bias is not None),
+                               lambda: _cuda_kernel_matmul(*args), lambda: _cuda_dense_matmul(*args))
+
+
+def _check_x_bias(x: torch.Tensor, n: int, k: int, bias: torch.Tensor | None, device: torch.device) -> None:
+    if not x.is_floating_point() or x.shape[-1] != k:
+        raise ValueError(f"x must be floating with last dimension K = {k}, got {x.dtype} {tuple(x.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
+    if x.device != device:
+        raise ValueError(f"x is on {x.device} but the weight is on {device}")
+
+
+def w4a16_matmul_repacked(x: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: torch.Tensor,
+                          bias: torch.Tensor | None = None, group_size: int = 128) -> torch.Tensor:
+    """:func:`w4a16_matmul` on a weight held only in the CUDA kernel's layout (what a served
+    W4A16Linear keeps, see ``W4A16Linear.use_kernel_layout_``): no canonical copy is needed on the CUDA
+    path. Elsewhere (CPU, or a GPU without the extension) the canonical weight is rebuilt for the call.
+
+    Args: x [..., K]; kernel_packed int32 [K/16, 2N]; kernel_scales [K/group_size, N]; bias [N] or None.
+    """
+    if kernel_packed.dtype != torch.int32 or kernel_packed.dim() != 2 or kernel_packed.shape[1] % 2:
+        raise ValueError(f"kernel_packed must be int32 [K/16, 2N], got {kernel_packed.dtype} "
+                         f"{tuple(kernel_packed.shape)}")
+    n, k = kernel_packed.shape[1] // 2, kernel_packed.shape[0] * 16
+    _check_x_bias(x, n, k, bias, kernel_packed.device)
+    if (kernel_packed.device.type == "cuda" and cuda_kernel_unsupported(n, k, group_size, x.dtype) is None
+            and select_backend("w4a16_matmul", x.device, has_cuda_impl=True) == "cuda"):
+        if kernel_scales.dtype not in SCALE_DTYPES or tuple(kernel_scales.shape) != (k // group_size, n):
+            raise ValueError(f"kernel_scales must be float16/bfloat16 [{k // group_size}, {n}], got "
+                             f"{kernel_scales.dtype} {tuple(kernel_scales.shape)}")
+        y = _cuda_matmul(x.reshape(-1, k).contiguous(), kernel_packed, kernel_scales, group_size, bias)
+        return y.reshape(*x.shape[:-1], n)
+    return w4a16_matmul(x, repack_to_canonical(kernel_packed, kernel_scales, group_size), bias)
 
 
 def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -374,15 +412,11 @@ def w4a16_matmul(x: torch.Tensor, weight: Int4Weight, bias: torch.Tensor | None 
     if not isinstance(weight, Int4Weight):
         raise ValueError(f"weight must be an Int4Weight, got {type(weight).__name__}")
     n, k = weight.shape
-    if not x.is_floating_point() or x.shape[-1] != k:
-        raise ValueError(f"x must be floating with last dimension K = {k}, got {x.dtype} {tuple(x.shape)}")
-    if bias is not None and tuple(bias.shape) != (n,):
-        raise ValueError(f"bias must have shape ({n},), got {tuple(bias.shape)}")
-    if x.device != weight.packed.device:
-        raise ValueError(f"x is on {x.device} but the weight is on {weight.packed.device}")
+    _check_x_bias(x, n, k, bias, weight.packed.device)
     x2d = x.reshape(-1, k).contiguous()
     if _pick_backend(weight, x2d) == "cuda":
-        return _cuda_matmul(x2d, repack_for_kernel(weight), bias).reshape(*x.shape[:-1], n)
+        w = repack_for_kernel(weight)
+        return _cuda_matmul(x2d, w.kernel_packed, w.kernel_scales, w.group_size, bias).reshape(*x.shape[:-1], n)
     y = _w4a16_op(x2d, weight.packed, weight.scales, weight.group_size)
     if bias is not None:
         y = y + bias.float()

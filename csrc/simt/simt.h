@@ -227,16 +227,23 @@ inline int phase_wavefronts(const std::vector<ptrdiff_t>& offsets, int bytes = 1
 // Lanes a shared-memory access of `bytes` serves per phase: the 128 bytes the banks deliver at once.
 inline int lanes_per_phase(int bytes) { return std::clamp(128 / std::max(bytes, 4), 8, 32); }
 
-// Groups a finished block's cp.async log into warp instructions and adds them to stats().
-inline void account_copies(const Block& b) {
-  // (warp, line, count) -> (lane, record) of the lanes that issued that instruction
-  std::map<std::tuple<int, int, unsigned>, std::vector<std::pair<int, const CopyRecord*>>> instructions;
-  for (size_t t = 0; t < b.copies.size(); ++t) {
-    for (const CopyRecord& r : b.copies[t]) {
+// A block's per-thread log regrouped into warp instructions: (warp, line, count) -> (lane, record) of the
+// lanes that issued that instruction.
+template <typename Record>
+std::map<std::tuple<int, int, unsigned>, std::vector<std::pair<int, const Record*>>> by_instruction(
+    const std::vector<std::vector<Record>>& per_thread) {
+  std::map<std::tuple<int, int, unsigned>, std::vector<std::pair<int, const Record*>>> instructions;
+  for (size_t t = 0; t < per_thread.size(); ++t) {
+    for (const Record& r : per_thread[t]) {
       instructions[{static_cast<int>(t / 32), r.line, r.count}].emplace_back(static_cast<int>(t % 32), &r);
     }
   }
-  for (const auto& [key, lanes] : instructions) {
+  return instructions;
+}
+
+// Adds a finished block's logged accesses (cp.async, plain, ldmatrix) to stats().
+inline void account_copies(const Block& b) {
+  for (const auto& [key, lanes] : by_instruction(b.copies)) {
     CopySiteStats& site = stats().cp_async[std::get<1>(key)];
     ++site.instructions;
     std::vector<uintptr_t> sectors;
@@ -255,14 +262,7 @@ inline void account_copies(const Block& b) {
       ++site.smem_ideal;
     }
   }
-  // The same for plain loads and stores: (warp, line, count) -> (lane, record).
-  std::map<std::tuple<int, int, unsigned>, std::vector<std::pair<int, const AccessRecord*>>> plain;
-  for (size_t t = 0; t < b.accesses.size(); ++t) {
-    for (const AccessRecord& r : b.accesses[t]) {
-      plain[{static_cast<int>(t / 32), r.line, r.count}].emplace_back(static_cast<int>(t % 32), &r);
-    }
-  }
-  for (const auto& [key, lanes] : plain) {
+  for (const auto& [key, lanes] : by_instruction(b.accesses)) {
     AccessSiteStats& site = stats().plain[std::get<1>(key)];
     const AccessRecord& first = *lanes.front().second;
     site.store = first.store;

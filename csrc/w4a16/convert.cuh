@@ -105,4 +105,19 @@ __device__ __forceinline__ void scaled_fragments(uint32_t word, const T* s8, int
   }
 }
 
+// Calls f(j, b0, b1) for each of the eight sub-tiles j of a lane's 16-byte chunk of a kernel-layout tile,
+// with its scaled B fragments (see scaled_fragments). Fully unrolled: j is a constant in each call.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_fragment(const int4& chunk, const T* s8, F&& f) {
+  const uint32_t words[4] = {static_cast<uint32_t>(chunk.x), static_cast<uint32_t>(chunk.y),
+                             static_cast<uint32_t>(chunk.z), static_cast<uint32_t>(chunk.w)};
+#pragma unroll
+  for (int wi = 0; wi < 4; ++wi) {
+    uint32_t frag[2][2];
+    scaled_fragments<T>(words[wi], s8, wi, frag);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) f(2 * wi + h, frag[h][0], frag[h][1]);
+  }
+}
+
 }  // namespace grace_kernels::w4a16::detail

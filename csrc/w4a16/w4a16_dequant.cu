@@ -45,21 +45,13 @@ __global__ void __launch_bounds__(kDequantThreads) w4a16_dequant_kernel(
   const int4 s_raw =
       mem::load(reinterpret_cast<const int4*>(scales + static_cast<int64_t>(group) * N + n_tile * kTileCols + 8 * g));
   const T* s8 = reinterpret_cast<const T*>(&s_raw);
-  const uint32_t words[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y), static_cast<uint32_t>(bq.z),
-                             static_cast<uint32_t>(bq.w)};
-#pragma unroll
-  for (int wi = 0; wi < 4; ++wi) {
-    uint32_t frag[2][2];
-    scaled_fragments<T>(words[wi], s8, wi, frag);
-#pragma unroll
-    for (int h = 0; h < 2; ++h) {
-      // Sub-tile j = 2 wi + h: column 8 j + g; b0 holds k = 16 warp + 2 t, +1 and b1 the same + 8. Word
-      // (8 j + g) * 68 + 8 warp + t: 68 = 4 mod 32, so the warp's 32 lanes hit banks 4 g + t, all distinct.
-      uint32_t* row = tile + (8 * (2 * wi + h) + g) * kRowWords + 8 * warp + t;
-      mem::store(row, frag[h][0]);
-      mem::store(row + 4, frag[h][1]);
-    }
-  }
+  for_each_fragment<T>(bq, s8, [&](int j, uint32_t b0, uint32_t b1) {
+    // Column 8 j + g; b0 holds k = 16 warp + 2 t, +1 and b1 the same + 8. Word (8 j + g) * 68 + 8 warp + t:
+    // 68 = 4 mod 32, so the warp's 32 lanes hit banks 4 g + t, all distinct.
+    uint32_t* row = tile + (8 * j + g) * kRowWords + 8 * warp + t;
+    mem::store(row, b0);
+    mem::store(row + 4, b1);
+  });
   __syncthreads();
   // Eight consecutive lanes read one row's 128 contiguous bytes (conflict-free) and a warp writes two
   // whole 256-byte rows of W.

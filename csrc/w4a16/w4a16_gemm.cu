@@ -155,18 +155,10 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
       }
       // The lane's 16 bytes of tile (r, wn): B fragments of the eight n8 sub-tiles, two per word.
       const int4 bq = b_st[r * kBRowChunks + wn * 32 + lane];
-      const uint32_t words[4] = {static_cast<uint32_t>(bq.x), static_cast<uint32_t>(bq.y),
-                                 static_cast<uint32_t>(bq.z), static_cast<uint32_t>(bq.w)};
+      for_each_fragment<T>(bq, s8, [&](int j, uint32_t b0, uint32_t b1) {
 #pragma unroll
-      for (int wi = 0; wi < 4; ++wi) {
-        uint32_t frag[2][2];
-        scaled_fragments<T>(words[wi], s8, wi, frag);
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int mb = 0; mb < kMBlocks; ++mb) ptx::mma_m16n8k16<T>(acc[mb][2 * wi + h], a[mb], frag[h][0], frag[h][1]);
-        }
-      }
+        for (int mb = 0; mb < kMBlocks; ++mb) ptx::mma_m16n8k16<T>(acc[mb][j], a[mb], b0, b1);
+      });
     }
   };
 

@@ -192,6 +192,21 @@ def test_small_m_and_policies_skip_the_measurement(monkeypatch):
         _dispatch(ops, x, w, b)
 
 
+def test_crossover_keeps_the_kernel_when_the_dense_weight_does_not_fit(monkeypatch):
+    ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, 1.0, 0.1)
+
+    def oom(*args):
+        raise torch.OutOfMemoryError("no room for the dense weight")
+
+    monkeypatch.setattr(ops, "_cuda_dense_matmul", oom)
+    y = _dispatch(ops, x, w, b)
+    torch.testing.assert_close(y.float(), x.float() @ w.dequantize().t() + b, rtol=2e-2, atol=2e-2)
+    (row,) = crossover.table()
+    assert row["choice"] == "kernel" and row["dense_ms"] == float("inf")
+    _dispatch(ops, x, w, b)
+    assert calls == ["kernel", "kernel"]
+
+
 def test_crossover_does_not_time_while_capturing(monkeypatch):
     ops, crossover, timer, calls, w, x, b = _crossover_case(monkeypatch, 1.0, 0.5)
     monkeypatch.setattr(ops, "_cannot_time", lambda: True)

@@ -284,9 +284,10 @@ class DenseCrossover:
     is used rather than written down: :meth:`run` times both candidates on the call's own inputs the first
     time a key is seen (a few milliseconds, once per shape and power-of-two bucket of M), remembers the
     winner and returns its output. The dense path must win by ``margin`` (5%) to be chosen, since it
-    costs an N x K transient. While a CUDA graph is being captured or torch.compile is tracing nothing can
-    be timed: a known key runs its winner, an unknown one the fused kernel (warm a model up eagerly before
-    capturing it to have the measured choice baked in).
+    costs an N x K transient (where that transient does not fit, the fused kernel is kept). While a CUDA
+    graph is being captured or torch.compile is tracing nothing can be timed: a known key runs its
+    winner, an unknown one the fused kernel (warm a model up eagerly before capturing it to have the
+    measured choice baked in).
     """
 
     def __init__(self, timer: Callable[[Callable[[], torch.Tensor], int], tuple[float, torch.Tensor]] = _cuda_time_ms,
@@ -306,7 +307,11 @@ class DenseCrossover:
         if choice is None:
             if _cannot_time():
                 return kernel()
-            (t_kernel, y_kernel), (t_dense, y_dense) = (self.timer(f, self.reps) for f in (kernel, dense))
+            t_kernel, y_kernel = self.timer(kernel, self.reps)
+            try:
+                t_dense, y_dense = self.timer(dense, self.reps)
+            except torch.OutOfMemoryError:  # no room for the N x K transient: the fused kernel needs none
+                t_dense, y_dense = float("inf"), None
             choice = "dense" if t_dense < (1 - self.margin) * t_kernel else "kernel"
             with self._lock:
                 self._choices[key] = choice

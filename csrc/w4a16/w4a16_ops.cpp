@@ -37,51 +37,69 @@ void check_aligned(const char* op, const at::Tensor& t, const char* name) {
 
 }  // namespace
 
+namespace {
+
+struct WeightShape {
+  int64_t N, K;
+};
+
+// What both kernels need of a weight in the kernel layout: kernel_packed int32 [K / 16, 2 N] and
+// kernel_scales float16/bfloat16 [K / 128, N], CUDA tensors on one device, contiguous and 16-byte aligned,
+// K % 128 == 0, N % 64 == 0, group size 128.
+WeightShape check_weight(const char* op, const at::Tensor& kernel_packed, const at::Tensor& kernel_scales,
+                         int64_t group_size) {
+  TORCH_CHECK_VALUE(kernel_packed.is_cuda() && kernel_scales.is_cuda() && kernel_packed.device() == kernel_scales.device(),
+                    op, ": kernel_packed and kernel_scales must be CUDA tensors on one device");
+  TORCH_CHECK_VALUE(group_size == kGroupSize, op, ": the CUDA kernel needs group_size 128, got ", group_size);
+  TORCH_CHECK_VALUE(kernel_packed.scalar_type() == at::kInt && kernel_packed.dim() == 2 && kernel_packed.size(1) % 2 == 0,
+                    op, ": kernel_packed must be int32 [K / 16, 2 N], got ", kernel_packed.scalar_type(), " ",
+                    kernel_packed.sizes());
+  const WeightShape w{kernel_packed.size(1) / 2, kernel_packed.size(0) * 16};
+  TORCH_CHECK_VALUE(w.K % kBlockK == 0 && w.N % 64 == 0 && w.K > 0 && w.N > 0, op,
+                    ": the CUDA kernel needs K % 128 == 0 and N % 64 == 0, got K = ", w.K, ", N = ", w.N);
+  TORCH_CHECK_VALUE((kernel_scales.scalar_type() == at::kHalf || kernel_scales.scalar_type() == at::kBFloat16) &&
+                        kernel_scales.dim() == 2 && kernel_scales.size(0) == w.K / kGroupSize &&
+                        kernel_scales.size(1) == w.N,
+                    op, ": kernel_scales must be float16/bfloat16 [", w.K / kGroupSize, ", ", w.N, "], got ",
+                    kernel_scales.scalar_type(), " ", kernel_scales.sizes());
+  TORCH_CHECK_VALUE(kernel_packed.is_contiguous() && kernel_scales.is_contiguous(), op,
+                    ": kernel_packed and kernel_scales must be contiguous");
+  TORCH_CHECK_VALUE(w.N * w.K < (int64_t{1} << 34), op, ": weight too large for 32-bit tile indices");
+  check_aligned(op, kernel_packed, "kernel_packed");
+  check_aligned(op, kernel_scales, "kernel_scales");
+  return w;
+}
+
+}  // namespace
+
 at::Tensor w4a16_matmul_repacked_cuda(const at::Tensor& x, const at::Tensor& kernel_packed,
                                       const at::Tensor& kernel_scales, int64_t group_size,
                                       const std::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(x.is_cuda() && kernel_packed.is_cuda() && kernel_scales.is_cuda(),
-                    "w4a16_matmul_repacked: x, kernel_packed and kernel_scales must be CUDA tensors");
-  TORCH_CHECK_VALUE(x.dim() == 2, "w4a16_matmul_repacked: x must be [M, K], got ", x.sizes());
-  TORCH_CHECK_VALUE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16,
-                    "w4a16_matmul_repacked: x must be float16 or bfloat16, got ", x.scalar_type());
-  const int64_t M = x.size(0), K = x.size(1);
-  TORCH_CHECK_VALUE(K % kBlockK == 0 && K > 0, "w4a16_matmul_repacked: the CUDA kernel needs K % 128 == 0, got K = ",
-                    K);
-  TORCH_CHECK_VALUE(group_size == kGroupSize, "w4a16_matmul_repacked: the CUDA kernel needs group_size 128, got ",
-                    group_size);
-  TORCH_CHECK_VALUE(kernel_packed.scalar_type() == at::kInt && kernel_packed.dim() == 2 &&
-                        kernel_packed.size(0) * 16 == K && kernel_packed.size(1) % 2 == 0,
-                    "w4a16_matmul_repacked: kernel_packed must be int32 [K / 16, 2 N] with K = ", K, ", got ",
-                    kernel_packed.scalar_type(), " ", kernel_packed.sizes());
-  const int64_t N = kernel_packed.size(1) / 2;
-  TORCH_CHECK_VALUE(N % 64 == 0 && N > 0, "w4a16_matmul_repacked: the CUDA kernel needs N % 64 == 0, got N = ", N);
-  TORCH_CHECK_VALUE(kernel_scales.scalar_type() == x.scalar_type() && kernel_scales.dim() == 2 &&
-                        kernel_scales.size(0) == K / kGroupSize && kernel_scales.size(1) == N,
-                    "w4a16_matmul_repacked: kernel_scales must be ", x.scalar_type(), " [", K / kGroupSize, ", ", N,
-                    "], got ", kernel_scales.scalar_type(), " ", kernel_scales.sizes());
-  TORCH_CHECK_VALUE(x.is_contiguous() && kernel_packed.is_contiguous() && kernel_scales.is_contiguous(),
-                    "w4a16_matmul_repacked: x, kernel_packed and kernel_scales must be contiguous");
-  TORCH_CHECK_VALUE(x.device() == kernel_packed.device() && x.device() == kernel_scales.device(),
-                    "w4a16_matmul_repacked: all tensors must be on one device");
-  TORCH_CHECK_VALUE(M < (int64_t{1} << 31) / 64 && N * K < (int64_t{1} << 34),
-                    "w4a16_matmul_repacked: problem too large for 32-bit tile indices");
+  constexpr const char* op = "w4a16_matmul_repacked";
+  const auto [N, K] = check_weight(op, kernel_packed, kernel_scales, group_size);
+  TORCH_CHECK_VALUE(x.is_cuda() && x.device() == kernel_packed.device(), op, ": x must be on the weight's device");
+  TORCH_CHECK_VALUE(x.dim() == 2 && x.size(1) == K, op, ": x must be [M, K] with K = ", K, ", got ", x.sizes());
+  TORCH_CHECK_VALUE(x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16, op,
+                    ": x must be float16 or bfloat16, got ", x.scalar_type());
+  TORCH_CHECK_VALUE(kernel_scales.scalar_type() == x.scalar_type(), op, ": kernel_scales must be ", x.scalar_type(),
+                    " (x's dtype), got ", kernel_scales.scalar_type());
+  TORCH_CHECK_VALUE(x.is_contiguous(), op, ": x must be contiguous");
+  const int64_t M = x.size(0);
+  TORCH_CHECK_VALUE(M < (int64_t{1} << 31) / 64, op, ": M = ", M, " too large for 32-bit tile indices");
   const float* bias_ptr = nullptr;
   if (bias.has_value()) {
     TORCH_CHECK_VALUE(bias->scalar_type() == at::kFloat && bias->dim() == 1 && bias->size(0) == N &&
                           bias->is_contiguous() && bias->device() == x.device(),
-                      "w4a16_matmul_repacked: bias must be a contiguous float32 [", N, "] on x's device");
+                      op, ": bias must be a contiguous float32 [", N, "] on x's device");
     bias_ptr = bias->data_ptr<float>();
   }
-  check_aligned("w4a16_matmul_repacked", x, "x");
-  check_aligned("w4a16_matmul_repacked", kernel_packed, "kernel_packed");
-  check_aligned("w4a16_matmul_repacked", kernel_scales, "kernel_scales");
+  check_aligned(op, x, "x");
 
   const c10::cuda::CUDAGuard guard(x.device());
   at::Tensor out = at::empty({M, N}, x.options());
   if (M == 0) return out;
   const Plan plan = make_plan(M, N, K, sm_count(x.get_device()));
-  TORCH_CHECK_VALUE(plan.m_tiles <= 65535, "w4a16_matmul_repacked: M = ", M, " exceeds the grid's limit");
+  TORCH_CHECK_VALUE(plan.m_tiles <= 65535, op, ": M = ", M, " exceeds the grid's limit");
   at::Tensor workspace;
   if (plan.splits > 1) workspace = at::empty({plan.splits, M, N}, x.options().dtype(at::kFloat));
   C10_CUDA_CHECK(launch(plan, x.scalar_type() == at::kHalf ? Dtype::kHalf : Dtype::kBFloat16, x.data_ptr(),
@@ -94,27 +112,9 @@ at::Tensor w4a16_matmul_repacked_cuda(const at::Tensor& x, const at::Tensor& ker
 
 at::Tensor w4a16_dequantize_repacked_cuda(const at::Tensor& kernel_packed, const at::Tensor& kernel_scales,
                                           int64_t group_size) {
-  TORCH_CHECK_VALUE(kernel_packed.is_cuda() && kernel_scales.is_cuda() && kernel_packed.device() == kernel_scales.device(),
-                    "w4a16_dequantize_repacked: kernel_packed and kernel_scales must be CUDA tensors on one device");
-  TORCH_CHECK_VALUE(group_size == kGroupSize, "w4a16_dequantize_repacked: the CUDA kernel needs group_size 128, got ",
-                    group_size);
-  TORCH_CHECK_VALUE(kernel_packed.scalar_type() == at::kInt && kernel_packed.dim() == 2 && kernel_packed.size(1) % 2 == 0,
-                    "w4a16_dequantize_repacked: kernel_packed must be int32 [K / 16, 2 N], got ",
-                    kernel_packed.scalar_type(), " ", kernel_packed.sizes());
-  const int64_t K = kernel_packed.size(0) * 16, N = kernel_packed.size(1) / 2;
-  TORCH_CHECK_VALUE(K % kGroupSize == 0 && N % 64 == 0 && K > 0 && N > 0,
-                    "w4a16_dequantize_repacked: the CUDA kernel needs K % 128 == 0 and N % 64 == 0, got K = ", K,
-                    ", N = ", N);
-  TORCH_CHECK_VALUE((kernel_scales.scalar_type() == at::kHalf || kernel_scales.scalar_type() == at::kBFloat16) &&
-                        kernel_scales.dim() == 2 && kernel_scales.size(0) == K / kGroupSize && kernel_scales.size(1) == N,
-                    "w4a16_dequantize_repacked: kernel_scales must be float16/bfloat16 [", K / kGroupSize, ", ", N,
-                    "], got ", kernel_scales.scalar_type(), " ", kernel_scales.sizes());
-  TORCH_CHECK_VALUE(kernel_packed.is_contiguous() && kernel_scales.is_contiguous(),
-                    "w4a16_dequantize_repacked: kernel_packed and kernel_scales must be contiguous");
-  TORCH_CHECK_VALUE(N * K < (int64_t{1} << 34) && K / kGroupSize <= 65535,
-                    "w4a16_dequantize_repacked: weight too large for the kernel's grid");
-  check_aligned("w4a16_dequantize_repacked", kernel_packed, "kernel_packed");
-  check_aligned("w4a16_dequantize_repacked", kernel_scales, "kernel_scales");
+  constexpr const char* op = "w4a16_dequantize_repacked";
+  const auto [N, K] = check_weight(op, kernel_packed, kernel_scales, group_size);
+  TORCH_CHECK_VALUE(K / kGroupSize <= 65535, op, ": K = ", K, " exceeds the grid's limit");
 
   const c10::cuda::CUDAGuard guard(kernel_packed.device());
   at::Tensor out = at::empty({N, K}, kernel_scales.options());

@@ -14,11 +14,12 @@ import torch
 from torch._subclasses.fake_tensor import is_fake
 
 
-def values_visible(*tensors: torch.Tensor | None) -> bool:
-    """Whether a data-dependent check can read these tensors' values now."""
+def values_visible(*tensors: object) -> bool:
+    """Whether a data-dependent check can read these tensors' values now (non-tensors are ignored:
+    their type is checked elsewhere)."""
     if torch.compiler.is_compiling():
         return False
-    return not any(t is not None and (t.is_meta or is_fake(t)) for t in tensors)
+    return not any(isinstance(t, torch.Tensor) and (t.is_meta or is_fake(t)) for t in tensors)
 
 
 def check_floating(name: str, t: object, rank: int) -> None:

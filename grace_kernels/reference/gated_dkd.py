@@ -97,7 +97,7 @@ def gated_dkd_loss_ref(student_logits, teacher_logits, target, *, temperature=2.
     loss = torch.where(gate_sum > 0, (g * torch.where(valid, per_token, torch.zeros_like(per_token))).sum()
                        / gate_sum.clamp_min(torch.finfo(acc).tiny), per_token.sum() * 0)
     denom = n_valid.clamp_min(1).to(acc)
-    mean = lambda x: (torch.where(valid, x, torch.zeros_like(x)).sum() / denom).detach()  # noqa: E731
+    mean = lambda x: (torch.where(valid, x, torch.zeros_like(x)).sum() / denom).detach()
     return (loss, mean(tckd), mean(nckd), mean(entropy), (gate_sum / denom).detach(), gate_sum.detach(), n_valid)
 
 

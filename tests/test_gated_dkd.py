@@ -267,3 +267,18 @@ def test_minus_inf_student_logit_where_the_teacher_has_mass_gives_infinite_loss(
     zs[0, (tgt[0] + 1) % 30] = float("-inf")
     with gk.use_backend(backend):
         assert gk.gated_dkd_loss(zs, zt, tgt).loss.item() == float("inf")
+
+
+def test_triton_launchers_refuse_inconsistent_chunks():
+    from grace_kernels.triton import gated_dkd as tri
+
+    zs, zt, tgt = _logits(4, 30, 30)
+    kw = {"temperature": 2.0, "gate_temperature": 1.0, "ignore_index": -100}
+    with pytest.raises(ValueError, match="inconsistent chunk"):
+        tri.kd_rows(zs, zt, tgt[:3], vc=30, **kw)
+    with pytest.raises(ValueError, match="inconsistent chunk"):
+        tri.kd_rows(zs, zt[:, :20], tgt, vc=30, **kw)
+    rows = tri.kd_rows(zs, zt, tgt, vc=30, **kw)
+    with pytest.raises(ValueError, match="per-row input"):
+        tri.kd_rows_grad(zs, zt, tgt, rows, torch.ones(3), torch.ones(4), vc=30, temperature=2.0, tckd_weight=1.0,
+                         nckd_weight=4.0, kd_type="dkd", ignore_index=-100)

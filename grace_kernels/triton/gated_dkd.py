@@ -174,7 +174,23 @@ def _kd_grad_kernel(zs_ptr, zt_ptr, tgt_ptr, rows_ptr, coef_kd_ptr, coef_ce_ptr,
         tl.store(grad_ptr + row * vs + cols, g, mask=in_s)
 
 
+def _check_chunk(zs, zt, target, vc, *per_row):
+    # The kernels index rows by program id and assume contiguous rows: shapes that disagree would
+    # read past a buffer. The op wrappers guarantee them; this guards the torch.ops entry points.
+    c, vs = zs.shape
+    vt = zt.shape[1] if zt is not None else vs
+    if target.shape != (c,) or (zt is not None and zt.shape[0] != c) or not 0 < vc <= min(vs, vt):
+        raise ValueError(f"inconsistent chunk: student {tuple(zs.shape)}, teacher "
+                         f"{None if zt is None else tuple(zt.shape)}, target {tuple(target.shape)}, vc {vc}")
+    for t in per_row:
+        if t.shape[0] != c:
+            raise ValueError(f"a per-row input has {t.shape[0]} rows for a chunk of {c}")
+
+
 def kd_rows(zs, zt, target, *, vc, temperature, gate_temperature, ignore_index):
+    _check_chunk(zs, zt, target, vc)
+    zs, target = zs.contiguous(), target.contiguous()
+    zt = zt.contiguous() if zt is not None else None
     c, vs = zs.shape
     out = torch.zeros(c, len(ROW_FIELDS), device=zs.device, dtype=torch.float32)
     has_t = zt is not None
@@ -186,6 +202,9 @@ def kd_rows(zs, zt, target, *, vc, temperature, gate_temperature, ignore_index):
 
 def kd_rows_grad(zs, zt, target, rows, coef_kd, coef_ce, *, vc, temperature, tckd_weight, nckd_weight, kd_type,
                  ignore_index):
+    _check_chunk(zs, zt, target, vc, rows, coef_kd, coef_ce)
+    zs, target, rows = zs.contiguous(), target.contiguous(), rows.contiguous()
+    zt = zt.contiguous() if zt is not None else None
     c, vs = zs.shape
     grad = torch.empty_like(zs)
     has_t = zt is not None

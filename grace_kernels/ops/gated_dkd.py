@@ -26,11 +26,12 @@ Non-finite logits:
         columns, so padding both models with -inf gives exactly the loss of the unpadded
         vocabulary. A teacher with all its mass on the target has NCKD = 0 (p^_T is undefined).
     -inf in student_logits is probability 0 for the student: where the teacher also has
-        probability 0 it changes nothing; where the teacher has mass (or at the target, for CE) the
-        KL is +inf and so is the loss.
+        probability 0 it changes nothing; where the teacher has mass the KL is infinite and the
+        loss is +inf (at the target column, not finite).
     NaN or +inf in either (any row, ignored rows included), or a teacher row whose first Vc logits
-        are all -inf, propagates: the loss is not finite (NaN or +inf). It is not checked here (a check would cost one
-        more pass over [N, V] and a host sync); the trainer stops on a non-finite loss.
+        are all -inf, propagates: the loss is not finite (NaN or +inf). It is not checked here (a
+        check would cost one more pass over [N, V] and a host sync); the trainer stops on a
+        non-finite loss.
     Teacher columns >= Vc are never read.
 
 Raises TypeError for non-floating logits or a target that is not an integer tensor (bool included);

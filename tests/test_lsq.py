@@ -212,20 +212,22 @@ def test_init_mse_beats_absmax_and_differs_from_percentile():
     (lambda w, s: gk.lsq_init_log_scale(w, percentile=1.5), ValueError, "percentile"),
     (lambda w, s: gk.lsq_quantize(w, s[:1]), ValueError, "log_scale must have shape"),
 ])
-def test_bad_input_raises_naming_it(call, exc, match):
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bad_input_raises_naming_it(call, exc, match, backend):
     w = make_weight(4, 256)
     s = gk.lsq_init_log_scale(w)
-    with pytest.raises(exc, match=match):
+    with gk.use_backend(backend), pytest.raises(exc, match=match):
         call(w, s)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_weight_raises(bad):
+def test_non_finite_weight_raises(bad, backend):
     w = make_weight(4, 256)
     s = gk.lsq_init_log_scale(w)
     w[2, 7] = bad
     for fn in (lambda: gk.lsq_fake_quant(w, s), lambda: gk.lsq_init_log_scale(w), lambda: gk.lsq_quantize(w, s)):
-        with pytest.raises(ValueError, match="weight contains NaN or Inf"):
+        with gk.use_backend(backend), pytest.raises(ValueError, match="weight contains NaN or Inf"):
             fn()
 
 

@@ -30,29 +30,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 
-
-@dataclasses.dataclass
-class KernelSpec:
-    """One concrete compilation of a ``@triton.jit`` kernel.
-
-    ``signature`` maps every non-constexpr argument to a Triton type string ("*fp32", "*bf16",
-    "i32", "fp32", ...); ``constexprs`` gives every constexpr argument a value. Use the block sizes
-    the launcher really picks for the real model shapes (the largest ones are what can spill).
-    """
-
-    kernel: Callable
-    signature: dict[str, str]
-    constexprs: dict[str, object] = dataclasses.field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
-    label: str = ""
-
-    @property
-    def name(self) -> str:
-        fn = getattr(self.kernel, "fn", self.kernel)
-        return f"{fn.__name__}[{self.label}]" if self.label else fn.__name__
+from grace_kernels.kernel_spec import KernelSpec
 
 
 @dataclasses.dataclass

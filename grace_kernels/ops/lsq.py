@@ -27,10 +27,8 @@ from __future__ import annotations
 import torch
 
 from grace_kernels._backend import select_backend
+from grace_kernels.int4 import GROUP_SIZES, SCALE_DTYPES
 from grace_kernels.reference import lsq as ref
-
-GROUP_SIZES = (32, 64, 128, 256)
-SCALE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_weight(weight: torch.Tensor, bits: int, group_size: int, *, check_finite: bool = True) -> None:

@@ -31,8 +31,7 @@ import torch
 from torch import nn
 
 from grace.quantize import quantize_model, replace_module
-from grace_kernels.nn import QuantLinear, W4A16Linear
-from grace_kernels.ops.w4a16 import cuda_kernel_unsupported
+from grace_kernels.nn import QuantLinear, W4A16Linear, convert_to_kernel_layout
 
 FORMATS = ("pack-quantized",)
 # The compressed-tensors release whose on-disk schema this module writes (and the tests check).
@@ -338,7 +337,7 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
             None: the dtype config.json records (float32 when it records none). INT4 scales keep
             the dtype stored in the file.
         kernel_layout: hold the INT4 weights only in the CUDA kernel's layout
-            (``W4A16Linear.use_kernel_layout_``: half the INT4 weight memory of keeping both layouts),
+            (``W4A16KernelLinear``, via ``convert_to_kernel_layout``: the packed weight held once),
             for every layer the CUDA kernel takes (float16/bfloat16 ``dtype``, N % 64 == 0, K % 128 == 0,
             group 128). None: when ``device`` is a GPU and the CUDA extension is built.
 
@@ -417,10 +416,7 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
 
         kernel_layout = torch.device(device).type == "cuda" and cuda_ext_available()
     if kernel_layout:
-        for m in model.modules():
-            if isinstance(m, W4A16Linear) and cuda_kernel_unsupported(m.out_features, m.in_features, m.group_size,
-                                                                      dtype) is None:
-                m.use_kernel_layout_()
+        convert_to_kernel_layout(model, dtype)
     return model, _processor_or_none(model_dir)
 
 

@@ -31,11 +31,9 @@ from __future__ import annotations
 import torch
 
 from grace_kernels._backend import select_backend
+from grace_kernels.int4 import GROUP_SIZES, SCALE_DTYPES
 from grace_kernels.ops._input_checks import values_visible
 from grace_kernels.reference import lsq as ref
-
-GROUP_SIZES = (32, 64, 128, 256)
-SCALE_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def _check_weight(weight: torch.Tensor, bits: int, group_size: int) -> None:

@@ -30,7 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grace_kernels.aot import KernelSpec
+from grace_kernels.kernel_spec import KernelSpec
 from grace_kernels.reference.gated_dkd import ROW_FIELDS
 
 BLOCK_V = 1024

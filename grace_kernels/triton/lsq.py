@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grace_kernels.aot import KernelSpec
+from grace_kernels.kernel_spec import KernelSpec
 from grace_kernels.triton._rounding import cast_rne
 
 # 1.5 * 2**23: adding and subtracting it rounds a float32 of magnitude < 2**22 to the nearest

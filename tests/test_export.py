@@ -1,14 +1,17 @@
 """INT4 export (compressed-tensors pack-quantized) and loading it back, on tiny LLaVA and Qwen2-VL runs.
 
 A "run" here is what training leaves behind: a tiny checkpoint is quantized with quantize_model, its
-weights and log-scales are perturbed (so the scales are no longer their initial values), and final/ is
-written by grace.train._save_final itself.
+weights and log-scales are perturbed (so the scales are no longer their initial values), final/ is
+written by grace.train._save_final itself and the run's config.json names the student checkpoint.
+"llava_hf" is the tiny LLaVA saved first in the llava-hf Hub layout (``vision_tower.vision_model.*``).
 """
 
 import copy
 import json
+import logging
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -19,20 +22,14 @@ from torch import nn
 
 from grace import tiny
 from grace.config import TrainConfig
-from grace.export import (
-    COMPRESSED_TENSORS_VERSION,
-    _module_checkpoint_names,
-    export_run,
-    load_int4_model,
-    load_model,
-    load_student,
-)
+from grace.export import COMPRESSED_TENSORS_VERSION, export_run
+from grace.load import load_int4_model, load_model, load_student, module_checkpoint_names
 from grace.quantize import quantize_model
 from grace.train import _save_final
 from grace_kernels.nn import QuantLinear, W4A16Linear
 from grace_kernels.testing import assert_close_to_gold
 
-CASES = [("llava", "bfloat16"), ("llava", "float16"), ("qwen2_vl", "bfloat16")]
+CASES = [("llava", "bfloat16"), ("llava", "float16"), ("qwen2_vl", "bfloat16"), ("llava_hf", "bfloat16")]
 GROUP = 128
 
 
@@ -50,9 +47,25 @@ def _make_run(base, out, *, bits=4, scale_dtype="bfloat16", seed=0):
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(torch.randn(p.shape, generator=g) * (0.05 if name.endswith("log_scale") else 0.01))
-    _write_final(model, processor, TrainConfig(output_dir=str(out), bits=bits, group_size=GROUP,
-                                               scale_dtype=scale_dtype))
+    cfg = TrainConfig(student=str(base), output_dir=str(out), bits=bits, group_size=GROUP, scale_dtype=scale_dtype)
+    _write_final(model, processor, cfg)
+    cfg.to_json(os.path.join(out, "config.json"))   # as grace train writes it: the run names its student
     return model.eval(), processor
+
+
+def _hub_layout(src, dst):
+    """The checkpoint at ``src`` in the llava-hf Hub layout: the CLIP tower's tensors under
+    ``vision_tower.vision_model.*`` (what llava-hf/llava-1.5-7b-hf holds on disk)."""
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    tensors = {("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.")
+                else k): v for k, v in tensors.items()}
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
+def _source_keys(path):
+    return set(load_file(os.path.join(path, "model.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +74,12 @@ def make_run(tmp_path_factory):
     cache, bases = {}, {}
 
     def make(family, scale_dtype):
-        if family not in getattr(tiny, "FAMILIES", ("llava",)):
-            pytest.skip(f"grace.tiny builds no {family} checkpoint")
         if family not in bases:
-            bases[family] = tiny.build_tiny_vlm(str(tmp_path_factory.mktemp(family)), family=family)
+            if family == "llava_hf":
+                bases[family] = _hub_layout(make("llava", "bfloat16")["base"],
+                                            tmp_path_factory.mktemp("hub") / "llava-hf")
+            else:
+                bases[family] = tiny.build_tiny_vlm(str(tmp_path_factory.mktemp(family)), family=family)
         if (family, scale_dtype) not in cache:
             root = tmp_path_factory.mktemp(f"{family}-{scale_dtype}")
             student, processor = _make_run(bases[family], root / "run", scale_dtype=scale_dtype)
@@ -82,7 +97,7 @@ def run(request, make_run):
     return make_run(*request.param)
 
 
-@pytest.fixture(params=[c for c in CASES if c[1] == "bfloat16"], ids=lambda c: c[0])
+@pytest.fixture(params=[c for c in CASES if c[1] == "bfloat16" and c[0] != "llava_hf"], ids=lambda c: c[0])
 def bf16_run(request, make_run):
     """One run per family, for the tests where the scale dtype changes nothing."""
     return make_run(*request.param)
@@ -161,7 +176,7 @@ def test_compressed_tensors_decompresses_our_checkpoint_bit_for_bit(run):
     compressor = BaseCompressor.get_value_from_registry("pack-quantized")
 
     qlayers = _quant_layers(run["student"])
-    on_disk = _module_checkpoint_names(run["student"], list(qlayers))
+    on_disk = module_checkpoint_names(run["student"], list(qlayers))
     for name, ql in qlayers.items():
         key = on_disk[name]
         codes, scales = ql.quantize()
@@ -181,21 +196,79 @@ def test_compressed_tensors_decompresses_our_checkpoint_bit_for_bit(run):
     assert untouched and all(torch.equal(dense[k].float(), tensors[k].float()) for k in untouched)
 
 
-@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
-def test_transformers_loads_the_export_through_compressed_tensors(run):
-    pytest.importorskip("compressed_tensors")
-    from transformers import AutoModelForImageTextToText, CompressedTensorsConfig
+def _plain_load(path, caplog):
+    """``AutoModelForImageTextToText.from_pretrained(path)`` as a user calls it, plus everything it
+    reported: the loading info, the log records of transformers and compressed-tensors, the warnings."""
+    from transformers import AutoModelForImageTextToText
 
-    model, info = AutoModelForImageTextToText.from_pretrained(
-        run["export"], quantization_config=CompressedTensorsConfig(dequantize=True), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    for name, ql in _quant_layers(run["student"]).items():
-        codes, scales = ql.quantize()
-        expected = (codes.to(scales.dtype) * scales.repeat_interleave(GROUP, dim=1)).float()
-        assert torch.equal(model.get_submodule(name).weight.float(), expected), name
-    # the layers kept in full precision arrive unchanged (names mapped through the ignore list)
-    lm_head = run["student"].get_output_embeddings().weight
-    assert torch.equal(model.get_output_embeddings().weight, lm_head)
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
+    logs = [r for r in caplog.records if r.name.startswith(("transformers", "compressed_tensors"))
+            and r.levelno >= logging.WARNING]
+    return model, info, logs, caught
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"], ids=["float32", "bf16"])
+def test_plain_transformers_loads_and_generates_like_grace(run, dtype, tmp_path, caplog, reference_backend):
+    pytest.importorskip("compressed_tensors")
+    from grace.evaluate import _generate_batch, generate
+    from grace.load import load_model
+
+    out = run["export"] if dtype is None else export_run(run["run"], str(tmp_path / "bf16"), dtype=dtype)
+    model, info, logs, caught = _plain_load(out, caplog)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not logs, [r.getMessage() for r in logs]
+    assert not caught, [str(w.message) for w in caught]
+    # the full-precision layers arrive unchanged; the INT4 ones stay compressed, with the same codes
+    student = run["student"]
+    lm_head = student.get_output_embeddings().weight
+    assert torch.equal(model.get_output_embeddings().weight.float(), lm_head.to(model.dtype).float())
+    for name in _quant_layers(student):
+        assert hasattr(model.get_submodule(name), "weight_packed"), name
+
+    # greedy generation: the same tokens as grace generate's path (load_model + evaluate.generate)
+    ours, processor = load_model(out)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(image)
+    prompt = "what color is the circle ?"
+    assert generate(model, processor, str(image), prompt, max_new_tokens=8) == \
+        generate(ours, processor, str(image), prompt, max_new_tokens=8)
+    from grace.data import to_messages
+
+    msgs = [to_messages([{"from": "human", "value": "<image>\n" + prompt}])]
+    img = [Image.open(image).convert("RGB")]
+    plain = _generate_batch(model, processor, msgs, img, 8, torch.device("cpu"))
+    grace = _generate_batch(ours, processor, msgs, img, 8, torch.device("cpu"))
+    assert plain[:2] == grace[:2]
+
+
+def test_export_keeps_the_source_checkpoints_names(run):
+    """Every tensor name of the export is the source checkpoint's, except that each INT4 linear's
+    ``weight`` became ``weight_packed`` / ``weight_scale`` / ``weight_shape``."""
+    source = _source_keys(run["base"])
+    exported = _source_keys(run["export"])
+    int4 = {k.removesuffix(".weight_packed") for k in exported if k.endswith(".weight_packed")}
+    assert int4 and {f"{n}.weight" for n in int4} <= source
+    expected = (source - {f"{n}.weight" for n in int4}) | {f"{n}.{t}" for n in int4
+                                                           for t in ("weight_packed", "weight_scale", "weight_shape")}
+    assert exported == expected
+    if run["family"] == "llava_hf":
+        assert any(k.startswith("vision_tower.vision_model.") for k in exported)
+
+
+def test_compressed_tensors_targets_exactly_the_int4_layers(run):
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with open(os.path.join(run["export"], "config.json")) as f:
+        qc = QuantizationConfig.model_validate(json.load(f)["quantization_config"])
+    config = AutoConfig.from_pretrained(run["base"])
+    model = AutoModelForImageTextToText.from_config(config)
+    apply_quantization_config(model, qc)
+    targeted = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+    assert targeted == set(_quant_layers(run["student"]))
 
 
 # --------------------------------------------------------------------------- (c) what is on disk
@@ -209,16 +282,23 @@ def test_quantization_config_and_tensors_on_disk(run):
     assert list(qc["config_groups"]) == ["group_0"]
     group = qc["config_groups"]["group_0"]
     assert group["targets"] == ["Linear"] and group["input_activations"] is None
+    assert group["format"] == "pack-quantized"
     assert group["weights"] == {"num_bits": 4, "type": "int", "symmetric": True, "group_size": GROUP,
                                 "strategy": "group", "dynamic": False}
     student = run["student"]
     qlayers = _quant_layers(student)
     full = [n for n, m in student.named_modules() if type(m) is nn.Linear]
-    names = _module_checkpoint_names(student, full + list(qlayers))
-    assert sorted(qc["ignore"]) == sorted(names[n] for n in full)
-    assert any(n.endswith("lm_head") for n in qc["ignore"])
-    assert any(("vision_tower" in n or "visual" in n) for n in qc["ignore"])
-    assert any(("multi_modal_projector" in n or "merger" in n) for n in qc["ignore"])
+    names = module_checkpoint_names(student, full + list(qlayers))
+    # llm-compressor's VLM recipe patterns, and nothing else for these models
+    family = {"qwen2_vl": ["re:.*visual.*", "re:.*lm_head$"]}.get(
+        run["family"], ["re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*lm_head$"])
+    assert qc["ignore"] == family
+    from grace.load import matches_ignore
+
+    for name in full:      # kept in full precision under its in-memory and its on-disk name
+        assert matches_ignore(name, qc["ignore"]) and matches_ignore(names[name], qc["ignore"]), name
+    for name in qlayers:
+        assert not matches_ignore(name, qc["ignore"]) and not matches_ignore(names[name], qc["ignore"]), name
 
     tensors = load_file(os.path.join(run["export"], "model.safetensors"))
     assert {k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")} == {
@@ -409,7 +489,7 @@ def _other_format(qc):
 
 
 def _unignore_lm_head(qc):
-    qc["ignore"] = [n for n in qc["ignore"] if not n.endswith("lm_head")]
+    qc["ignore"] = [n for n in qc["ignore"] if "lm_head" not in n]
 
 
 @pytest.mark.parametrize("edit_tensors, edit_qc, message", [

@@ -485,7 +485,7 @@ def _eight_bits(qc):
 
 
 def _other_format(qc):
-    qc["format"] = "naive-quantized"
+    qc["format"] = qc["config_groups"]["group_0"]["format"] = "naive-quantized"
 
 
 def _unignore_lm_head(qc):
@@ -513,3 +513,114 @@ def test_load_int4_model_rejects_unquantized_directories(llava_run, tmp_path):
         load_int4_model(run["base"])
     with pytest.raises(ValueError, match="no config.json"):
         load_int4_model(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- (e) other producers' files
+
+def _llm_compressor_ignore(family):
+    """The ignore lists llm-compressor's multimodal_vision examples write (in-memory names and patterns)."""
+    if family == "qwen2_vl":
+        return ["lm_head", "re:visual.*", "re:model.visual.*"]
+    return ["re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+
+
+def _exact_in_memory_ignore(run):
+    return [n for n, m in run["student"].named_modules() if type(m) is nn.Linear]
+
+
+@pytest.mark.parametrize("style", ["llm-compressor", "in-memory-names"])
+def test_load_int4_model_reads_other_producers_configs(run, tmp_path, style, reference_backend):
+    ignore = _llm_compressor_ignore(run["family"]) if style == "llm-compressor" else _exact_in_memory_ignore(run)
+
+    def edit(qc):
+        qc["ignore"] = ignore
+        qc["config_groups"]["group_0"]["format"] = None   # format given at the top only, as older releases wrote
+        qc["config_groups"]["group_0"]["weights"].update(observer="minmax", actorder=None, block_structure=None)
+
+    path = _tampered(run, tmp_path, edit_qc=edit)
+    model, processor = load_int4_model(path)
+    reference, _ = load_int4_model(run["export"])
+    assert {n for n, m in model.named_modules() if isinstance(m, W4A16Linear)} == set(_quant_layers(run["student"]))
+    inputs = _inputs(processor)
+    assert torch.equal(_logits(model, inputs), _logits(reference, inputs))
+
+
+def test_load_int4_model_converts_float32_scales(llava_run, tmp_path, reference_backend):
+    run = llava_run
+
+    def widen(t):
+        for k in [k for k in t if k.endswith(".weight_scale")]:
+            t[k] = t[k].float()
+
+    path = _tampered(run, tmp_path, edit_tensors=widen)
+    stored = {k: v for k, v in load_file(os.path.join(path, "model.safetensors")).items() if k.endswith("_scale")}
+    assert stored and all(v.dtype == torch.float32 for v in stored.values())
+    names = module_checkpoint_names(run["student"], list(_quant_layers(run["student"])))
+    # bf16 activations: the scales become bf16 (exactly the trained ones: they were bf16 widened)
+    bf16, _ = load_int4_model(path, dtype="bfloat16")
+    # float32 activations: float16 (these scales lie in its normal range), rounded once
+    fp32, _ = load_int4_model(path)
+    for name, key in names.items():
+        assert torch.equal(bf16.get_submodule(name).weight_scale, stored[f"{key}.weight_scale"].bfloat16())
+        assert torch.equal(fp32.get_submodule(name).weight_scale, stored[f"{key}.weight_scale"].half())
+
+
+# --------------------------------------------------------------------------- (f) damaged files
+
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+def test_truncated_student_state_on_export(llava_run, tmp_path):
+    run = str(tmp_path / "run")
+    shutil.copytree(llava_run["run"], run)
+    _truncate(os.path.join(run, "final", "student_state.pt"))
+    with pytest.raises(ValueError, match=r"final/student_state\.pt is truncated or corrupt.*--resume"):
+        export_run(run, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.99])
+def test_truncated_safetensors_on_load(llava_run, tmp_path, keep):
+    for src in (llava_run["export"], llava_run["base"]):   # an INT4 export and a plain checkpoint
+        path = tmp_path / os.path.basename(src)
+        shutil.copytree(src, path)
+        _truncate(path / "model.safetensors", keep)
+        with pytest.raises(ValueError, match=r"model\.safetensors is truncated or corrupt"):
+            load_model(str(path))
+
+
+@pytest.mark.parametrize("which", ["final/quantization.json", "final/config.json"])
+def test_malformed_json_in_a_run(llava_run, tmp_path, which):
+    run = tmp_path / "run"
+    shutil.copytree(llava_run["run"], run)
+    (run / which).write_text('{"bits": 4, "group_')
+    with pytest.raises(ValueError, match=f"{which} is not valid JSON"):
+        export_run(str(run), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=f"{which} is not valid JSON"):
+        load_model(str(run))
+
+
+def test_malformed_config_json_of_an_export(llava_run, tmp_path):
+    path = tmp_path / "int4"
+    shutil.copytree(llava_run["export"], path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_int4_model(str(path))
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_model(str(path))
+
+
+def test_cli_reports_a_damaged_file_in_one_line(llava_run, tmp_path, capsys):
+    from grace.cli import main
+
+    path = tmp_path / "int4"
+    shutil.copytree(llava_run["export"], path)
+    _truncate(path / "model.safetensors")
+    image = tmp_path / "image.png"
+    Image.new("RGB", (28, 28)).save(image)
+    assert main(["generate", str(path), "--image", str(image), "--prompt", "what ?", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.safetensors is truncated or corrupt" in err and str(path) in err

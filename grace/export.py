@@ -104,10 +104,11 @@ def ignore_patterns(full: list[tuple[str, str]], quantized: list[tuple[str, str]
     linears are ``quantized``, each given as (in-memory name, on-disk name).
 
     The family patterns of :data:`FAMILY_IGNORE` that cover a full-precision linear and no INT4 one
-    come first; each full-precision linear they leave uncovered gets the shortest pattern matching the
-    end of its name (the part its in-memory and on-disk names share, which is also the end of vLLM's
-    name for it) that matches no INT4 linear. A pattern matching both the full name and the name in
-    vLLM (``language_model.model.layers.N...``) has to match the end of the name: names differ at the front.
+    come first. Each full-precision linear they leave uncovered gets the shortest pattern on the end of
+    its name (starting at a component that is not a layer index) that matches its in-memory and
+    on-disk names and no INT4 linear: names differ between clients only at the front
+    (``model.language_model.`` in memory, ``language_model.model.`` on disk and in vLLM), so a
+    pattern on the end matches under every naming.
 
     Raises:
         ValueError: no pattern separates some full-precision linear from the INT4 ones (a model whose
@@ -121,7 +122,8 @@ def ignore_patterns(full: list[tuple[str, str]], quantized: list[tuple[str, str]
         if all(matches_ignore(n, ignore) for n in pair):
             continue
         parts = pair[0].split(".")
-        for i in range(len(parts) - 1, -1, -1):
+        # a pattern starting at a name component, never at a layer index ("layers.0.", not "0.")
+        for i in [i for i in range(len(parts) - 1, -1, -1) if not parts[i].isdigit()]:
             p = _suffix_pattern(".".join(parts[i:]))
             if all(matches_ignore(n, [p]) for n in pair) and not any(matches_ignore(n, [p]) for n in q_names):
                 ignore.append(p)

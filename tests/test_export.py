@@ -37,12 +37,13 @@ def _write_final(student, processor, cfg):
     return _save_final(student, student.state_dict(), processor, cfg)
 
 
-def _make_run(base, out, *, bits=4, scale_dtype="bfloat16", seed=0):
+def _make_run(base, out, *, bits=4, scale_dtype="bfloat16", seed=0, exclude=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(base)
     processor = AutoProcessor.from_pretrained(base)
-    quantize_model(model, bits=bits, group_size=GROUP, scale_dtype=getattr(torch, scale_dtype), verbose=False)
+    quantize_model(model, bits=bits, group_size=GROUP, scale_dtype=getattr(torch, scale_dtype), exclude=exclude,
+                   verbose=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -257,18 +258,59 @@ def test_export_keeps_the_source_checkpoints_names(run):
         assert any(k.startswith("vision_tower.vision_model.") for k in exported)
 
 
-def test_compressed_tensors_targets_exactly_the_int4_layers(run):
-    pytest.importorskip("compressed_tensors")
+def _targeted_by_compressed_tensors(export, base):
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    with open(os.path.join(run["export"], "config.json")) as f:
+    with open(os.path.join(export, "config.json")) as f:
         qc = QuantizationConfig.model_validate(json.load(f)["quantization_config"])
-    config = AutoConfig.from_pretrained(run["base"])
-    model = AutoModelForImageTextToText.from_config(config)
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(base))
     apply_quantization_config(model, qc)
-    targeted = {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
-    assert targeted == set(_quant_layers(run["student"]))
+    return {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+
+
+def test_compressed_tensors_targets_exactly_the_int4_layers(run):
+    pytest.importorskip("compressed_tensors")
+    assert _targeted_by_compressed_tensors(run["export"], run["base"]) == set(_quant_layers(run["student"]))
+
+
+def test_layers_left_out_of_the_backbone_get_their_own_pattern(make_run, tmp_path, caplog, reference_backend):
+    """A run that kept two backbone layers in full precision: each gets a pattern on the end of its
+    name, and every client still targets exactly the INT4 layers."""
+    pytest.importorskip("compressed_tensors")
+    from grace.load import matches_ignore
+    from grace.quantize import DEFAULT_EXCLUDE
+
+    base = make_run("llava_hf", "bfloat16")["base"]
+    kept = ["*layers.1.mlp.down_proj", "*layers.0.self_attn.o_proj"]
+    student, _ = _make_run(base, tmp_path / "run", exclude=list(DEFAULT_EXCLUDE) + kept)
+    out = export_run(str(tmp_path / "run"), str(tmp_path / "int4"))
+    with open(os.path.join(out, "config.json")) as f:
+        ignore = json.load(f)["quantization_config"]["ignore"]
+    assert ignore[:3] == ["re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*lm_head$"]
+    assert sorted(ignore[3:]) == sorted(["re:(.*\\.)?layers\\.1\\.mlp\\.down_proj$",
+                                         "re:(.*\\.)?layers\\.0\\.self_attn\\.o_proj$"])
+    # the names vLLM gives these layers (LLaVA's hf_to_vllm_mapper: language_model.model.*) match as well
+    assert matches_ignore("language_model.model.layers.1.mlp.down_proj", ignore)
+    assert not matches_ignore("language_model.model.layers.0.mlp.down_proj", ignore)
+    int4 = set(_quant_layers(student))
+    assert "model.language_model.layers.1.mlp.down_proj" not in int4 and len(int4) == 12
+    assert _targeted_by_compressed_tensors(out, base) == int4
+    model, info, logs, caught = _plain_load(out, caplog)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not logs and not caught
+    ours, _ = load_int4_model(out)
+    assert {n for n, m in ours.named_modules() if isinstance(m, W4A16Linear)} == int4
+
+
+def test_export_without_the_source_checkpoint_falls_back_to_default_names(llava_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(llava_run["run"], run)
+    os.remove(run / "config.json")
+    with caplog.at_level(logging.WARNING, logger="grace.export"):
+        out = export_run(str(run), str(tmp_path / "int4"))
+    assert "default tensor names" in caplog.text
+    # the tiny base was itself saved with transformers' default names, so they agree here
+    assert _source_keys(out) == _source_keys(llava_run["export"])
 
 
 # --------------------------------------------------------------------------- (c) what is on disk

@@ -61,10 +61,13 @@ def _eval(args) -> int:
 
     if not os.path.isfile(args.data):
         raise ValueError(f"data file not found: {args.data!r}")
+    if args.image_folder is not None and not os.path.isdir(args.image_folder):
+        raise ValueError(f"--image-folder {args.image_folder!r} is not a directory")
+    records = load_records(args.data)   # before the model: a bad data file fails fast
     device = resolve_device(args.device)
     model, processor = _load(args.model_dir, device)
     folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
-    result = evaluate(model, processor, load_records(args.data), folder, batch_size=args.batch_size,
+    result = evaluate(model, processor, records, folder, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, device=device)
     print(json.dumps(result.to_dict(predictions=args.verbose), indent=1, default=str))
     if args.json_out:

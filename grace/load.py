@@ -44,7 +44,7 @@ def read_json(path: str, what: str = "") -> dict:
     except FileNotFoundError:
         raise ValueError(f"{path} not found{what}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({e}){what}") from None
+        raise ValueError(f"{path} is not valid JSON ({_reason(e)}){what}") from None
     if not isinstance(data, dict):
         raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}{what}")
     return data
@@ -63,8 +63,14 @@ def safetensors_files(model_dir: str) -> list[str]:
     raise ValueError(f"{model_dir} has no model.safetensors (or model.safetensors.index.json)")
 
 
+def _reason(e: Exception) -> str:
+    """The exception's type and the first line of its message (parsers' messages can run long)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
 def _corrupt(path: str, e: Exception) -> ValueError:
-    return ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {e}); "
+    return ValueError(f"{path} is truncated or corrupt ({_reason(e)}); "
                       "write it again (re-run `grace export`, or copy the file again)")
 
 
@@ -103,8 +109,7 @@ def read_torch_state(path: str, what_to_do: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
-        raise ValueError(f"{path} is truncated or corrupt ({type(e).__name__}: {str(e).splitlines()[0]}); "
-                         f"{what_to_do}") from None
+        raise ValueError(f"{path} is truncated or corrupt ({_reason(e)}); {what_to_do}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; {what_to_do}")
     return state

@@ -189,6 +189,9 @@ def test_cli_eval_wrong_image_folder_and_verbose(tiny_path, task, tmp_path, caps
     assert len(errors) == 1 and "Traceback" not in err
     assert "none of the 2 records" in errors[0] and str(tmp_path) in errors[0]
 
+    rc, _, err = _cli_eval([tiny_path, "--data", str(data), "--image-folder", str(tmp_path / "nowhere")], capsys)
+    assert rc == 2 and "nowhere' is not a directory" in err
+
     common = [tiny_path, "--data", str(data), "--image-folder", folder, "--device", "cpu", "--max-new-tokens", "2"]
     rc, out, _ = _cli_eval(common + ["--json", str(tmp_path / "r.json")], capsys)
     summary = json.loads(out[out.index("{"):])

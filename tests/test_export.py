@@ -302,6 +302,22 @@ def test_layers_left_out_of_the_backbone_get_their_own_pattern(make_run, tmp_pat
     assert {n for n, m in ours.named_modules() if isinstance(m, W4A16Linear)} == int4
 
 
+def test_cli_export_of_a_hub_layout_run(make_run, tmp_path, caplog, capsys):
+    """``grace export`` itself, on the llava-hf layout run: plain transformers loads the result cleanly."""
+    pytest.importorskip("compressed_tensors")
+    from grace.cli import main
+
+    run = make_run("llava_hf", "bfloat16")
+    out = tmp_path / "int4"
+    assert main(["export", run["run"], str(out), "--dtype", "bfloat16"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert _source_keys(str(out)) == _source_keys(run["export"])
+    _, info, logs, caught = _plain_load(str(out), caplog)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not logs and not caught
+    assert main(["export", run["run"], str(out)]) == 2   # not empty, no --overwrite: one line, exit 2
+    assert "not empty" in capsys.readouterr().err
+
+
 def test_export_without_the_source_checkpoint_falls_back_to_default_names(llava_run, tmp_path, caplog):
     run = tmp_path / "run"
     shutil.copytree(llava_run["run"], run)
@@ -615,10 +631,11 @@ def _truncate(path, keep=0.5):
         f.write(data[: int(len(data) * keep)])
 
 
-def test_truncated_student_state_on_export(llava_run, tmp_path):
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_truncated_student_state_on_export(llava_run, tmp_path, keep):
     run = str(tmp_path / "run")
     shutil.copytree(llava_run["run"], run)
-    _truncate(os.path.join(run, "final", "student_state.pt"))
+    _truncate(os.path.join(run, "final", "student_state.pt"), keep)
     with pytest.raises(ValueError, match=r"final/student_state\.pt is truncated or corrupt.*--resume"):
         export_run(run, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()

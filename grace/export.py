@@ -139,8 +139,8 @@ def ignore_patterns(full: list[tuple[str, str]], quantized: list[tuple[str, str]
 
 
 def source_checkpoint(run_dir: str, final: str) -> str | None:
-    """The student checkpoint directory a run trained from (``student`` in the run's config.json), or
-    None when the run does not name one or it is no longer a readable safetensors checkpoint."""
+    """The student checkpoint directory a run trained from (``student`` in the run's config.json, the
+    TrainConfig ``grace train`` writes), or None when the run names none or it is not a directory."""
     for path in (os.path.join(run_dir, "config.json"), os.path.join(os.path.dirname(final), "config.json")):
         if not os.path.isfile(path):
             continue
@@ -153,21 +153,19 @@ def source_checkpoint(run_dir: str, final: str) -> str | None:
     return None
 
 
-def _adopt_source_layout(model: nn.Module, run_dir: str, final: str) -> str | None:
-    """Give ``model`` the tensor names of the checkpoint the run started from; returns its path, or None
-    (default names) when it cannot be read."""
+def _adopt_source_layout(model: nn.Module, run_dir: str, final: str) -> None:
+    """Give ``model`` the tensor names of the checkpoint the run started from; when that cannot be read,
+    keep transformers' default names and say so (a warning: the export itself is still correct)."""
     source = source_checkpoint(run_dir, final)
-    if source is not None:
-        try:
-            adopt_checkpoint_layout(model, safetensors_keys(source))
-            return source
-        except ValueError as e:
-            logger.warning("export: cannot read the student checkpoint's tensor names (%s); writing "
-                           "transformers' default names", e)
-    else:
-        logger.warning("export: the run names no readable student checkpoint; writing transformers' "
+    if source is None:
+        logger.warning("export: the run names no student checkpoint that still exists; writing transformers' "
                        "default tensor names")
-    return None
+        return
+    try:
+        adopt_checkpoint_layout(model, safetensors_keys(source))
+    except ValueError as e:
+        logger.warning("export: cannot read the student checkpoint's tensor names (%s); writing "
+                       "transformers' default tensor names", e)
 
 
 def export_run(run_dir: str, out_dir: str, *, format: str = "pack-quantized", dtype: str | None = None,
@@ -187,11 +185,13 @@ def export_run(run_dir: str, out_dir: str, *, format: str = "pack-quantized", dt
 
     Returns:
         ``out_dir``. The directory appears complete or not at all: everything is written to a
-        temporary sibling that is renamed into place at the end.
+        temporary sibling that is renamed into place at the end. Tensor names are those of the
+        student checkpoint the run trained from; ``ignore`` holds patterns (see the module docstring).
 
     Raises:
         ValueError: no finished run, a run without 4-bit quantization, an unknown format or dtype,
-            a non-empty ``out_dir`` without ``overwrite``.
+            a non-empty ``out_dir`` without ``overwrite``; a file of final/ missing, truncated or
+            malformed (the message names it and what to do).
     """
     if format not in FORMATS:
         raise ValueError(f"unsupported export format {format!r}; supported: {', '.join(FORMATS)}")

@@ -131,11 +131,28 @@ def ignore_patterns(full: list[tuple[str, str]], quantized: list[tuple[str, str]
         else:
             raise ValueError(f"no ignore pattern keeps {pair[0]} in full precision without also matching "
                              "an INT4 layer")
+    _warn_split_fused_groups([pair[0] for pair in quantized], [pair[0] for pair in full])
     wrong = [n for n in q_names if matches_ignore(n, ignore)] + [
         n for pair in full for n in pair if not matches_ignore(n, ignore)]
     if wrong:
         raise ValueError(f"ignore list {ignore} does not separate the INT4 layers: {wrong[:8]}")
     return ignore
+
+
+# vLLM fuses these projections into one layer (its packed_modules_mapping) and refuses a checkpoint that
+# quantizes some shards of a fused layer and not the others.
+VLLM_FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+
+
+def _warn_split_fused_groups(quantized: list[str], full: list[str]) -> None:
+    int4, dense = set(quantized), set(full)
+    for shards in VLLM_FUSED.values():
+        for name in sorted(int4):
+            prefix, _, leaf = name.rpartition(".")
+            group = {f"{prefix}.{s}" for s in shards}
+            if leaf in shards and group & dense:
+                logger.warning("export: %s is INT4 but %s stays in full precision; vLLM fuses them into one "
+                               "layer and will refuse this checkpoint", name, sorted(group & dense))
 
 
 def source_checkpoint(run_dir: str, final: str) -> str | None:

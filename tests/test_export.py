@@ -687,3 +687,32 @@ def test_cli_reports_a_damaged_file_in_one_line(llava_run, tmp_path, capsys):
     assert main(["generate", str(path), "--image", str(image), "--prompt", "what ?", "--device", "cpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "model.safetensors is truncated or corrupt" in err and str(path) in err
+
+
+def test_ignore_patterns_on_names_alone(caplog):
+    from grace.export import ignore_patterns
+    from grace.load import matches_ignore
+
+    def pair(n):   # (in memory, on disk) for LLaVA
+        return n, n.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.",
+                                                                                       "vision_tower.vision_model.")
+
+    layers = [f"model.language_model.layers.{i}.{p}" for i in range(12)
+              for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
+    full = [pair(n) for n in ("model.vision_tower.encoder.layers.0.mlp.fc1", "lm_head",
+                              "model.language_model.layers.1.mlp.down_proj",
+                              "model.language_model.layers.11.self_attn.k_proj")]
+    quantized = [pair(n) for n in layers if n not in {f for f, _ in full}]
+    with caplog.at_level(logging.WARNING, logger="grace.export"):
+        ignore = ignore_patterns(full, quantized)
+    assert ignore == ["re:.*vision_tower.*", "re:.*lm_head$", "re:(.*\\.)?layers\\.1\\.mlp\\.down_proj$",
+                      "re:(.*\\.)?layers\\.11\\.self_attn\\.k_proj$"]
+    for n in [n for p in full for n in p]:
+        assert matches_ignore(n, ignore)
+    for n in [n for p in quantized for n in p]:   # layers.11 does not catch layers.1 and the other way round
+        assert not matches_ignore(n, ignore)
+    # q/v of layer 11 are INT4 while its k stays dense: vLLM fuses them and would refuse the checkpoint
+    assert "layers.11.self_attn.q_proj is INT4" in caplog.text and "vLLM" in caplog.text
+    assert "layers.1.mlp" not in caplog.text
+    with pytest.raises(ValueError, match="no ignore pattern keeps lm_head"):
+        ignore_patterns([("lm_head", "lm_head")], [("model.lm_head", "model.lm_head")])

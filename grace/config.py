@@ -70,7 +70,7 @@ class TrainConfig:
     adaptive_beta: bool = True
     # bookkeeping
     save_every: int = 0                # steps between checkpoints (0: only at the end)
-    resume: bool = False               # continue the run in output_dir from its checkpoint.pt
+    resume: bool = False               # continue the run in output_dir from its checkpoint/
     overwrite: bool = False            # replace the run in output_dir (without it or resume, train refuses)
     seed: int = 0
     device: str = "auto"

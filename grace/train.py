@@ -24,15 +24,20 @@ killed one), :func:`build_data`, :func:`build_student` (load, freeze the vision 
 Run directory:
     config.json        the TrainConfig of the run (ablation switches included)
     metrics.jsonl      one line per optimizer step
-    checkpoint.pt      written every save_every steps and at the end, atomically (temp file + rename)
+    checkpoint/        written every save_every steps and at the end with torch.distributed.checkpoint:
+                       every rank writes its shard of the student and optimizer (one .distcp file each),
+                       rank 0 adds trainer_state.pt (schedule, controller, data position, RNG, step,
+                       config); written into checkpoint.tmp-<pid>/, then renamed into place. It resumes on
+                       any number of ranks (DCP reshards on load).
     final/             student state (weights + log-scales), quantization.json, model config, processor
     controller.png     beta and the EMA of GDKD against tau, and the losses, over steps
 A directory holding any of these is a run: ``train`` refuses it unless ``resume`` (continue from
-checkpoint.pt) or ``overwrite`` (delete these files first) is set.
+checkpoint/) or ``overwrite`` (delete these files first) is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import json
@@ -41,11 +46,18 @@ import os
 import shutil
 import time
 import types
+import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from tqdm.auto import tqdm
 
 from grace.config import TrainConfig, read_json
@@ -57,12 +69,14 @@ from grace.families import check_pair, family_of
 from grace.objective import student_objective, teacher_outputs
 from grace.quantize import quantize_model
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint.pt", "final", "controller.png")
-CHECKPOINT_KEYS = ("student", "optimizer", "scheduler", "controller", "data_position", "rng_cpu", "step", "config")
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final", "controller.png")
+TRAINER_STATE = "trainer_state.pt"   # inside checkpoint/, beside the DCP shards
+TRAINER_STATE_KEYS = ("scheduler", "controller", "data_position", "rng_cpu", "step", "world_size", "config")
 # Options that may differ between a checkpoint and the run resuming it: where files live, which device runs,
-# and how often to save; every other option changes the trajectory, so a difference is refused.
+# and how often to save; every other option changes the trajectory, so a difference is refused. batch_size
+# is compared as batch_size x world size, the global batch, so a run may resume on another number of ranks.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "device", "save_every", "teacher", "student",
-                               "data", "image_folder", "gradient_checkpointing"})
+                               "data", "image_folder", "gradient_checkpointing", "batch_size"})
 LOSS_KEYS = ("loss", "ce", "gdkd", "rcka", "gate")
 
 
@@ -98,7 +112,7 @@ class Run:
     batches: _Batches | None = None
     total_steps: int = 0
     step: int = 0                               # optimizer steps done
-    last_checkpoint: int | None = None          # the step checkpoint.pt holds, None before the first
+    last_checkpoint: int | None = None          # the step checkpoint/ holds, None before the first
     history: list[dict] = dataclasses.field(default_factory=list)
 
     @property
@@ -107,7 +121,7 @@ class Run:
 
     @property
     def checkpoint_path(self) -> str:
-        return os.path.join(self.cfg.output_dir, "checkpoint.pt")
+        return os.path.join(self.cfg.output_dir, "checkpoint")
 
     @property
     def metrics_path(self) -> str:
@@ -195,15 +209,16 @@ class _Batches:
 
 # --- stage 1: the run directory ---
 
-def check_run_dir(cfg: TrainConfig) -> dict | None:
+def check_run_dir(cfg: TrainConfig, world: int = 1) -> dict | None:
     """Decide, without changing anything, whether training may use ``cfg.output_dir``; every rank runs it.
 
-    Returns the checkpoint to resume from (read and checked against ``cfg``), or None to start at step 0.
+    Returns the trainer state of the checkpoint to resume from (read, its shards' sizes checked against
+    their index, its settings checked against ``cfg`` run on ``world`` ranks), or None to start at step 0.
 
     Raises:
         GraceError: the directory holds a run and neither ``resume`` nor ``overwrite`` is set; ``resume`` of a
-            run that logged steps but has no checkpoint.pt; a checkpoint.pt that cannot be read or lacks
-            entries; the run's config.json is not valid JSON; settings that differ from the checkpoint's.
+            run that logged steps but has no checkpoint/; a checkpoint that cannot be read, is truncated or
+            lacks entries; the run's config.json is not valid JSON; settings that differ from the checkpoint's.
     """
     out = cfg.output_dir
     present = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
@@ -212,59 +227,104 @@ def check_run_dir(cfg: TrainConfig) -> dict | None:
             raise GraceError(f"{out} already holds a run ({', '.join(present)}): pass --resume to continue it "
                              "or --overwrite to replace it")
         return None
-    ckpt = os.path.join(out, "checkpoint.pt")
     if "config.json" in present:
         read_json(os.path.join(out, "config.json"), what="the run's configuration")
-    if not os.path.exists(ckpt):
+    ckpt = _find_checkpoint(out)
+    if ckpt is None:
         if _read_metrics(os.path.join(out, "metrics.jsonl")):
-            raise GraceError(f"cannot resume: {ckpt} is missing (the run logged steps but left no checkpoint); "
-                             "pass --overwrite instead of --resume to train it again from step 0")
+            raise GraceError(f"cannot resume: {os.path.join(out, 'checkpoint')} is missing (the run logged steps "
+                             "but left no checkpoint); pass --overwrite instead of --resume to train it again "
+                             "from step 0")
         return None
     state = _read_checkpoint(ckpt)
-    _check_same_settings(state["config"], cfg, ckpt)
+    _check_same_settings(state, cfg, world, ckpt)
     return state
+
+
+def _find_checkpoint(out: str) -> str | None:
+    """checkpoint/, or the previous one a crash left renamed aside while publishing a new one."""
+    path = os.path.join(out, "checkpoint")
+    if os.path.isdir(path):
+        return path
+    aside = sorted(glob.glob(os.path.join(glob.escape(out), "checkpoint.old-*")))
+    return aside[-1] if aside else None
 
 
 def _read_checkpoint(path: str) -> dict:
+    """The trainer state of checkpoint directory ``path``, after checking that every shard file the DCP index
+    names exists and is long enough (a truncated shard would otherwise fail deep inside the load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    hint = "pass --overwrite instead of --resume to train again from step 0"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:   # missing, empty or cut-short .metadata
+        raise GraceError(f"{os.path.join(path, '.metadata')} cannot be read ({_first_line(e)}): the checkpoint "
+                         f"is incomplete; {hint}") from e
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = os.path.join(path, name)
+        have = os.path.getsize(shard) if os.path.isfile(shard) else None
+        if have is None or have < size:
+            state = "missing" if have is None else f"truncated ({have} of {size} bytes)"
+            raise GraceError(f"{shard} is {state}: the checkpoint is incomplete; {hint}")
+    state_path = os.path.join(path, TRAINER_STATE)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
     except Exception as e:   # torch reports a truncated file as RuntimeError, EOFError or UnpicklingError
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise GraceError(f"{path} cannot be read ({reason}): it is truncated or not a checkpoint; pass "
-                         "--overwrite instead of --resume to train again from step 0") from e
-    missing = [k for k in CHECKPOINT_KEYS if not isinstance(state, dict) or k not in state]
+        raise GraceError(f"{state_path} cannot be read ({_first_line(e)}): it is truncated or missing; {hint}") from e
+    missing = [k for k in TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
-        raise GraceError(f"{path} is not a grace training checkpoint: it lacks {', '.join(missing)}")
+        raise GraceError(f"{state_path} is not a grace trainer state: it lacks {', '.join(missing)}")
     return state
 
 
-def _check_same_settings(saved: dict, cfg: TrainConfig, path: str) -> None:
-    now = dataclasses.asdict(cfg)
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _check_same_settings(state: dict, cfg: TrainConfig, world: int, path: str) -> None:
+    saved, now = state["config"], dataclasses.asdict(cfg)
     differ = [f"{k} {now[k]!r} (checkpoint: {saved[k]!r})" for k in now
               if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+    if saved["batch_size"] * state["world_size"] != cfg.batch_size * world:
+        differ.append(f"batch_size x ranks {cfg.batch_size} x {world} (checkpoint: {saved['batch_size']} x "
+                      f"{state['world_size']})")
     if differ:
         raise GraceError(f"cannot resume {path}: settings differ from the checkpoint's: {', '.join(differ)}; "
                          "resume with the checkpoint's settings or pass --overwrite to start again")
 
 
 def prepare_run_dir(cfg: TrainConfig) -> None:
-    """Rank 0 only, after :func:`check_run_dir` passed on every rank: create the directory, delete the
-    temp files of a killed process, delete the old run's files under ``overwrite``, write config.json."""
+    """Rank 0 only, after :func:`check_run_dir` passed on every rank: create the directory, put back a
+    checkpoint a crash left renamed aside, delete what a killed process left (temp files and directories,
+    superseded checkpoints), delete the old run's files under ``overwrite``, write config.json."""
     out = cfg.output_dir
     os.makedirs(out, exist_ok=True)
-    for tmp in glob.glob(os.path.join(glob.escape(out), "*.tmp-*")) + glob.glob(
-            os.path.join(glob.escape(out), "final", "*.tmp-*")):
-        pid = tmp.rsplit(".tmp-", 1)[1]
+    ckpt = os.path.join(out, "checkpoint")
+    aside = _find_checkpoint(out)
+    if aside is not None and aside != ckpt:
+        os.rename(aside, ckpt)
+    pattern = os.path.join(glob.escape(out), "{}")
+    leftovers = (glob.glob(pattern.format("*.tmp-*")) + glob.glob(pattern.format("checkpoint.old-*"))
+                 + glob.glob(os.path.join(glob.escape(out), "final", "*.tmp-*")))
+    for path in leftovers:
+        pid = path.rsplit("-", 1)[1]
         if pid.isdigit() and not _pid_alive(int(pid)):
-            os.remove(tmp)
+            _remove(path)
     if cfg.overwrite:
         for name in RUN_FILES:
-            path = os.path.join(out, name)
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
+            _remove(os.path.join(out, name))
     cfg.to_json(os.path.join(out, "config.json"))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
 
 
 def _pid_alive(pid: int) -> bool:
@@ -349,15 +409,21 @@ def build_optimizer(run: Run) -> None:
 # --- stage 3: resume ---
 
 def resume(run: Run, state: dict | None) -> None:
-    """Restore the student, optimizer, schedule, controller, batch position and RNG from ``state`` (a
-    checkpoint read by :func:`check_run_dir`), and cut metrics.jsonl back to its step; with no state,
-    start at step 0 with an empty log."""
+    """Restore the student and optimizer from checkpoint/ (each rank loads what its shards need, whatever the
+    world size that wrote it), and the schedule, controller, batch position and RNG from ``state`` (its
+    trainer state, read by :func:`check_run_dir`); cut metrics.jsonl back to its step. With no state, start
+    at step 0 with an empty log."""
     if state is None:
         if run.main and os.path.exists(run.metrics_path):
             os.remove(run.metrics_path)
         return
-    set_state_dict(run.student, run.optimizer, model_state_dict=state["student"],
-                   optim_state_dict=state["optimizer"], options=StateDictOptions(full_state_dict=True))
+    path = _find_checkpoint(run.cfg.output_dir)
+    model_sd, optim_sd = get_state_dict(run.student, run.optimizer)   # the shapes to load into
+    shards = {"student": model_sd, "optimizer": optim_sd}
+    with _single_process_dcp(run):
+        dcp.load(shards, checkpoint_id=path, no_dist=run.world == 1)
+    set_state_dict(run.student, run.optimizer, model_state_dict=shards["student"],
+                   optim_state_dict=shards["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.controller.load_state_dict(state["controller"])
     run.batches = _Batches(len(run.dataset), run.cfg.batch_size * run.world, run.cfg.seed, *state["data_position"])
@@ -433,34 +499,61 @@ def log_step(run: Run, row: dict) -> None:
 
 # --- stage 5: checkpoints and the final model ---
 
-def save_checkpoint(run: Run) -> dict:
-    """Write checkpoint.pt for ``run.step`` (rank 0, atomically); returns the full student state dict.
-
-    Full (unsharded) state dicts keyed by parameter name: a checkpoint written by P ranks resumes on any
-    number of ranks, single process included. Every rank takes part in the gather."""
-    model_sd, optim_sd = get_state_dict(run.student, run.optimizer,
-                                        options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+def save_checkpoint(run: Run) -> None:
+    """Write checkpoint/ for ``run.step``: every rank writes its shard of the student and optimizer state into
+    ``checkpoint.tmp-<rank 0's pid>/``, rank 0 adds trainer_state.pt and renames the directory into place."""
+    model_sd, optim_sd = get_state_dict(run.student, run.optimizer)   # sharded under FSDP: no gather
+    tmp = [f"{run.checkpoint_path}.tmp-{os.getpid()}"]
+    if run.world > 1:
+        dist.broadcast_object_list(tmp, src=0)
+    tmp = tmp[0]
     if run.main:
-        _save_atomic({"student": model_sd, "optimizer": optim_sd, "scheduler": run.scheduler.state_dict(),
-                      "controller": run.controller.state_dict(),
-                      "data_position": (run.batches.epoch, run.batches.offset), "rng_cpu": torch.get_rng_state(),
-                      "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
-                      "step": run.step, "world_size": run.world, "config": dataclasses.asdict(run.cfg)},
-                     run.checkpoint_path)
+        _remove(tmp)
+    _barrier(run)
+    with _single_process_dcp(run):
+        dcp.save({"student": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=run.world == 1)
+    if run.main:
+        torch.save({"scheduler": run.scheduler.state_dict(), "controller": run.controller.state_dict(),
+                    "data_position": (run.batches.epoch, run.batches.offset), "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
+                    "step": run.step, "world_size": run.world, "config": dataclasses.asdict(run.cfg)},
+                   os.path.join(tmp, TRAINER_STATE))
+        _publish_checkpoint(tmp, run.checkpoint_path)
     run.last_checkpoint = run.step
     _barrier(run)
-    return model_sd
+
+
+@contextlib.contextmanager
+def _single_process_dcp(run: Run):
+    """DCP warns on every single-process save and load, which is this trainer's intended use without torchrun."""
+    with warnings.catch_warnings():
+        if run.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _publish_checkpoint(tmp: str, path: str) -> None:
+    """Replace checkpoint/ by the complete directory ``tmp``. Between the two renames a crash leaves the old
+    checkpoint as ``checkpoint.old-<pid>``, which resume finds and the next start puts back."""
+    aside = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.rename(path, aside)
+    os.rename(tmp, path)
+    _remove(aside)
 
 
 def save_final(run: Run) -> str:
-    """The last checkpoint, final/ and the controller plot; returns the final/ directory."""
-    state = save_checkpoint(run)
+    """The last checkpoint, final/ (the student's full state dict, gathered on rank 0's CPU) and the
+    controller plot; returns the final/ directory."""
+    save_checkpoint(run)
+    state = get_model_state_dict(run.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = os.path.join(run.cfg.output_dir, "final")
     if run.main:
         _save_final(run.student, state, run.processor, run.cfg)
         from grace.plots import plot_controller
 
         plot_controller(run.history, os.path.join(run.cfg.output_dir, "controller.png"))
+    _barrier(run)
     return final
 
 
@@ -530,13 +623,16 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     cfg.validate()
     family = _model_family(cfg)
     dev = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)   # NCCL's object collectives use the current device
     rank, world = _init_distributed(dev.type)
     run = Run(cfg, dev, rank, world, family,
               frozen_dtype=torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32)
-    state = check_run_dir(cfg)
+    state = check_run_dir(cfg, world)
     _barrier(run)   # every rank has looked at the directory before rank 0 changes it
     if run.main:
         prepare_run_dir(cfg)
+    _barrier(run)   # resume reads the checkpoint where rank 0 may have just put it back
     torch.manual_seed(cfg.seed)
     build_data(run)
     build_student(run)

@@ -54,7 +54,7 @@ def cli_args(models, out, *extra) -> list[str]:
 
 @pytest.fixture(scope="module")
 def finished_run(models, tmp_path_factory):
-    """A finished 2-step run (checkpoint.pt, metrics.jsonl, final/, config.json), trained once per module."""
+    """A finished 2-step run (checkpoint/, metrics.jsonl, final/, config.json), trained once per module."""
     out = tmp_path_factory.mktemp("finished") / "run"
     with grace_kernels.use_backend("reference"):
         train(base_config(models, out), progress=False)
@@ -104,7 +104,7 @@ def assert_one_line_error(rc, err, *fragments):
 def test_train_refuses_a_directory_holding_a_run(models, run_copy, capsys):
     before = snapshot(run_copy)
     rc, err = run_cli(capsys, cli_args(models, run_copy))
-    assert_one_line_error(rc, err, str(run_copy), "--resume", "--overwrite", "checkpoint.pt")
+    assert_one_line_error(rc, err, str(run_copy), "--resume", "--overwrite", "checkpoint")
     assert snapshot(run_copy) == before
 
 
@@ -121,22 +121,35 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(models, run_copy, caps
     assert json.loads((run_copy / "config.json").read_text())["overwrite"] is True
 
 
+DEAD_PID = 2 ** 22 + 12345   # above the largest pid Linux hands out: no such process
+
+
 def test_stale_temp_files_of_a_killed_run_are_removed(models, run_copy):
-    dead = 2 ** 22 + 12345   # above the default pid_max: no such process
-    stale = [run_copy / f"checkpoint.pt.tmp-{dead}", run_copy / "final" / f"student_state.pt.tmp-{dead}"]
-    live = run_copy / f"checkpoint.pt.tmp-{os.getppid()}"   # a live process may still be writing it
+    stale_dirs = [run_copy / f"checkpoint.tmp-{DEAD_PID}", run_copy / f"checkpoint.old-{DEAD_PID}"]
+    for d in stale_dirs:
+        shutil.copytree(run_copy / "checkpoint", d)
+    stale = [run_copy / f"config.json.tmp-{DEAD_PID}", run_copy / "final" / f"student_state.pt.tmp-{DEAD_PID}"]
+    live = run_copy / f"config.json.tmp-{os.getppid()}"   # a live process may still be writing it
     for path in [*stale, live]:
         path.write_bytes(b"partial")
     train(base_config(models, run_copy, resume=True), progress=False)
-    assert not any(p.exists() for p in stale)
+    assert not any(p.exists() for p in stale + stale_dirs)
     assert live.read_bytes() == b"partial"
 
 
+def test_checkpoint_left_aside_by_a_crash_while_publishing_is_resumed(models, run_copy):
+    """A kill between the two renames of publishing leaves checkpoint/ as checkpoint.old-<pid>."""
+    (run_copy / "checkpoint").rename(run_copy / f"checkpoint.old-{DEAD_PID}")
+    result = train(base_config(models, run_copy, resume=True), progress=False)
+    assert [r["step"] for r in result.metrics] == [1, 2]
+    assert (run_copy / "checkpoint").is_dir() and not (run_copy / f"checkpoint.old-{DEAD_PID}").exists()
+
+
 def test_resume_without_checkpoint_refuses_and_keeps_metrics(models, run_copy, capsys):
-    (run_copy / "checkpoint.pt").unlink()
+    shutil.rmtree(run_copy / "checkpoint")
     before = snapshot(run_copy)
     rc, err = run_cli(capsys, cli_args(models, run_copy, "--resume"))
-    assert_one_line_error(rc, err, str(run_copy / "checkpoint.pt"), "missing", "--overwrite")
+    assert_one_line_error(rc, err, str(run_copy / "checkpoint"), "missing", "--overwrite")
     assert snapshot(run_copy) == before
 
 
@@ -160,19 +173,32 @@ def test_a_bad_metrics_line_before_the_last_is_named(tmp_path):
         _read_metrics(str(path))
 
 
-@pytest.mark.parametrize("damage", ["truncated", "empty", "not a checkpoint"])
-def test_damaged_checkpoint_is_one_line_naming_the_file(models, run_copy, capsys, damage):
-    ckpt = run_copy / "checkpoint.pt"
-    if damage == "truncated":
-        ckpt.write_bytes(ckpt.read_bytes()[: ckpt.stat().st_size // 2])
-    elif damage == "empty":
-        ckpt.write_bytes(b"")
+@pytest.mark.parametrize(("damage", "says"), [("truncated shard", "is truncated"), ("missing shard", "is missing"),
+                                             ("empty index", "cannot be read"),
+                                             ("truncated trainer state", "cannot be read"),
+                                             ("not a trainer state", "lacks")])
+def test_damaged_checkpoint_is_one_line_naming_the_file(models, run_copy, capsys, damage, says):
+    ckpt = run_copy / "checkpoint"
+    (shard,) = ckpt.glob("*.distcp")
+    state = ckpt / "trainer_state.pt"
+    if damage == "truncated shard":
+        shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+        named = shard
+    elif damage == "missing shard":
+        shard.unlink()
+        named = shard
+    elif damage == "empty index":
+        (ckpt / ".metadata").write_bytes(b"")
+        named = ckpt / ".metadata"
+    elif damage == "truncated trainer state":
+        state.write_bytes(state.read_bytes()[:100])
+        named = state
     else:
-        torch.save({"step": 2}, ckpt)
+        torch.save({"step": 2}, state)
+        named = state
     before = snapshot(run_copy)
     rc, err = run_cli(capsys, cli_args(models, run_copy, "--resume"))
-    assert_one_line_error(rc, err, str(ckpt))
-    assert ("lacks" if damage == "not a checkpoint" else "cannot be read") in err
+    assert_one_line_error(rc, err, str(named), says)
     assert snapshot(run_copy) == before
 
 
@@ -206,7 +232,7 @@ def test_resume_with_other_settings_names_them(models, run_copy, capsys):
     argv[argv.index("--group-size") + 1] = "64"
     argv[argv.index("--lr") + 1] = "2e-3"
     rc, err = run_cli(capsys, argv)
-    assert_one_line_error(rc, err, str(run_copy / "checkpoint.pt"), "group_size 64 (checkpoint: 128)",
+    assert_one_line_error(rc, err, str(run_copy / "checkpoint"), "group_size 64 (checkpoint: 128)",
                           "lr 0.002 (checkpoint: 0.001)")
     assert "save_every" not in err and "resume" not in err.split("differ")[1].split(";")[0]
     assert snapshot(run_copy) == before
@@ -286,7 +312,7 @@ def test_non_finite_loss_says_whether_a_checkpoint_exists(models, tmp_path, monk
     with pytest.raises(NonFiniteLossError, match="no checkpoint was written yet") as info:
         train(base_config(models, tmp_path / "nan", temperature=math.nan), progress=False)
     assert "intact" not in str(info.value)
-    assert isinstance(info.value, FloatingPointError) and not (tmp_path / "nan" / "checkpoint.pt").exists()
+    assert isinstance(info.value, FloatingPointError) and not (tmp_path / "nan" / "checkpoint").exists()
 
 
 # --- the CLI's error rule ---

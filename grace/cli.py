@@ -1,5 +1,11 @@
 """The ``grace`` command line. Each subcommand lives in its own module and registers itself here
-with an ``add_parser(subparsers)`` function that sets ``func`` on its parser."""
+with an ``add_parser(subparsers)`` function that sets ``func`` on its parser.
+
+Errors: an expected failure (:data:`EXPECTED_ERRORS`: a bad option or input, a file that is missing or
+cannot be read, a refused overwrite) is printed as one line, ``grace <command>: error: <message>``, on
+stderr with exit code 2, never a traceback; ``--debug`` (before or after the command) re-raises it.
+Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,11 @@ import importlib
 import json
 import sys
 
+from grace.errors import GraceError
+
+# ValueError covers GraceError and the library's argument checks; OSError covers files that are missing,
+# unreadable, or in the way (FileNotFoundError, NotADirectoryError, PermissionError, ...).
+EXPECTED_ERRORS = (GraceError, ValueError, OSError)
 # Modules that define add_parser(subparsers); each adds one or more subcommands.
 COMMAND_MODULES = [
     "grace.cli_info",
@@ -20,19 +31,32 @@ COMMAND_MODULES = [
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grace", description="GRACE: INT4 distillation of VLMs")
+    debug_help = "show the traceback of an error instead of one line"
+    parser.add_argument("--debug", action="store_true", help=debug_help)
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in COMMAND_MODULES:
         importlib.import_module(name).add_parser(sub)
+    for command in sub.choices.values():   # SUPPRESS: absent after the command, the top-level value stands
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand; returns its exit code (2 for an expected error, printed as one line)."""
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError) as e:  # configuration errors: one clear line, no traceback
-        print(f"grace {args.command}: error: {e}", file=sys.stderr)
+    except EXPECTED_ERRORS as e:
+        if args.debug:
+            raise
+        print(f"grace {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a multi-line message joined with "; ")."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    return "; ".join(lines) or type(error).__name__
 
 
 def print_json(obj) -> None:

@@ -56,8 +56,8 @@ def _export(args) -> int:
 
 def _eval(args) -> int:
     from grace.data import load_records
+    from grace.device import resolve_device
     from grace.evaluate import evaluate
-    from grace.train import resolve_device
 
     if not os.path.isfile(args.data):
         raise ValueError(f"data file not found: {args.data!r}")
@@ -77,8 +77,8 @@ def _eval(args) -> int:
 
 
 def _generate(args) -> int:
+    from grace.device import resolve_device
     from grace.evaluate import generate
-    from grace.train import resolve_device
 
     if not os.path.isfile(args.image):
         raise ValueError(f"image not found: {args.image!r}")

@@ -5,7 +5,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
+
+from grace.errors import GraceError
+
+# The LSQ scale initialisations grace_kernels.lsq_init_log_scale offers.
+INIT_METHODS = ("percentile", "mse")
 
 # The authors' released code (ForeverBlue816/GRACE, Qwen3-VL 8B -> 2B) departs from Table 6 here.
 PRESETS = {
@@ -64,10 +70,10 @@ class TrainConfig:
     adaptive_beta: bool = True
     # bookkeeping
     save_every: int = 0                # steps between checkpoints (0: only at the end)
-    resume: bool = False
+    resume: bool = False               # continue the run in output_dir from its checkpoint/
+    overwrite: bool = False            # replace the run in output_dir (without it or resume, train refuses)
     seed: int = 0
     device: str = "auto"
-    log_every: int = 1
     preset: str = "paper"
 
     @classmethod
@@ -77,7 +83,19 @@ class TrainConfig:
         return cls(**{**PRESETS[preset], **overrides, "preset": preset})
 
     def validate(self, *, check_paths: bool = True) -> None:
-        """Raise one ValueError listing every problem found before anything is loaded."""
+        """Check every option before anything is loaded.
+
+        Ranges: lr, scale_lr, max_grad_norm, temperature, gate_temperature finite and > 0; weight decays,
+        loss weights (tckd_weight, nckd_weight, omega), tau, eta finite and >= 0; 0 <= beta_min <=
+        beta_init <= beta_max, finite; ema_decay and warmup_ratio in [0, 1); batch_size, grad_accum,
+        epochs, max_length, max_steps integers >= 1; save_every, kd_warmup_steps, seed integers >= 0.
+        With ``check_paths``: the teacher's (when used) and student's config.json exist and parse, the data
+        file exists, and output_dir is not under a regular file.
+
+        Raises:
+            ValueError: one message listing every problem, each naming its option.
+            GraceError: a model's config.json is not valid JSON (the file is named).
+        """
         problems = []
         if self.bits not in (None, 4, 8):
             problems.append(f"bits must be 4, 8 or None, got {self.bits}")
@@ -87,27 +105,88 @@ class TrainConfig:
             problems.append(f"kd_type must be 'dkd' or 'kl', got {self.kd_type!r}")
         if self.scale_dtype not in (None, "bfloat16", "float16"):
             problems.append(f"scale_dtype must be bfloat16, float16 or None, got {self.scale_dtype!r}")
-        for name in ("batch_size", "grad_accum", "epochs"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be >= 1")
-        if self.max_steps is not None and self.max_steps < 1:
-            problems.append("max_steps must be >= 1")
-        if not (self.beta_min <= self.beta_init <= self.beta_max):
-            problems.append(f"beta_init {self.beta_init} must lie in [{self.beta_min}, {self.beta_max}]")
-        if self.temperature <= 0 or self.gate_temperature <= 0:
-            problems.append("temperatures must be > 0")
+        if self.init_method not in INIT_METHODS:
+            problems.append(f"init_method must be one of {', '.join(INIT_METHODS)}, got {self.init_method!r}")
+        if self.preset not in PRESETS:
+            problems.append(f"preset must be one of {', '.join(sorted(PRESETS))}, got {self.preset!r}")
+        if self.resume and self.overwrite:
+            problems.append("resume and overwrite exclude each other: continue the run or replace it")
+        for name, low in (("batch_size", 1), ("grad_accum", 1), ("epochs", 1), ("max_length", 1),
+                          ("max_steps", 1), ("save_every", 0), ("kd_warmup_steps", 0), ("seed", 0)):
+            value = getattr(self, name)
+            if name == "max_steps" and value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                problems.append(f"{name} must be an integer >= {low}, got {value!r}")
+        for name in ("lr", "scale_lr", "max_grad_norm", "temperature", "gate_temperature"):
+            value = getattr(self, name)
+            if name == "scale_lr" and value is None:
+                continue
+            if not _finite(value) or value <= 0:
+                problems.append(f"{name} must be finite and > 0, got {value!r}")
+        for name in ("weight_decay", "scale_weight_decay", "tckd_weight", "nckd_weight", "omega", "tau", "eta",
+                     "beta_min"):
+            value = getattr(self, name)
+            if name == "scale_weight_decay" and value is None:
+                continue
+            if not _finite(value) or value < 0:
+                problems.append(f"{name} must be finite and >= 0, got {value!r}")
+        for name in ("ema_decay", "warmup_ratio"):
+            value = getattr(self, name)
+            if not _finite(value) or not 0 <= value < 1:
+                problems.append(f"{name} must lie in [0, 1), got {value!r}")
+        if not (_finite(self.beta_init) and _finite(self.beta_max)):
+            problems.append(f"beta_init and beta_max must be finite, got {self.beta_init!r}, {self.beta_max!r}")
+        elif _finite(self.beta_min) and not (self.beta_min <= self.beta_init <= self.beta_max):
+            problems.append(f"beta_init {self.beta_init} must lie in [beta_min {self.beta_min}, "
+                            f"beta_max {self.beta_max}]")
         if check_paths:
             for name in ("teacher", "student"):
                 path = getattr(self, name)
                 if name == "teacher" and not (self.kd or self.rcka):
                     continue
-                if not path or not os.path.isfile(os.path.join(path, "config.json")):
+                config = os.path.join(path, "config.json") if path else ""
+                if not path or not os.path.isfile(config):
                     problems.append(f"{name} checkpoint not found: {path!r} has no config.json")
+                else:
+                    read_json(config, what=f"the {name}'s model config")
             if not self.data or not os.path.isfile(self.data):
                 problems.append(f"data file not found: {self.data!r}")
+            blocker = _file_above(self.output_dir)
+            if blocker is not None:
+                problems.append(f"output_dir {self.output_dir!r} cannot be a directory: {blocker!r} is a file")
         if problems:
-            raise ValueError("bad configuration:\n  " + "\n  ".join(problems))
+            raise ValueError("bad configuration: " + "; ".join(problems))
 
     def to_json(self, path: str) -> None:
-        with open(path, "w") as f:
+        """Write the configuration atomically (temp file + rename): a reader never sees half a file."""
+        tmp = f"{path}.tmp-{os.getpid()}"
+        with open(tmp, "w") as f:
             json.dump(dataclasses.asdict(self), f, indent=1)
+        os.replace(tmp, path)
+
+
+def read_json(path: str, *, what: str = "JSON file"):
+    """The parsed content of ``path``. Raises GraceError naming the file when it is not valid JSON."""
+    with open(path) as f:
+        text = f.read()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise GraceError(f"{path}: {what} is not valid JSON ({e}); fix or replace the file") from None
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _file_above(path: str) -> str | None:
+    """The first existing non-directory on the way from ``path`` up to the root, or None."""
+    path = os.path.abspath(path)
+    while True:
+        if os.path.exists(path):
+            return None if os.path.isdir(path) else path
+        parent = os.path.dirname(path)
+        if parent == path:
+            return None
+        path = parent

@@ -16,34 +16,68 @@ sees are averaged over ranks too, so every rank holds the same beta. As with any
 per-rank means, this equals the single-process loss exactly when ranks hold equal numbers of supervised
 tokens (and of images, for RCKA).
 
+Stages, over one :class:`Run` state: :func:`prepare_run_dir` (refuse to overwrite a run, clean up after a
+killed one), :func:`build_data`, :func:`build_student` (load, freeze the vision tower, quantize, shard),
+:func:`build_teacher`, :func:`build_optimizer`, :func:`resume`, :func:`train_step` (one optimizer step),
+:func:`save_checkpoint` and :func:`save_final`; :func:`train` runs them in that order.
+
 Run directory:
     config.json        the TrainConfig of the run (ablation switches included)
     metrics.jsonl      one line per optimizer step
-    checkpoint.pt      written every save_every steps and at the end, atomically (temp file + rename)
+    checkpoint/        written every save_every steps and at the end with torch.distributed.checkpoint:
+                       every rank writes its shard of the student and optimizer (one .distcp file each),
+                       rank 0 adds trainer_state.pt (schedule, controller, data position, RNG, step,
+                       config); written into checkpoint.tmp-<pid>/, then renamed into place. It resumes on
+                       any number of ranks (DCP reshards on load).
     final/             student state (weights + log-scales), quantization.json, model config, processor
     controller.png     beta and the EMA of GDKD against tau, and the losses, over steps
+A directory holding any of these is a run: ``train`` refuses it unless ``resume`` (continue from
+checkpoint/) or ``overwrite`` (delete these files first) is set.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
+import shutil
 import time
 import types
+import warnings
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_state_dict,
+)
 from tqdm.auto import tqdm
 
-from grace.config import TrainConfig
+from grace.config import TrainConfig, read_json
 from grace.controller import AdaptiveIBController
 from grace.data import ConversationDataset, collate, load_records
+from grace.device import resolve_device
+from grace.errors import GraceError, NonFiniteLossError
 from grace.families import check_pair, family_of
 from grace.objective import student_objective, teacher_outputs
 from grace.quantize import quantize_model
+
+RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final", "controller.png")
+TRAINER_STATE = "trainer_state.pt"   # inside checkpoint/, beside the DCP shards
+TRAINER_STATE_KEYS = ("scheduler", "controller", "data_position", "rng_cpu", "step", "world_size", "config")
+# Options that may differ between a checkpoint and the run resuming it: where files live, which device runs,
+# and how often to save; every other option changes the trajectory, so a difference is refused. batch_size
+# is compared as batch_size x world size, the global batch, so a run may resume on another number of ranks.
+RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "device", "save_every", "teacher", "student",
+                               "data", "image_folder", "gradient_checkpointing", "batch_size"})
+LOSS_KEYS = ("loss", "ce", "gdkd", "rcka", "gate")
 
 
 @dataclasses.dataclass
@@ -55,12 +89,43 @@ class TrainResult:
     skipped: dict
 
 
-def resolve_device(name: str, local_rank: int = 0) -> torch.device:
-    """"auto" is the GPU when there is one, else the CPU; a bare "cuda" is this rank's GPU."""
-    dev = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local_rank)
-    return dev
+@dataclasses.dataclass
+class Run:
+    """What the stages of one training run share. ``frozen_dtype`` is the dtype of the frozen parts (the
+    teacher and the student's vision tower): bfloat16 when ``cfg.bf16`` on CUDA, else float32."""
+
+    cfg: TrainConfig
+    device: torch.device
+    rank: int
+    world: int
+    family: Any
+    frozen_dtype: torch.dtype
+    processor: Any = None
+    dataset: ConversationDataset | None = None
+    student: torch.nn.Module | None = None
+    objective: Any = None                       # student_objective bound to the (sharded) student
+    teacher: torch.nn.Module | None = None
+    optimizer: torch.optim.Optimizer | None = None
+    scheduler: Any = None
+    params: list[torch.nn.Parameter] = dataclasses.field(default_factory=list)   # the clipped ones
+    controller: AdaptiveIBController | None = None
+    batches: _Batches | None = None
+    total_steps: int = 0
+    step: int = 0                               # optimizer steps done
+    last_checkpoint: int | None = None          # the step checkpoint/ holds, None before the first
+    history: list[dict] = dataclasses.field(default_factory=list)
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def checkpoint_path(self) -> str:
+        return os.path.join(self.cfg.output_dir, "checkpoint")
+
+    @property
+    def metrics_path(self) -> str:
+        return os.path.join(self.cfg.output_dir, "metrics.jsonl")
 
 
 def _init_distributed(dev_type: str) -> tuple[int, int]:
@@ -69,6 +134,11 @@ def _init_distributed(dev_type: str) -> tuple[int, int]:
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if dev_type == "cuda" else "gloo")
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def _barrier(run: Run) -> None:
+    if run.world > 1:
+        dist.barrier()
 
 
 def _shard_student(student, family) -> None:
@@ -105,9 +175,16 @@ def _schedule(total: int, warmup_ratio: float):
 
 
 def _save_atomic(obj, path: str) -> None:
+    """torch.save to ``path.tmp-<pid>``, then rename: a crash before the rename leaves the previous file
+    intact (and a temp file that :func:`prepare_run_dir` removes at the next start)."""
     tmp = f"{path}.tmp-{os.getpid()}"
-    torch.save(obj, tmp)
-    os.replace(tmp, path)   # a crash before this line leaves the previous checkpoint intact
+    try:
+        torch.save(obj, tmp)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    os.replace(tmp, path)
 
 
 class _Batches:
@@ -130,153 +207,354 @@ class _Batches:
         return idx
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    cfg.validate()
-    from transformers import AutoConfig, AutoProcessor
+# --- stage 1: the run directory ---
 
-    use_teacher = cfg.kd or cfg.rcka
-    s_conf = AutoConfig.from_pretrained(cfg.student)
-    family = check_pair(AutoConfig.from_pretrained(cfg.teacher), s_conf) if use_teacher else family_of(s_conf)
-    dev = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
-    rank, world = _init_distributed(dev.type)
-    main = rank == 0
-    if main:
-        os.makedirs(cfg.output_dir, exist_ok=True)
-        cfg.to_json(os.path.join(cfg.output_dir, "config.json"))
-    torch.manual_seed(cfg.seed)
+def check_run_dir(cfg: TrainConfig, world: int = 1) -> dict | None:
+    """Decide, without changing anything, whether training may use ``cfg.output_dir``; every rank runs it.
 
-    processor = AutoProcessor.from_pretrained(cfg.student)
-    dataset = ConversationDataset(load_records(cfg.data), processor, cfg.image_folder, cfg.max_length)
-    if dataset.skipped and main:
-        print(f"data: kept {len(dataset)} samples, skipped {sum(dataset.skipped.values())}: {dict(dataset.skipped)}")
-    if len(dataset) == 0:
-        raise ValueError(f"no usable sample in {cfg.data}")
-    pad_id = processor.tokenizer.pad_token_id
+    Returns the trainer state of the checkpoint to resume from (read, its shards' sizes checked against
+    their index, its settings checked against ``cfg`` run on ``world`` ranks), or None to start at step 0.
 
-    half = torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32
-    student = _load_model(cfg.student, torch.float32, dev)
+    Raises:
+        GraceError: the directory holds a run and neither ``resume`` nor ``overwrite`` is set; ``resume`` of a
+            run that logged steps but has no checkpoint/; a checkpoint that cannot be read, is truncated or
+            lacks entries; the run's config.json is not valid JSON; settings that differ from the checkpoint's.
+    """
+    out = cfg.output_dir
+    present = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
+    if not cfg.resume:
+        if present and not cfg.overwrite:
+            raise GraceError(f"{out} already holds a run ({', '.join(present)}): pass --resume to continue it "
+                             "or --overwrite to replace it")
+        return None
+    if "config.json" in present:
+        read_json(os.path.join(out, "config.json"), what="the run's configuration")
+    ckpt = _find_checkpoint(out)
+    if ckpt is None:
+        if _read_metrics(os.path.join(out, "metrics.jsonl")):
+            raise GraceError(f"cannot resume: {os.path.join(out, 'checkpoint')} is missing (the run logged steps "
+                             "but left no checkpoint); pass --overwrite instead of --resume to train it again "
+                             "from step 0")
+        return None
+    state = _read_checkpoint(ckpt)
+    _check_same_settings(state, cfg, world, ckpt)
+    return state
+
+
+def _find_checkpoint(out: str) -> str | None:
+    """checkpoint/, or the previous one a crash left renamed aside while publishing a new one."""
+    path = os.path.join(out, "checkpoint")
+    if os.path.isdir(path):
+        return path
+    aside = sorted(glob.glob(os.path.join(glob.escape(out), "checkpoint.old-*")))
+    return aside[-1] if aside else None
+
+
+def _read_checkpoint(path: str) -> dict:
+    """The trainer state of checkpoint directory ``path``, after checking that every shard file the DCP index
+    names exists and is long enough (a truncated shard would otherwise fail deep inside the load)."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    hint = "pass --overwrite instead of --resume to train again from step 0"
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:   # missing, empty or cut-short .metadata
+        raise GraceError(f"{os.path.join(path, '.metadata')} cannot be read ({_first_line(e)}): the checkpoint "
+                         f"is incomplete; {hint}") from e
+    needed: dict[str, int] = {}
+    for info in metadata.storage_data.values():
+        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(needed.items()):
+        shard = os.path.join(path, name)
+        have = os.path.getsize(shard) if os.path.isfile(shard) else None
+        if have is None or have < size:
+            state = "missing" if have is None else f"truncated ({have} of {size} bytes)"
+            raise GraceError(f"{shard} is {state}: the checkpoint is incomplete; {hint}")
+    state_path = os.path.join(path, TRAINER_STATE)
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=False)
+    except Exception as e:   # torch reports a truncated file as RuntimeError, EOFError or UnpicklingError
+        raise GraceError(f"{state_path} cannot be read ({_first_line(e)}): it is truncated or missing; {hint}") from e
+    missing = [k for k in TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise GraceError(f"{state_path} is not a grace trainer state: it lacks {', '.join(missing)}")
+    return state
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [type(e).__name__])[0]
+
+
+def _check_same_settings(state: dict, cfg: TrainConfig, world: int, path: str) -> None:
+    saved, now = state["config"], dataclasses.asdict(cfg)
+    differ = [f"{k} {now[k]!r} (checkpoint: {saved[k]!r})" for k in now
+              if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
+    if saved["batch_size"] * state["world_size"] != cfg.batch_size * world:
+        differ.append(f"batch_size x ranks {cfg.batch_size} x {world} (checkpoint: {saved['batch_size']} x "
+                      f"{state['world_size']})")
+    if differ:
+        raise GraceError(f"cannot resume {path}: settings differ from the checkpoint's: {', '.join(differ)}; "
+                         "resume with the checkpoint's settings or pass --overwrite to start again")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> None:
+    """Rank 0 only, after :func:`check_run_dir` passed on every rank: create the directory, put back a
+    checkpoint a crash left renamed aside, delete what a killed process left (temp files and directories,
+    superseded checkpoints), delete the old run's files under ``overwrite``, write config.json."""
+    out = cfg.output_dir
+    os.makedirs(out, exist_ok=True)
+    ckpt = os.path.join(out, "checkpoint")
+    aside = _find_checkpoint(out)
+    if aside is not None and aside != ckpt:
+        os.rename(aside, ckpt)
+    pattern = os.path.join(glob.escape(out), "{}")
+    leftovers = (glob.glob(pattern.format("*.tmp-*")) + glob.glob(pattern.format("checkpoint.old-*"))
+                 + glob.glob(os.path.join(glob.escape(out), "final", "*.tmp-*")))
+    for path in leftovers:
+        pid = path.rsplit("-", 1)[1]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            _remove(path)
+    if cfg.overwrite:
+        for name in RUN_FILES:
+            _remove(os.path.join(out, name))
+    cfg.to_json(os.path.join(out, "config.json"))
+
+
+def _remove(path: str) -> None:
+    if os.path.isdir(path) and not os.path.islink(path):
+        shutil.rmtree(path)
+    elif os.path.lexists(path):
+        os.remove(path)
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:   # another user's live process
+        return True
+    return True
+
+
+# --- stage 2: data and models ---
+
+def build_data(run: Run) -> None:
+    """The processor and the dataset (bad samples skipped and counted, reported once by rank 0)."""
+    from transformers import AutoProcessor
+
+    cfg = run.cfg
+    run.processor = AutoProcessor.from_pretrained(cfg.student)
+    try:
+        records = load_records(cfg.data)
+    except json.JSONDecodeError as e:
+        raise GraceError(f"{cfg.data}: the data file is not valid JSON ({e})") from None
+    run.dataset = ConversationDataset(records, run.processor, cfg.image_folder, cfg.max_length)
+    skipped = run.dataset.skipped
+    if skipped and run.main:
+        print(f"data: kept {len(run.dataset)} samples, skipped {sum(skipped.values())}: {dict(skipped)}")
+    if len(run.dataset) == 0:
+        raise GraceError(f"no usable sample in {cfg.data}: {dict(skipped)}")
+
+
+def build_student(run: Run) -> None:
+    """Load the student in float32, freeze (and cast to ``frozen_dtype``) its vision tower, swap the
+    backbone's linear layers for QuantLinear, enable gradient checkpointing, and shard it under torchrun."""
+    cfg = run.cfg
+    student = _load_model(cfg.student, torch.float32, run.device)
     if cfg.freeze_vision:
-        family.vision_tower(student).requires_grad_(False).to(half)
+        run.family.vision_tower(student).requires_grad_(False).to(run.frozen_dtype)
     if cfg.bits is not None:
         quantize_model(student, bits=cfg.bits, group_size=cfg.group_size, method=cfg.init_method,
                        scale_dtype=getattr(torch, cfg.scale_dtype) if cfg.scale_dtype else None)
     if cfg.gradient_checkpointing:
         student.gradient_checkpointing_enable()
-    if world > 1:
-        _shard_student(student, family)
-    objective = student.grace_objective if world > 1 else types.MethodType(student_objective, student)
-    teacher = _load_model(cfg.teacher, half, dev).eval().requires_grad_(False) if use_teacher else None
+    if run.world > 1:
+        _shard_student(student, run.family)
+        run.objective = student.grace_objective
+    else:
+        run.objective = types.MethodType(student_objective, student)
+    run.student = student
 
-    scales = [p for n, p in student.named_parameters() if p.requires_grad and n.endswith("log_scale")]
-    weights = [p for n, p in student.named_parameters() if p.requires_grad and not n.endswith("log_scale")]
-    opt = torch.optim.AdamW([
+
+def build_teacher(run: Run) -> None:
+    """The frozen teacher in ``frozen_dtype``, replicated on every rank; None when neither KD nor RCKA."""
+    if run.cfg.kd or run.cfg.rcka:
+        run.teacher = _load_model(run.cfg.teacher, run.frozen_dtype, run.device).eval().requires_grad_(False)
+
+
+def build_optimizer(run: Run) -> None:
+    """AdamW with two groups (weights; LSQ log-scales with their own lr and weight decay), the warmup +
+    cosine schedule over the run's total steps, the beta controller, and the batch order."""
+    cfg = run.cfg
+    trainable = [(n, p) for n, p in run.student.named_parameters() if p.requires_grad]
+    scales = [p for n, p in trainable if n.endswith("log_scale")]
+    weights = [p for n, p in trainable if not n.endswith("log_scale")]
+    run.params = weights + scales
+    run.optimizer = torch.optim.AdamW([
         {"params": weights, "lr": cfg.lr, "weight_decay": cfg.weight_decay},
         {"params": scales, "lr": cfg.scale_lr or cfg.lr,
          "weight_decay": cfg.weight_decay if cfg.scale_weight_decay is None else cfg.scale_weight_decay},
     ])
-    per_step = cfg.batch_size * cfg.grad_accum * world
-    total = cfg.max_steps or cfg.epochs * math.ceil(len(dataset) / per_step)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
-    controller = AdaptiveIBController(cfg.tau, cfg.eta, cfg.beta_init, cfg.beta_min, cfg.beta_max, cfg.ema_decay,
-                                      adaptive=cfg.adaptive_beta)
-    batches = _Batches(len(dataset), cfg.batch_size * world, cfg.seed)
-    ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
-    metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
-    start = 0
-    if cfg.resume and os.path.exists(ckpt_path):
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
-        set_state_dict(student, opt, model_state_dict=state["student"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(full_state_dict=True))
-        sched.load_state_dict(state["scheduler"])
-        controller.load_state_dict(state["controller"])
-        batches = _Batches(len(dataset), cfg.batch_size * world, cfg.seed, *state["data_position"])
-        torch.set_rng_state(state["rng_cpu"])
-        if dev.type == "cuda" and state.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(state["rng_cuda"])
-        start = state["step"]
-        if main:
-            _truncate_metrics(metrics_path, start)
-    elif main and os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    per_step = cfg.batch_size * cfg.grad_accum * run.world
+    run.total_steps = cfg.max_steps or cfg.epochs * math.ceil(len(run.dataset) / per_step)
+    run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, _schedule(run.total_steps, cfg.warmup_ratio))
+    run.controller = AdaptiveIBController(cfg.tau, cfg.eta, cfg.beta_init, cfg.beta_min, cfg.beta_max,
+                                          cfg.ema_decay, adaptive=cfg.adaptive_beta)
+    run.batches = _Batches(len(run.dataset), cfg.batch_size * run.world, cfg.seed)
 
-    def checkpoint(step: int) -> dict:
-        # Full (unsharded) state dicts keyed by parameter name: a checkpoint written by P ranks resumes
-        # on any number of ranks, single process included. Every rank takes part in the gather.
-        model_sd, optim_sd = get_state_dict(student, opt, options=StateDictOptions(full_state_dict=True,
-                                                                                   cpu_offload=True))
-        if main:
-            _save_atomic({"student": model_sd, "optimizer": optim_sd, "scheduler": sched.state_dict(),
-                          "controller": controller.state_dict(), "data_position": (batches.epoch, batches.offset),
-                          "rng_cpu": torch.get_rng_state(),
-                          "rng_cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None, "step": step,
-                          "world_size": world, "config": dataclasses.asdict(cfg)}, ckpt_path)
-        if world > 1:
-            dist.barrier()
-        return model_sd
 
-    student.train()
-    history = _read_metrics(metrics_path) if main else []
-    bar = tqdm(range(start, total), initial=start, total=total, desc="GRACE", disable=not (progress and main))
-    for step in bar:
-        t0 = time.perf_counter()
-        kd_scale = min(1.0, (step + 1) / cfg.kd_warmup_steps) if cfg.kd_warmup_steps else 1.0
-        sums = {"loss": 0.0, "ce": 0.0, "gdkd": 0.0, "rcka": 0.0, "gate": 0.0}
-        tokens = 0
-        for micro in range(cfg.grad_accum):
-            ids = batches.next()[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            batch = {k: v.to(dev) for k, v in collate([dataset[i] for i in ids], pad_id).items()}
-            if "pixel_values" in batch:
-                batch["pixel_values"] = batch["pixel_values"].to(half)
-            if world > 1:   # reduce-scatter gradients once per optimizer step, not per micro-batch
-                student.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda"):
-                t_out = teacher_outputs(teacher, family, batch, kd=cfg.kd, rcka=cfg.rcka)
-                parts = objective(family, batch, t_out, beta=controller.beta, omega=cfg.omega, kd=cfg.kd,
+# --- stage 3: resume ---
+
+def resume(run: Run, state: dict | None) -> None:
+    """Restore the student and optimizer from checkpoint/ (each rank loads what its shards need, whatever the
+    world size that wrote it), and the schedule, controller, batch position and RNG from ``state`` (its
+    trainer state, read by :func:`check_run_dir`); cut metrics.jsonl back to its step. With no state, start
+    at step 0 with an empty log."""
+    if state is None:
+        if run.main and os.path.exists(run.metrics_path):
+            os.remove(run.metrics_path)
+        return
+    path = _find_checkpoint(run.cfg.output_dir)
+    model_sd, optim_sd = get_state_dict(run.student, run.optimizer)   # the shapes to load into
+    shards = {"student": model_sd, "optimizer": optim_sd}
+    with _single_process_dcp(run):
+        dcp.load(shards, checkpoint_id=path, no_dist=run.world == 1)
+    set_state_dict(run.student, run.optimizer, model_state_dict=shards["student"],
+                   optim_state_dict=shards["optimizer"])
+    run.scheduler.load_state_dict(state["scheduler"])
+    run.controller.load_state_dict(state["controller"])
+    run.batches = _Batches(len(run.dataset), run.cfg.batch_size * run.world, run.cfg.seed, *state["data_position"])
+    torch.set_rng_state(state["rng_cpu"])
+    if run.device.type == "cuda" and state.get("rng_cuda") is not None:
+        torch.cuda.set_rng_state(state["rng_cuda"])
+    run.step = run.last_checkpoint = state["step"]
+    if run.main:
+        _truncate_metrics(run.metrics_path, run.step)
+        run.history = _read_metrics(run.metrics_path)
+
+
+# --- stage 4: the loop ---
+
+def train_step(run: Run) -> dict:
+    """One optimizer step (``grad_accum`` micro-batches of ``batch_size`` per rank), then the controller's
+    update. Returns the step's log row: losses averaged over micro-batches and ranks, beta, lr, tokens.
+
+    Raises:
+        NonFiniteLossError: the loss is NaN or infinite (before the optimizer step: the student is unchanged).
+    """
+    cfg, step = run.cfg, run.step
+    t0 = time.perf_counter()
+    kd_scale = min(1.0, (step + 1) / cfg.kd_warmup_steps) if cfg.kd_warmup_steps else 1.0
+    sums = dict.fromkeys(LOSS_KEYS, 0.0)
+    tokens = 0
+    for micro in range(cfg.grad_accum):
+        ids = run.batches.next()[run.rank * cfg.batch_size:(run.rank + 1) * cfg.batch_size]
+        batch = {k: v.to(run.device) for k, v in
+                 collate([run.dataset[i] for i in ids], run.processor.tokenizer.pad_token_id).items()}
+        if "pixel_values" in batch:
+            batch["pixel_values"] = batch["pixel_values"].to(run.frozen_dtype)
+        if run.world > 1:   # reduce-scatter gradients once per optimizer step, not per micro-batch
+            run.student.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and run.device.type == "cuda"):
+            t_out = teacher_outputs(run.teacher, run.family, batch, kd=cfg.kd, rcka=cfg.rcka)
+            parts = run.objective(run.family, batch, t_out, beta=run.controller.beta, omega=cfg.omega, kd=cfg.kd,
                                   rcka=cfg.rcka, kd_scale=kd_scale, temperature=cfg.temperature,
                                   tckd_weight=cfg.tckd_weight, nckd_weight=cfg.nckd_weight, gate=cfg.gate,
                                   gate_temperature=cfg.gate_temperature, kd_type=cfg.kd_type)
-            (parts.total / cfg.grad_accum).backward()
-            for k, v in (("loss", parts.total), ("ce", parts.ce), ("gdkd", parts.gdkd), ("rcka", parts.rcka),
-                         ("gate", parts.gate_mean)):
-                sums[k] += float(v.detach()) / cfg.grad_accum
-            tokens += parts.tokens
-        if world > 1:   # every rank logs, and feeds the controller, the mean over ranks
-            packed = torch.tensor([*sums.values(), tokens], dtype=torch.float64, device=dev)
-            dist.all_reduce(packed)
-            sums = {k: float(v) / world for k, v in zip(sums, packed[:-1].tolist(), strict=True)}
-            tokens = int(packed[-1])
-        if not math.isfinite(sums["loss"]):
-            raise FloatingPointError(f"non-finite loss at step {step}: {sums}; the last checkpoint is intact")
-        torch.nn.utils.clip_grad_norm_(weights + scales, cfg.max_grad_norm)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        if cfg.kd:
-            controller.update(sums["gdkd"])
-        dt = time.perf_counter() - t0
-        row = {"step": step + 1, **{k: round(v, 6) for k, v in sums.items()}, "beta": controller.beta,
-               "ema_gdkd": controller.ema, "tau": cfg.tau, "lr": sched.get_last_lr()[0], "tokens": tokens,
-               "tokens_per_s": round(tokens / dt, 1)}
-        history.append(row)
-        if main:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", gdkd=f"{sums['gdkd']:.3f}",
-                        rcka=f"{sums['rcka']:.3f}", beta=f"{controller.beta:.3f}", gate=f"{sums['gate']:.2f}",
-                        tok_s=f"{tokens / dt:.0f}")
-        if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
-            checkpoint(step + 1)   # the last step's checkpoint is written once, below
-    final_state = checkpoint(total)
-    final_dir = os.path.join(cfg.output_dir, "final")
-    if main:
-        _save_final(student, final_state, processor, cfg)
+        (parts.total / cfg.grad_accum).backward()
+        for k, v in zip(LOSS_KEYS, (parts.total, parts.ce, parts.gdkd, parts.rcka, parts.gate_mean), strict=True):
+            sums[k] += float(v.detach()) / cfg.grad_accum
+        tokens += parts.tokens
+    if run.world > 1:   # every rank logs, and feeds the controller, the mean over ranks
+        packed = torch.tensor([*sums.values(), tokens], dtype=torch.float64, device=run.device)
+        dist.all_reduce(packed)
+        sums = {k: float(v) / run.world for k, v in zip(sums, packed[:-1].tolist(), strict=True)}
+        tokens = int(packed[-1])
+    if not math.isfinite(sums["loss"]):
+        kept = (f"the last checkpoint ({run.checkpoint_path}, step {run.last_checkpoint}) is intact"
+                if run.last_checkpoint is not None else "no checkpoint was written yet")
+        raise NonFiniteLossError(f"non-finite loss at step {step + 1}: {sums}; {kept}")
+    torch.nn.utils.clip_grad_norm_(run.params, cfg.max_grad_norm)
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if cfg.kd:
+        run.controller.update(sums["gdkd"])
+    run.step += 1
+    dt = time.perf_counter() - t0
+    return {"step": run.step, **{k: round(v, 6) for k, v in sums.items()}, "beta": run.controller.beta,
+            "ema_gdkd": run.controller.ema, "tau": cfg.tau, "lr": run.scheduler.get_last_lr()[0], "tokens": tokens,
+            "tokens_per_s": round(tokens / dt, 1)}
+
+
+def log_step(run: Run, row: dict) -> None:
+    run.history.append(row)
+    if run.main:
+        with open(run.metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+# --- stage 5: checkpoints and the final model ---
+
+def save_checkpoint(run: Run) -> None:
+    """Write checkpoint/ for ``run.step``: every rank writes its shard of the student and optimizer state into
+    ``checkpoint.tmp-<rank 0's pid>/``, rank 0 adds trainer_state.pt and renames the directory into place."""
+    model_sd, optim_sd = get_state_dict(run.student, run.optimizer)   # sharded under FSDP: no gather
+    tmp = [f"{run.checkpoint_path}.tmp-{os.getpid()}"]
+    if run.world > 1:
+        dist.broadcast_object_list(tmp, src=0)
+    tmp = tmp[0]
+    if run.main:
+        _remove(tmp)
+    _barrier(run)
+    with _single_process_dcp(run):
+        dcp.save({"student": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=run.world == 1)
+    if run.main:
+        torch.save({"scheduler": run.scheduler.state_dict(), "controller": run.controller.state_dict(),
+                    "data_position": (run.batches.epoch, run.batches.offset), "rng_cpu": torch.get_rng_state(),
+                    "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
+                    "step": run.step, "world_size": run.world, "config": dataclasses.asdict(run.cfg)},
+                   os.path.join(tmp, TRAINER_STATE))
+        _publish_checkpoint(tmp, run.checkpoint_path)
+    run.last_checkpoint = run.step
+    _barrier(run)
+
+
+@contextlib.contextmanager
+def _single_process_dcp(run: Run):
+    """DCP warns on every single-process save and load, which is this trainer's intended use without torchrun."""
+    with warnings.catch_warnings():
+        if run.world == 1:
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        yield
+
+
+def _publish_checkpoint(tmp: str, path: str) -> None:
+    """Replace checkpoint/ by the complete directory ``tmp``. Between the two renames a crash leaves the old
+    checkpoint as ``checkpoint.old-<pid>``, which resume finds and the next start puts back."""
+    aside = f"{path}.old-{os.getpid()}"
+    if os.path.exists(path):
+        os.rename(path, aside)
+    os.rename(tmp, path)
+    _remove(aside)
+
+
+def save_final(run: Run) -> str:
+    """The last checkpoint, final/ (the student's full state dict, gathered on rank 0's CPU) and the
+    controller plot; returns the final/ directory."""
+    save_checkpoint(run)
+    state = get_model_state_dict(run.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    final = os.path.join(run.cfg.output_dir, "final")
+    if run.main:
+        _save_final(run.student, state, run.processor, run.cfg)
         from grace.plots import plot_controller
 
-        plot_controller(history, os.path.join(cfg.output_dir, "controller.png"))
-    if world > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return TrainResult(cfg.output_dir, final_dir, total, history, dict(dataset.skipped))
+        plot_controller(run.history, os.path.join(run.cfg.output_dir, "controller.png"))
+    _barrier(run)
+    return final
 
 
 def _save_final(student, state_dict: dict, processor, cfg: TrainConfig) -> str:
@@ -297,14 +575,84 @@ def _save_final(student, state_dict: dict, processor, cfg: TrainConfig) -> str:
 
 
 def _read_metrics(path: str) -> list[dict]:
+    """The rows of metrics.jsonl. A last line that does not parse is a write cut short by a crash and is
+    dropped; a bad line before it raises GraceError naming the file and line."""
     if not os.path.exists(path):
         return []
     with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
+    rows = []
+    for j, (i, line) in enumerate(lines):
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if j == len(lines) - 1:
+                break
+            raise GraceError(f"{path}:{i} is not a JSON line; fix or delete that line") from None
+    return rows
 
 
 def _truncate_metrics(path: str, step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed (a crash between the two)."""
+    """Drop log lines written after the checkpoint being resumed (a crash between the two), and a last line
+    cut short by the crash."""
     rows = [r for r in _read_metrics(path) if r["step"] <= step]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+# --- the whole run ---
+
+def _model_family(cfg: TrainConfig):
+    from transformers import AutoConfig
+
+    s_conf = AutoConfig.from_pretrained(cfg.student)
+    if cfg.kd or cfg.rcka:
+        return check_pair(AutoConfig.from_pretrained(cfg.teacher), s_conf)
+    return family_of(s_conf)
+
+
+def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+    """Run GRACE training as ``cfg`` says (see the module docstring); returns the metrics and final/.
+
+    Raises:
+        ValueError: a bad option (:meth:`TrainConfig.validate`), before anything is loaded.
+        GraceError: the run directory cannot be used as asked (see :func:`check_run_dir`), or no sample of
+            the data is usable.
+        NonFiniteLossError: the loss became NaN or infinite; the message says which checkpoint is left.
+    """
+    cfg.validate()
+    family = _model_family(cfg)
+    dev = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)   # NCCL's object collectives use the current device
+    rank, world = _init_distributed(dev.type)
+    run = Run(cfg, dev, rank, world, family,
+              frozen_dtype=torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32)
+    state = check_run_dir(cfg, world)
+    _barrier(run)   # every rank has looked at the directory before rank 0 changes it
+    if run.main:
+        prepare_run_dir(cfg)
+    _barrier(run)   # resume reads the checkpoint where rank 0 may have just put it back
+    torch.manual_seed(cfg.seed)
+    build_data(run)
+    build_student(run)
+    build_teacher(run)
+    build_optimizer(run)
+    resume(run, state)
+    del state
+    run.student.train()
+    bar = tqdm(range(run.step, run.total_steps), initial=run.step, total=run.total_steps, desc="GRACE",
+               disable=not (progress and run.main))
+    for _ in bar:
+        row = train_step(run)
+        log_step(run, row)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", gdkd=f"{row['gdkd']:.3f}",
+                        rcka=f"{row['rcka']:.3f}", beta=f"{row['beta']:.3f}", gate=f"{row['gate']:.2f}",
+                        tok_s=f"{row['tokens_per_s']:.0f}")
+        if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total_steps:
+            save_checkpoint(run)   # the last step's checkpoint is written once, by save_final
+    final_dir = save_final(run)
+    if world > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return TrainResult(cfg.output_dir, final_dir, run.total_steps, run.history, dict(run.dataset.skipped))

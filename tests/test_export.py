@@ -443,7 +443,7 @@ def test_tied_embeddings_are_saved_once_and_tied_again(llava_run, tmp_path, refe
 
 def test_load_model_dispatches_on_the_directory(bf16_run):
     run = bf16_run
-    types = lambda model: {type(m) for m in model.modules()}  # noqa: E731
+    types = lambda model: {type(m) for m in model.modules()}
     for path in (run["run"], os.path.join(run["run"], "final")):
         model, processor = load_model(path)
         assert QuantLinear in types(model) and W4A16Linear not in types(model) and processor is not None

@@ -191,18 +191,17 @@ def test_resume_continues_bit_for_bit(setup, tmp_path, monkeypatch):
         pytest.skip("one family is enough for the checkpoint logic")
     full = train(config(setup, tmp_path / "full", max_steps=4, save_every=2), progress=False)
 
-    real_save = train_mod._save_atomic
+    real_publish = train_mod._publish_checkpoint
 
-    def crash_after_first_checkpoint(obj, path):
-        real_save(obj, path)
-        if path.endswith("checkpoint.pt"):
-            raise KeyboardInterrupt("simulated kill after step 2")
+    def crash_after_first_checkpoint(tmp, path):
+        real_publish(tmp, path)
+        raise KeyboardInterrupt("simulated kill after step 2")
 
-    monkeypatch.setattr(train_mod, "_save_atomic", crash_after_first_checkpoint)
+    monkeypatch.setattr(train_mod, "_publish_checkpoint", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(config(setup, tmp_path / "cut", max_steps=4, save_every=2), progress=False)
-    monkeypatch.setattr(train_mod, "_save_atomic", real_save)
-    assert torch.load(tmp_path / "cut" / "checkpoint.pt", weights_only=False)["step"] == 2
+    monkeypatch.setattr(train_mod, "_publish_checkpoint", real_publish)
+    assert torch.load(tmp_path / "cut" / "checkpoint" / train_mod.TRAINER_STATE, weights_only=False)["step"] == 2
     resumed = train(config(setup, tmp_path / "cut", max_steps=4, save_every=2, resume=True), progress=False)
     assert [r["loss"] for r in resumed.metrics] == [r["loss"] for r in full.metrics]
     assert [r["beta"] for r in resumed.metrics] == [r["beta"] for r in full.metrics]
@@ -255,3 +254,19 @@ def test_torchrun_two_processes_match_single_process(setup, tmp_path):
         assert d["tokens"] == s["tokens"]
     state = torch.load(tmp_path / "dist" / "final" / "student_state.pt")
     assert all(not hasattr(v, "device_mesh") for v in state.values())   # gathered, not sharded
+
+    # The 2 ranks' sharded checkpoint resumes in 1 process (same global batch): the student and AdamW states
+    # it loads and saves again are the ones the 2 ranks wrote, bit for bit.
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(tmp_path / "dist" / "checkpoint", tmp_path / "two_ranks.pt")
+    resumed = train(config(setup, tmp_path / "dist", max_steps=3, batch_size=2, grad_accum=2, resume=True),
+                    progress=False)
+    assert resumed.metrics == rows
+    dcp_to_torch_save(tmp_path / "dist" / "checkpoint", tmp_path / "one_rank.pt")
+    two, one = torch.load(tmp_path / "two_ranks.pt"), torch.load(tmp_path / "one_rank.pt")
+    assert two["student"].keys() == one["student"].keys() and two["optimizer"]["state"]
+    torch.testing.assert_close(one["student"], two["student"], rtol=0, atol=0)
+    torch.testing.assert_close(one["optimizer"]["state"], two["optimizer"]["state"], rtol=0, atol=0)
+    final = torch.load(os.path.join(resumed.final_dir, "student_state.pt"))
+    torch.testing.assert_close(final, state, rtol=0, atol=0)

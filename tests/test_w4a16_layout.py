@@ -126,7 +126,7 @@ def dequant_word(q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     1024 is replaced by 128 and every nibble pair is shifted down to bits 0..3 first.
     """
     if dtype == torch.float16:
-        one = lambda v: torch.full_like(v, 1.0, dtype=torch.float16)  # noqa: E731
+        one = lambda v: torch.full_like(v, 1.0, dtype=torch.float16)
         pairs = []
         for word in (q, q >> 8):
             lo = half2(lop3_and_or(word, MASK_LO, FP16_EXP), dtype)      # 1024 + u

@@ -9,6 +9,7 @@ import math
 import os
 
 from grace.errors import GraceError
+from grace_kernels.int4 import GROUP_SIZES
 
 # The LSQ scale initialisations grace_kernels.lsq_init_log_scale offers.
 INIT_METHODS = ("percentile", "mse")
@@ -99,8 +100,8 @@ class TrainConfig:
         problems = []
         if self.bits not in (None, 4, 8):
             problems.append(f"bits must be 4, 8 or None, got {self.bits}")
-        if self.group_size not in (32, 64, 128, 256):
-            problems.append(f"group_size must be 32, 64, 128 or 256, got {self.group_size}")
+        if self.group_size not in GROUP_SIZES:
+            problems.append(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
         if self.kd_type not in ("dkd", "kl"):
             problems.append(f"kd_type must be 'dkd' or 'kl', got {self.kd_type!r}")
         if self.scale_dtype not in (None, "bfloat16", "float16"):

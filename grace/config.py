@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 
 # The authors' released code (ForeverBlue816/GRACE, Qwen3-VL 8B -> 2B) departs from Table 6 here.
 PRESETS = {
@@ -39,6 +40,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     max_length: int = 2048
+    # data loading: worker processes encoding samples (0: in the training process); fork makes them cheap on Linux
+    num_workers: int = 4 if sys.platform.startswith("linux") else 0
+    group_by_length: bool = False      # micro-batches of one modality and similar length (less padding)
     bf16: bool = True                  # autocast for the student, bf16 teacher weights
     gradient_checkpointing: bool = False
     freeze_vision: bool = True         # the paper's setup; False trains the vision tower too (pretraining)
@@ -90,6 +94,8 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        if self.num_workers < 0:
+            problems.append(f"num_workers must be >= 0, got {self.num_workers}")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append("max_steps must be >= 1")
         if not (self.beta_min <= self.beta_init <= self.beta_max):

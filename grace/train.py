@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from grace.config import TrainConfig
 from grace.controller import AdaptiveIBController
-from grace.data import ConversationDataset, collate, load_records
+from grace.data import ConversationDataset, build_loader
 from grace.families import check_pair, family_of
 from grace.objective import student_objective, teacher_outputs
 from grace.quantize import quantize_model
@@ -110,26 +110,6 @@ def _save_atomic(obj, path: str) -> None:
     os.replace(tmp, path)   # a crash before this line leaves the previous checkpoint intact
 
 
-class _Batches:
-    """Deterministic micro-batch order: a permutation per epoch seeded by (seed, epoch); the position
-    (epoch, offset) is all a checkpoint needs to continue exactly."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, offset: int = 0):
-        self.n, self.bs, self.seed, self.epoch, self.offset = n, batch_size, seed, epoch, offset
-        self._order = self._perm()
-
-    def _perm(self):
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
-
-    def next(self) -> list[int]:
-        if self.offset >= self.n:
-            self.epoch, self.offset = self.epoch + 1, 0
-            self._order = self._perm()
-        idx = self._order[self.offset:self.offset + self.bs].tolist()
-        self.offset += self.bs
-        return idx
-
-
 def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     cfg.validate()
     from transformers import AutoConfig, AutoProcessor
@@ -146,12 +126,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     torch.manual_seed(cfg.seed)
 
     processor = AutoProcessor.from_pretrained(cfg.student)
-    dataset = ConversationDataset(load_records(cfg.data), processor, cfg.image_folder, cfg.max_length)
-    if dataset.skipped and main:
-        print(f"data: kept {len(dataset)} samples, skipped {sum(dataset.skipped.values())}: {dict(dataset.skipped)}")
+    dataset = ConversationDataset.from_json(cfg.data, processor, cfg.image_folder, cfg.max_length)
     if len(dataset) == 0:
-        raise ValueError(f"no usable sample in {cfg.data}")
-    pad_id = processor.tokenizer.pad_token_id
+        raise ValueError(f"no record in {cfg.data}")
 
     half = torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32
     student = _load_model(cfg.student, torch.float32, dev)
@@ -179,7 +156,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     sched = torch.optim.lr_scheduler.LambdaLR(opt, _schedule(total, cfg.warmup_ratio))
     controller = AdaptiveIBController(cfg.tau, cfg.eta, cfg.beta_init, cfg.beta_min, cfg.beta_max, cfg.ema_decay,
                                       adaptive=cfg.adaptive_beta)
-    batches = _Batches(len(dataset), cfg.batch_size * world, cfg.seed)
+    data_state = None
     ckpt_path = os.path.join(cfg.output_dir, "checkpoint.pt")
     metrics_path = os.path.join(cfg.output_dir, "metrics.jsonl")
     start = 0
@@ -189,7 +166,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                        options=StateDictOptions(full_state_dict=True))
         sched.load_state_dict(state["scheduler"])
         controller.load_state_dict(state["controller"])
-        batches = _Batches(len(dataset), cfg.batch_size * world, cfg.seed, *state["data_position"])
+        data_state = state["data_position"]
         torch.set_rng_state(state["rng_cpu"])
         if dev.type == "cuda" and state.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(state["rng_cuda"])
@@ -198,6 +175,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             _truncate_metrics(metrics_path, start)
     elif main and os.path.exists(metrics_path):
         os.remove(metrics_path)
+    batches = build_loader(cfg, dataset, rank, world, data_state)
 
     def checkpoint(step: int) -> dict:
         # Full (unsharded) state dicts keyed by parameter name: a checkpoint written by P ranks resumes
@@ -206,7 +184,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                                                                                    cpu_offload=True))
         if main:
             _save_atomic({"student": model_sd, "optimizer": optim_sd, "scheduler": sched.state_dict(),
-                          "controller": controller.state_dict(), "data_position": (batches.epoch, batches.offset),
+                          "controller": controller.state_dict(), "data_position": batches.state_dict(),
                           "rng_cpu": torch.get_rng_state(),
                           "rng_cuda": torch.cuda.get_rng_state() if dev.type == "cuda" else None, "step": step,
                           "world_size": world, "config": dataclasses.asdict(cfg)}, ckpt_path)
@@ -223,8 +201,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         sums = {"loss": 0.0, "ce": 0.0, "gdkd": 0.0, "rcka": 0.0, "gate": 0.0}
         tokens = 0
         for micro in range(cfg.grad_accum):
-            ids = batches.next()[rank * cfg.batch_size:(rank + 1) * cfg.batch_size]
-            batch = {k: v.to(dev) for k, v in collate([dataset[i] for i in ids], pad_id).items()}
+            batch = {k: v.to(dev) for k, v in next(batches).items()}
             if "pixel_values" in batch:
                 batch["pixel_values"] = batch["pixel_values"].to(half)
             if world > 1:   # reduce-scatter gradients once per optimizer step, not per micro-batch
@@ -266,6 +243,9 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                         tok_s=f"{tokens / dt:.0f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             checkpoint(step + 1)   # the last step's checkpoint is written once, below
+    batches.close()
+    if batches.skipped and main:
+        print(f"data: skipped {sum(batches.skipped.values())} bad records: {dict(batches.skipped)}")
     final_state = checkpoint(total)
     final_dir = os.path.join(cfg.output_dir, "final")
     if main:
@@ -276,7 +256,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(cfg.output_dir, final_dir, total, history, dict(dataset.skipped))
+    return TrainResult(cfg.output_dir, final_dir, total, history, dict(batches.skipped))
 
 
 def _save_final(student, state_dict: dict, processor, cfg: TrainConfig) -> str:

@@ -45,24 +45,32 @@ def write_synthetic(folder: str, n_records: int, seed: int = 0, n_images: int = 
     os.makedirs(images, exist_ok=True)
     for i in range(n_images):
         Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(os.path.join(images, f"{i}.png"))
-    # A pool of sentences picked per turn: generating 1 GB of words one by one would dominate the run.
-    pool = [" ".join(rng.choice(WORDS, size=int(k))) for k in rng.integers(5, 80, size=4096)]
+    # Records are assembled from a pool of serialised conversations: drawing 1 GB of words one by one
+    # would take longer than what is measured.
+    sentences = [" ".join(rng.choice(WORDS, size=int(k))) for k in rng.integers(5, 80, size=4096)]
+
+    def conversation(with_image: bool) -> str:
+        turns = []
+        for t in range(int(rng.integers(1, 4))):   # 2 to 6 turns
+            q = sentences[rng.integers(len(sentences))]
+            a = " ".join(sentences[j] for j in rng.integers(len(sentences), size=2))
+            turns += [{"from": "human", "value": f"<image>\n{q}" if with_image and t == 0 else q},
+                      {"from": "gpt", "value": a}]
+        return json.dumps(turns)
+
+    pool = {True: [conversation(True) for _ in range(2048)], False: [conversation(False) for _ in range(2048)]}
+    kind, pick, image_of = rng.random(n_records), rng.integers(2048, size=n_records), rng.integers(n_images,
+                                                                                                    size=n_records)
     path = os.path.join(folder, "mix.json")
     with open(path, "w") as f:
         f.write("[\n")
         for r in range(n_records):
-            kind = rng.random()
-            image = None if kind < 0.1 else ("missing.png" if kind > 0.999 else f"{rng.integers(n_images)}.png")
-            turns = []
-            for t in range(int(rng.integers(1, 4))):
-                q = " ".join(pool[j] for j in rng.integers(len(pool), size=1))
-                a = " ".join(pool[j] for j in rng.integers(len(pool), size=2))
-                turns += [{"from": "human", "value": f"<image>\n{q}" if image and t == 0 else q},
-                          {"from": "gpt", "value": a}]
-            rec = {"id": f"{r:09d}", "conversations": turns}
-            if image:
-                rec["image"] = image
-            f.write(("" if r == 0 else ",\n") + json.dumps(rec))
+            sep = ",\n" if r else ""
+            if kind[r] < 0.1:
+                f.write(f'{sep}{{"id": "{r:09d}", "conversations": {pool[False][pick[r]]}}}')
+                continue
+            image = "missing.png" if kind[r] > 0.999 else f"{image_of[r]}.png"
+            f.write(f'{sep}{{"id": "{r:09d}", "image": "{image}", "conversations": {pool[True][pick[r]]}}}')
         f.write("\n]\n")
     return path, images
 
@@ -111,6 +119,7 @@ def run(n_records: int, workers: int, batch_size: int = 16, more_batches: int = 
         path, images = write_synthetic(tmp, n_records)
         write_s = time.perf_counter() - t
         processor = build_processor(vocab_words=WORDS)
+        json_mb_s = _json_throughput(path)
         with TreeMemory() as mem:
             base_rss = mem.peak_rss
             t0 = time.perf_counter()
@@ -128,9 +137,21 @@ def run(n_records: int, workers: int, batch_size: int = 16, more_batches: int = 
                 "bad_met": dict(stream.skipped),
                 "workers": workers, "batch_size": batch_size, "first_batch_tokens": tuple(first["input_ids"].shape),
                 "write_s": round(write_s, 1), "index_s": round(index_s, 2), "startup_s": round(startup_s, 2),
-                "per_batch_s": round(per_batch_s, 4), "index_bytes": dataset.index.nbytes,
+                "per_batch_s": round(per_batch_s, 4), "json_loads_mb_per_s": round(json_mb_s, 1),
+                "load_average": os.getloadavg()[0], "index_bytes": dataset.index.nbytes,
                 "rss_before_bytes": base_rss, "peak_rss_sum_bytes": mem.peak_rss, "peak_pss_sum_bytes": mem.peak_pss,
                 "cpus": os.cpu_count(), "machine": platform.processor() or platform.machine()}
+
+
+def _json_throughput(path: str, nbytes: int = 16 << 20) -> float:
+    """MB/s of ``json.loads`` on the first records of ``path``: how fast this machine parses JSON right now
+    (index time is about the file size over this), to compare runs on a loaded or a quiet machine."""
+    with open(path, "rb") as f:
+        head = f.read(nbytes)
+    head = head[:head.rfind(b"},\n") + 1] + b"]"   # records end "},\n" in write_synthetic's file
+    t = time.perf_counter()
+    json.loads(head)
+    return len(head) / (time.perf_counter() - t) / 1e6
 
 
 def test_startup_20k_records(tmp_path):
@@ -150,6 +171,8 @@ def main() -> None:
     r = run(args.records, args.workers, args.batch_size, folder=args.tmp)
     gib = 1 << 30
     print(json.dumps(r, indent=1))
+    print(f"machine: {r['cpus']} CPUs, load average {r['load_average']:.1f}, json.loads "
+          f"{r['json_loads_mb_per_s']:.0f} MB/s")
     print(f"start-up to first batch {r['startup_s']:.1f} s (limit {STARTUP_LIMIT_S:.0f}); peak PSS of the tree "
           f"{r['peak_pss_sum_bytes'] / gib:.2f} GiB, sum of RSS {r['peak_rss_sum_bytes'] / gib:.2f} GiB "
           f"(limit {PEAK_LIMIT_BYTES / gib:.0f})")

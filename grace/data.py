@@ -34,6 +34,7 @@ ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assi
 MAX_DRAWS = 64          # draws per stream position before the data is declared unusable
 GROUP_CHUNK = 64        # micro-batches per length-sorted chunk when grouping by length
 _WS = re.compile(r"[ \t\n\r]*")
+_SEP = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 
 
 class SkipSample(Exception):
@@ -109,9 +110,10 @@ def load_image(path: str) -> Image.Image:
 
 def _scan_json_list(path: str, chunk_bytes: int = 1 << 26):
     """Yield (start, end, record) for each element of the JSON list in ``path``, [start, end) its byte
-    range, holding at most about two chunks of text at a time. The text is decoded as latin-1 so that
-    string offsets are byte offsets; that mis-decodes non-ASCII characters inside strings, which only
-    the structural checks see (the record is re-parsed as UTF-8 from its byte range when drawn)."""
+    range, holding about two chunks of text at a time (more only while one record is longer than a
+    chunk; invalid JSON is reported, as a ValueError, once the rest of the file is read). The text is
+    decoded as latin-1 so that string offsets are byte offsets; that mis-decodes non-ASCII characters
+    inside strings, which the index never reads (a drawn record is re-parsed as UTF-8 from its range)."""
     decoder = json.JSONDecoder()
     with open(path, "rb") as f:
         buf, base, eof = "", 0, False
@@ -151,6 +153,10 @@ def _scan_json_list(path: str, chunk_bytes: int = 1 << 26):
                 pos, _ = more(pos)
                 continue
             yield base + pos, base + end, rec
+            sep = _SEP.match(buf, end)   # the common case in one regex call: ", " then the next record
+            if sep is not None and sep.end() < len(buf):
+                pos = sep.end()
+                continue
             pos = skip_ws(end)
             if pos < len(buf) and buf[pos] == ",":
                 pos = skip_ws(pos + 1)
@@ -161,7 +167,7 @@ def _scan_json_list(path: str, chunk_bytes: int = 1 << 26):
 
 
 class RecordIndex:
-    """The usable records of a conversation JSON, compactly: record i is the byte range
+    """The records of a conversation JSON, compactly: record i is the byte range
     [starts[i], ends[i]) of the source (a file, read with ``os.pread`` when drawn, or one bytes buffer
     for records given in memory), ``has_image[i]`` whether it names an image: 17 bytes per record.
     Indexing parses each record (in C, by ``json``) to find where it ends and drops the objects at

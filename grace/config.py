@@ -40,8 +40,9 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     max_length: int = 2048
-    # data loading: worker processes encoding samples (0: in the training process); fork makes them cheap on Linux
-    num_workers: int = 4 if sys.platform.startswith("linux") else 0
+    # data loading: worker processes encoding samples (0: in the training process); fork makes them cheap on
+    # Linux. The samples and their order do not depend on it.
+    num_workers: int = min(4, os.cpu_count() or 1) if sys.platform.startswith("linux") else 0
     group_by_length: bool = False      # micro-batches of one modality and similar length (less padding)
     bf16: bool = True                  # autocast for the student, bf16 teacher weights
     gradient_checkpointing: bool = False

@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
 import grace.data as data
+from grace.config import TrainConfig
 from grace.data import (
     ConversationDataset,
     RecordIndex,
@@ -21,6 +22,7 @@ from grace.data import (
     SkipSample,
     _scan_json_list,
     assistant_labels,
+    build_loader,
     to_messages,
 )
 from grace.tiny import build_processor
@@ -201,6 +203,16 @@ def test_stream_rejects_bad_arguments_and_unusable_data(image_data, tmp_path):
         next(SampleStream(only_bad, batch_size=1, seed=0))
     with pytest.raises(ValueError, match="max_length"):
         ConversationDataset([], build_processor(WORDS), "", 0)
+    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+        TrainConfig(num_workers=-1).validate(check_paths=False)
+
+
+def test_build_loader_follows_the_config(image_data):
+    ds = _dataset(image_data)
+    cfg = TrainConfig(batch_size=2, seed=3, num_workers=0, group_by_length=False)
+    reference, _ = _global_batches(ds, world=2, workers=0, n=2)
+    streams = [build_loader(cfg, ds, rank, 2) for rank in range(2)]
+    assert [sum((_rows(next(s)) for s in streams), []) for _ in range(2)] == reference
 
 
 # Labels under a byte-level BPE tokenizer and a Qwen2-VL-style chat template (system turn, <|im_start|>).

@@ -32,6 +32,7 @@ from PIL import Image
 IGNORE = -100
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
 MAX_DRAWS = 64          # draws per stream position before the data is declared unusable
+MAX_RECORD_BYTES = 1 << 26   # a longer list element is taken for invalid JSON rather than read on
 GROUP_CHUNK = 64        # micro-batches per length-sorted chunk when grouping by length
 _WS = re.compile(r"[ \t\n\r]*")
 _SEP = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
@@ -108,15 +109,18 @@ def load_image(path: str) -> Image.Image:
         raise SkipSample("missing or unreadable image") from None
 
 
-def _scan_json_list(path: str, chunk_bytes: int = 1 << 26):
+def _scan_json_list(path: str, chunk_bytes: int = 1 << 24, start: int | None = None, stop: int | None = None):
     """Yield (start, end, record) for each element of the JSON list in ``path``, [start, end) its byte
-    range, holding about two chunks of text at a time (more only while one record is longer than a
-    chunk; invalid JSON is reported, as a ValueError, once the rest of the file is read). The text is
+    range; from the element at byte ``start`` when given (else from the list's opening bracket), and when
+    the next element would start at or after ``stop``, a last (position, -1, None) instead of it. Holds
+    about two chunks of text at a time (more while one record is longer than a chunk, up to
+    MAX_RECORD_BYTES; invalid JSON raises ValueError once that much or the rest of the file is read). The text is
     decoded as latin-1 so that string offsets are byte offsets; that mis-decodes non-ASCII characters
     inside strings, which the index never reads (a drawn record is re-parsed as UTF-8 from its range)."""
     decoder = json.JSONDecoder()
     with open(path, "rb") as f:
-        buf, base, eof = "", 0, False
+        buf, base, eof = "", start or 0, False
+        f.seek(base)
 
         def more(pos: int) -> tuple[int, bool]:
             nonlocal buf, base, eof
@@ -137,18 +141,22 @@ def _scan_json_list(path: str, chunk_bytes: int = 1 << 26):
                     return pos
 
         pos = skip_ws(0)
-        if pos >= len(buf) or buf[pos] != "[":
-            raise ValueError(f"{path}: expected a JSON list of conversation records")
-        pos = skip_ws(pos + 1)
-        if pos < len(buf) and buf[pos] == "]":
-            return
+        if start is None:
+            if pos >= len(buf) or buf[pos] != "[":
+                raise ValueError(f"{path}: expected a JSON list of conversation records")
+            pos = skip_ws(pos + 1)
+            if pos < len(buf) and buf[pos] == "]":
+                return
         while True:
+            if stop is not None and base + pos >= stop:
+                yield base + pos, -1, None
+                return
             try:
                 rec, end = decoder.raw_decode(buf, pos)
                 if end == len(buf) and not eof:   # a number or literal may continue in the next chunk
                     raise json.JSONDecodeError("chunk end", buf, end)
             except json.JSONDecodeError as e:
-                if eof:
+                if eof or len(buf) - pos > MAX_RECORD_BYTES:
                     raise ValueError(f"{path}: invalid JSON at byte {base + e.pos}: {e.msg}") from None
                 pos, _ = more(pos)
                 continue
@@ -181,16 +189,39 @@ class RecordIndex:
         self._fd, self._fd_pid = None, None
 
     @classmethod
-    def from_json(cls, path: str, chunk_bytes: int = 1 << 26) -> RecordIndex:
-        """Index the JSON list at ``path`` in one streaming pass holding about 3 * chunk_bytes of text at
-        most. Raises ValueError for a file that is not a JSON list."""
-        # array.array appends machine integers: no Python object per record survives the loop.
-        starts, ends, has_image = array.array("q"), array.array("q"), array.array("b")
-        for start, end, rec in _scan_json_list(path, chunk_bytes):
-            starts.append(start)
-            ends.append(end)
-            has_image.append(isinstance(rec, dict) and bool(rec.get("image")))
-        return cls(path, np.array(starts, np.int64), np.array(ends, np.int64), np.array(has_image, np.bool_))
+    def from_json(cls, path: str, chunk_bytes: int = 1 << 24, processes: int | None = None) -> RecordIndex:
+        """Index the JSON list at ``path``: streamed, about 3 * chunk_bytes of text held per process, in
+        ``processes`` byte ranges parsed in parallel (None: one per CPU up to 8 for files over 64 MB, else
+        one). A range starts where ``}, {`` is found after its nominal start: a guess, which may lie
+        inside a string; it is kept only if the previous range's parse ends exactly there, and the range
+        is parsed again from where the previous one ended otherwise, so the index never depends on the
+        guess. Raises ValueError for a file that is not a JSON list."""
+        size = os.path.getsize(path)
+        if processes is None:
+            processes = min(8, os.cpu_count() or 1) if size > 1 << 26 else 1
+        first = next(_scan_json_list(path, chunk_bytes, stop=0), None)   # validates the opening bracket
+        if first is None:   # an empty list
+            return cls(path, *(np.zeros(0, t) for t in (np.int64, np.int64, np.bool_)))
+        guesses = sorted({g for g in (_record_start_after(path, i * size // processes)
+                                      for i in range(1, processes)) if g is not None and g > first[0]})
+        bounds = [first[0], *guesses, None]
+        ranges = [(path, chunk_bytes, a, b, a != first[0]) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        if len(ranges) > 1:
+            import multiprocessing
+
+            with multiprocessing.Pool(len(ranges)) as pool:
+                parts = pool.map(_index_range, ranges)
+        else:
+            parts = [_index_range(ranges[0])]
+        kept, pos = [], first[0]
+        for (_, _, a, b, _), part in zip(ranges, parts, strict=True):
+            if pos is None:   # the list ended inside an earlier range: this guess lay in a string
+                break
+            if a != pos or part is None:
+                part = _index_range((path, chunk_bytes, pos, b, False))
+            kept.append(part)
+            pos = part[3]
+        return cls(path, *(np.concatenate([p[k] for p in kept]) for k in range(3)))
 
     @classmethod
     def from_records(cls, records: list) -> RecordIndex:
@@ -232,6 +263,38 @@ class RecordIndex:
     def __del__(self):
         if getattr(self, "_fd", None) is not None and self._fd_pid == os.getpid():
             os.close(self._fd)
+
+
+def _index_range(task: tuple) -> tuple | None:
+    """(starts, ends, has_image, where the next record starts or None at the list's end) of the records
+    starting in [start, stop) of a JSON list; task = (path, chunk_bytes, start, stop or None, whether start
+    is a guess). None when a guessed start turns out not to be one."""
+    path, chunk_bytes, start, stop, guessed = task
+    # array.array appends machine integers: no Python object per record survives the loop.
+    starts, ends, has_image = array.array("q"), array.array("q"), array.array("b")
+    after = None
+    try:
+        for a, b, rec in _scan_json_list(path, chunk_bytes, start=start, stop=stop):
+            if b < 0:
+                after = a
+                break
+            starts.append(a)
+            ends.append(b)
+            has_image.append(isinstance(rec, dict) and bool(rec.get("image")))
+    except ValueError:
+        if guessed:   # parsing from inside a string: the caller parses this range again from a known start
+            return None
+        raise
+    return np.array(starts, np.int64), np.array(ends, np.int64), np.array(has_image, np.bool_), after
+
+
+def _record_start_after(path: str, offset: int, window: int = 1 << 20) -> int | None:
+    """Byte offset of the first ``{`` that follows ``}`` and a comma after ``offset``: probably, not surely,
+    the start of a list element."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        m = re.search(rb"\}[ \t\n\r]*,[ \t\n\r]*\{", f.read(window))
+    return None if m is None else offset + m.end() - 1
 
 
 class ConversationDataset(torch.utils.data.Dataset):

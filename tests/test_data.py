@@ -122,6 +122,24 @@ def test_index_is_compact_and_streamed(tmp_path):
         assert index[i] == records[i]
 
 
+@pytest.mark.parametrize("processes", [2, 3, 7])
+def test_parallel_index_equals_serial_even_when_a_guess_lies_in_a_string(tmp_path, processes):
+    # Long strings full of "}, {" put most range guesses inside a string; the chain check must catch them.
+    trap = '"}, {"image": "x"}, {' * 40
+    records = [{"id": i, "conversations": [{"from": "gpt", "value": trap if i % 3 else "ok"}],
+                **({"image": f"{i}.png"} if i % 2 else {})} for i in range(60)]
+    path = tmp_path / "t.json"
+    path.write_text(json.dumps(records))
+    serial = RecordIndex.from_json(str(path), chunk_bytes=512, processes=1)
+    parallel = RecordIndex.from_json(str(path), chunk_bytes=512, processes=processes)
+    for name in ("starts", "ends", "has_image"):
+        assert np.array_equal(getattr(parallel, name), getattr(serial, name)), name
+    assert [parallel[i] for i in range(60)] == records and serial.has_image.tolist() == [i % 2 == 1 for i in range(60)]
+    path.write_text(json.dumps(records)[:-40])
+    with pytest.raises(ValueError, match="invalid JSON"):
+        RecordIndex.from_json(str(path), chunk_bytes=512, processes=processes)
+
+
 @pytest.mark.parametrize("chunk", [7, 64, 1 << 20])
 def test_scanner_across_chunk_boundaries(tmp_path, chunk):
     items = [*({"a": "x,]}\"" * k, "n": 12345678901 + k, "u": "ü€"} for k in range(5)), [1, 2], 3.25, "s]",

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+import sys
 
 from grace.errors import GraceError
 from grace_kernels.int4 import GROUP_SIZES
@@ -46,6 +47,10 @@ class TrainConfig:
     warmup_ratio: float = 0.03
     max_grad_norm: float = 1.0
     max_length: int = 2048
+    # data loading: worker processes encoding samples (0: in the training process); fork makes them cheap on
+    # Linux. The samples and their order do not depend on it.
+    num_workers: int = min(4, os.cpu_count() or 1) if sys.platform.startswith("linux") else 0
+    group_by_length: bool = False      # micro-batches of one modality and similar length (less padding)
     bf16: bool = True                  # autocast for the student, bf16 teacher weights
     gradient_checkpointing: bool = False
     freeze_vision: bool = True         # the paper's setup; False trains the vision tower too (pretraining)
@@ -113,7 +118,8 @@ class TrainConfig:
         if self.resume and self.overwrite:
             problems.append("resume and overwrite exclude each other: continue the run or replace it")
         for name, low in (("batch_size", 1), ("grad_accum", 1), ("epochs", 1), ("max_length", 1),
-                          ("max_steps", 1), ("save_every", 0), ("kd_warmup_steps", 0), ("seed", 0)):
+                          ("max_steps", 1), ("save_every", 0), ("kd_warmup_steps", 0), ("seed", 0),
+                          ("num_workers", 0)):
             value = getattr(self, name)
             if name == "max_steps" and value is None:
                 continue

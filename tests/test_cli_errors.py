@@ -224,7 +224,7 @@ def test_malformed_data_json_is_named(models, tmp_path, capsys):
     bad = tmp_path / "data.json"
     bad.write_text('[{"id": "0", ')
     rc, err = run_cli(capsys, cli_args({**models, "data": str(bad)}, tmp_path / "out"))
-    assert_one_line_error(rc, err, str(bad), "not valid JSON")
+    assert_one_line_error(rc, err, str(bad), "invalid JSON")
 
 
 def test_resume_with_other_settings_names_them(models, run_copy, capsys):

@@ -50,7 +50,12 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
         if DOT_F32:
             # Only under TRITON_INTERPRET=1: its bf16 tl.dot multiplies raw bit patterns. The operands
             # are already rounded to bf16, so upcasting them computes the same products.
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        elif x.dtype == tl.float32:
+            # A float32 tl.dot defaults to TF32 on tensor-core GPUs (10-bit mantissas, about 1e-3 relative
+            # error); float32 callers ask for float32 accuracy, so keep full-precision products (the
+            # interpreter ignores this argument: the GPU test and the AOT IR check cover it).
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     tl.store(out_ptr + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], acc,
@@ -92,5 +97,5 @@ AOT_SPECS = [
                {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP": 128, "DOT_F32": False}, num_warps=4,
                num_stages=3,
                label=f"{dt},m{bm}")
-    for dt in ("fp16", "bf16") for bm in (16, 64)
+    for dt in ("fp16", "bf16", "fp32") for bm in (16, 64)
 ]

@@ -63,6 +63,15 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
 
 
 BLOCK_K = 32
+# float32 (IEEE) dots run on the FMA units with the operand tiles in registers: BLOCK_K 32 over 4 warps
+# spilled (255 registers plus stack frames); BLOCK_K 8 over 8 warps, 2 stages, fits on sm_80 and sm_90
+# (57-116 registers, python -m grace_kernels.aot). It is the accuracy fallback, not a fast path.
+FP32_LAUNCH = {"BLOCK_K": 8, "num_warps": 8, "num_stages": 2}
+HALF_LAUNCH = {"BLOCK_K": BLOCK_K, "num_warps": 4, "num_stages": 3}
+
+
+def _launch(dtype) -> dict:
+    return FP32_LAUNCH if dtype in (torch.float32, "fp32") else HALF_LAUNCH
 
 
 def _config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int]:
@@ -85,17 +94,19 @@ def w4a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     split = triton.cdiv(k, k_per_split)
     part = torch.empty(split, m, n, device=x2d.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    launch = _launch(x2d.dtype)
     _w4a16_kernel[grid](x2d, packed, scales, part, m, n, k, k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
-                        BLOCK_K=min(BLOCK_K, group_size), GROUP=group_size,
-                        DOT_F32=triton_interpret() and x2d.dtype == torch.bfloat16, num_warps=4, num_stages=3)
+                        BLOCK_K=min(launch["BLOCK_K"], group_size), GROUP=group_size,
+                        DOT_F32=triton_interpret() and x2d.dtype == torch.bfloat16, num_warps=launch["num_warps"],
+                        num_stages=launch["num_stages"])
     return part.sum(0) if split > 1 else part[0]
 
 
 AOT_SPECS = [
     KernelSpec(_w4a16_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "out_ptr": "*fp32", "M": "i32",
                                "N": "i32", "K": "i32", "k_per_split": "i32"},
-               {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP": 128, "DOT_F32": False}, num_warps=4,
-               num_stages=3,
+               {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": _launch(dt)["BLOCK_K"], "GROUP": 128, "DOT_F32": False},
+               num_warps=_launch(dt)["num_warps"], num_stages=_launch(dt)["num_stages"],
                label=f"{dt},m{bm}")
     for dt in ("fp16", "bf16", "fp32") for bm in (16, 64)
 ]

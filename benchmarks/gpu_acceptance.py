@@ -190,10 +190,18 @@ def _parse_env(result: StepResult, ctx: dict) -> None:
 
 
 def _after_install(result: StepResult, ctx: dict) -> None:
+    if result.status == "ok" and not glob.glob(os.path.join(ROOT, "grace_kernels", "_C*.so")):
+        # an editable install that left the extension in its own build folder: importing from the checkout
+        # (every later step runs there) needs it beside the sources
+        proc = subprocess.run([_python(), "setup.py", "build_ext", "--inplace"], capture_output=True, text=True,
+                              cwd=ROOT, timeout=600, env={**os.environ, "GRACE_KERNELS_BUILD_EXT": "1",
+                                                          "TORCH_CUDA_ARCH_LIST": result.details.get(
+                                                              "TORCH_CUDA_ARCH_LIST", "")})
+        result.output += "\n--- build_ext --inplace ---\n" + proc.stdout[-20000:] + proc.stderr[-20000:]
     proc = subprocess.run([_python(), "-c", _EXT_PROBE], capture_output=True, text=True, cwd=ROOT, timeout=300)
     result.output += "\n--- extension check ---\n" + proc.stdout[-20000:] + proc.stderr[-5000:]
     info = _json_line(proc.stdout, "EXT_JSON") or {}
-    result.details = info
+    result.details.update(info)
     ctx["extension"] = bool(info.get("describe", {}).get("cuda_extension"))
     if result.status == "ok" and not ctx["extension"]:
         result.status = "failed"

@@ -7,8 +7,8 @@ this environment on PYTHONPATH (their own small dependencies that this environme
 below; everything else, such as numpy and the CUDA libraries torch links, comes from this environment).
 About 750 MB to download and 2.5 GB on disk; two to four minutes on a fresh CI machine.
 
-In that environment: the package imports and a few CPU test files pass (backend choice, the decode
-benchmark's three paths against transformers' LlamaForCausalLM), the project installs with pip, the
+In that environment: the package imports and two CPU test files pass (backend choice, the decode
+benchmark's three paths and its decoder against transformers' LlamaForCausalLM), the project installs with pip, the
 minimum versions in pyproject.toml are the ones tested here, and every Triton kernel compiles ahead of
 time for sm_90 with Triton 3.6 (``python -m grace_kernels.aot --arch 90``).
 
@@ -177,8 +177,7 @@ def test_side_stack_passes_cpu_tests(side_env):
     """The backend chooser and the decode benchmark's CPU checks (its decoder against transformers 5.17's
     LlamaForCausalLM and generate, torch 2.11's CPU int4 GEMM) under the image's releases."""
     proc = _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_backend.py",
-                 "tests/test_decode.py", "tests/test_quant_linear.py"], side=True, env={**_env(True),
-                                                                                       "TRITON_INTERPRET": "1"})
+                 "tests/test_decode.py"], side=True, env={**_env(True), "TRITON_INTERPRET": "1"})
     print(proc.stdout[-3000:])
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
     assert re.search(r"\d+ passed", proc.stdout) and "failed" not in proc.stdout.splitlines()[-1]

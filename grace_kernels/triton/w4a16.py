@@ -64,9 +64,9 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
 
 BLOCK_K = 32
 # float32 (IEEE) dots run on the FMA units with the operand tiles in registers: BLOCK_K 32 over 4 warps
-# spilled (255 registers plus stack frames); BLOCK_K 8 over 8 warps, 2 stages, fits on sm_80 and sm_90
-# (57-116 registers, python -m grace_kernels.aot). It is the accuracy fallback, not a fast path.
-FP32_LAUNCH = {"BLOCK_K": 8, "num_warps": 8, "num_stages": 2}
+# spilled (255 registers plus stack frames); BLOCK_K 16 (Triton 3.6's smallest dot K) over 8 warps with one
+# stage fits on sm_80 and sm_90 (python -m grace_kernels.aot). It is the accuracy fallback, not a fast path.
+FP32_LAUNCH = {"BLOCK_K": 16, "num_warps": 8, "num_stages": 1}
 HALF_LAUNCH = {"BLOCK_K": BLOCK_K, "num_warps": 4, "num_stages": 3}
 
 

@@ -72,13 +72,11 @@ def _extensions():
         _log(f"skipping the CUDA extension: {reason}")
         return [], {}
 
-    # csrc/simt/ is the CPU executor the tests build on their own (it runs the kernels without a GPU); it
-    # is no part of the extension.
+    # Everything under csrc/ is the extension; the CPU executor the tests build (tests/simt/) lives outside it.
     sources = [
         path
         for ext in ("cu", "cpp")
         for path in sorted(glob.glob(os.path.join("csrc", "**", f"*.{ext}"), recursive=True))
-        if not path.startswith(os.path.join("csrc", "simt") + os.sep)
     ]
     if not sources:
         return skip("no sources under csrc/")

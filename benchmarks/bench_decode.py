@@ -5,8 +5,8 @@ SiLU-gated MLP, untied LM head: Vicuna-7B, the language backbone of LLaVA-1.5-7B
 since decode speed and memory do not depend on the values. Three paths hold the same INT4 codes:
 
 * ``bf16``     every backbone linear an ``nn.Linear`` whose weight is the dequantized INT4 weight in bf16;
-* ``int4``     every backbone linear a ``grace_kernels.nn.W4A16Linear`` (served in the CUDA kernel's layout,
-               ``use_kernel_layout_``, where the extension runs);
+* ``int4``     every backbone linear a ``grace_kernels.nn.W4A16Linear``, served as ``W4A16KernelLinear`` (the
+               weight held once, in the CUDA kernel's layout) where the extension runs;
 * ``int4pack`` every backbone linear torch's own int4 GEMM (``aten._weight_int4pack_mm``, bf16 only on CUDA),
                where it runs.
 
@@ -56,7 +56,7 @@ from peers import int4pack_mm, int4pack_weight  # noqa: E402
 from shapes import LLAVA_7B  # noqa: E402
 
 import grace_kernels as gk  # noqa: E402
-from grace_kernels.nn import W4A16Linear  # noqa: E402
+from grace_kernels.nn import W4A16KernelLinear, W4A16Linear  # noqa: E402
 
 PATHS = ("bf16", "int4", "int4pack")
 TARGET_SPEEDUP = 3.3       # INT4 decode tokens/s over BF16
@@ -218,8 +218,7 @@ def _linear(path: str, weight: gk.Int4Weight, dtype, device, kernel_layout: bool
         layer.weight = nn.Parameter(weight.dequantize().to(dtype), requires_grad=False)
         return layer
     if path == "int4":
-        layer = W4A16Linear.from_int4_weight(weight)
-        return layer.use_kernel_layout_() if kernel_layout else layer
+        return (W4A16KernelLinear if kernel_layout else W4A16Linear).from_int4_weight(weight)
     if path == "int4pack":
         return Int4PackLinear(weight, device)
     raise ValueError(f"path must be one of {PATHS}, got {path!r}")

@@ -126,7 +126,7 @@ def steps(work: str, full_benchmarks: bool = False) -> list[Step]:
              uses=["setup.py", "pyproject.toml", "grace_kernels/aot.py"], after=_after_install),
         Step("gpu-tests", 100, "pytest -m gpu tests (parity of every kernel on the GPU)",
              [*pytest, "-m", "gpu", "tests", *_parallel(), "--junitxml", os.path.join(work, "gpu-tests.xml")],
-             env={"PYTHONUNBUFFERED": "1"}, uses=["tests/conftest.py", "tests/test_w4a16.py"], after=_parse_pytest),
+             env={"PYTHONUNBUFFERED": "1"}, uses=["tests/conftest.py"], after=_parse_pytest),
         Step("decode", 70, "end-to-end decode, LLaVA-1.5-7B shapes, batch 1 and 8: bf16 / int4 / aten int4pack",
              [py, "benchmarks/bench_decode.py", "--json", os.path.join(work, "decode.json")], env=bench_env,
              uses=["benchmarks/bench_decode.py", "benchmarks/peers.py"]),

@@ -25,27 +25,27 @@ TORCH_LIBRARY_IMPL(grace_kernels, CUDA, m) {
 
 // A near-empty Python module: importing it runs the static registrations above. (No pybind11: its headers
 // would add to every build and nothing here is called from Python.) Its one attribute,
-// dynamic_shared_memory, maps each kernel to the shared memory it requests at launch, which cuobjdump
-// cannot see; python -m grace_kernels.aot reports it.
+// dynamic_shared_memory, maps each kernel the extension launches to the shared memory it requests at launch,
+// which cuobjdump cannot see; python -m grace_kernels.aot reports it. The keys are the kernels' names as
+// written in the source (template arguments included), the names aot finds in the demangled symbols.
 extern "C" PyMODINIT_FUNC PyInit__C(void) {
   static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", "grace_kernels CUDA kernels (torch.ops.grace_kernels)",
                                -1, nullptr};
   PyObject* m = PyModule_Create(&module);
   PyObject* smem = PyDict_New();
   if (m == nullptr || smem == nullptr) return nullptr;
-  for (const char* dtype : {"__half", "__nv_bfloat16"}) {
+  auto add = [smem](const std::string& name, int bytes) {
+    PyObject* value = PyLong_FromLong(bytes);
+    PyDict_SetItemString(smem, name.c_str(), value);
+    Py_XDECREF(value);
+  };
+  namespace w = grace_kernels::w4a16;
+  for (const std::string dtype : {"__half", "__nv_bfloat16"}) {
     for (int m_blocks : {1, 2, 4}) {
-      const std::string name = std::string("w4a16_gemm_kernel<") + dtype + ", " + std::to_string(m_blocks) + ">";
-      PyObject* bytes = PyLong_FromLong(grace_kernels::w4a16::shared_bytes(m_blocks));
-      PyDict_SetItemString(smem, name.c_str(), bytes);
-      Py_XDECREF(bytes);
+      add("w4a16_gemm_kernel<" + dtype + ", " + std::to_string(m_blocks) + ">", w::shared_bytes(m_blocks));
     }
-  }
-  for (const char* dtype : {"__half", "__nv_bfloat16"}) {
-    const std::string name = std::string("w4a16_dequant_kernel<") + dtype + ">";
-    PyObject* bytes = PyLong_FromLong(grace_kernels::w4a16::dequantize_shared_bytes());
-    PyDict_SetItemString(smem, name.c_str(), bytes);
-    Py_XDECREF(bytes);
+    add("reduce_partials_kernel<" + dtype + ">", 0);
+    add("w4a16_dequant_kernel<" + dtype + ">", w::dequantize_shared_bytes());
   }
   if (PyModule_AddObject(m, "dynamic_shared_memory", smem) < 0) {
     Py_DECREF(smem);

@@ -23,7 +23,9 @@ def add_parser(sub) -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--device", default="auto")
-    p.add_argument("--json", dest="json_out", default=None, help="also write the result to this JSON file")
+    p.add_argument("--json", dest="json_out", default=None,
+                   help="also write the result, with every prediction, to this JSON file")
+    p.add_argument("--verbose", action="store_true", help="also print the prediction for every question")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="greedy generation from one image and prompt")
@@ -36,7 +38,7 @@ def add_parser(sub) -> None:
 
 
 def _load(model_dir: str, device: str):
-    from grace.export import load_model
+    from grace.load import load_model
 
     model, processor = load_model(model_dir, device=device)
     if processor is None:
@@ -59,16 +61,18 @@ def _eval(args) -> int:
 
     if not os.path.isfile(args.data):
         raise ValueError(f"data file not found: {args.data!r}")
+    if args.image_folder is not None and not os.path.isdir(args.image_folder):
+        raise ValueError(f"--image-folder {args.image_folder!r} is not a directory")
+    records = load_records(args.data)   # before the model: a bad data file fails fast
     device = resolve_device(args.device)
     model, processor = _load(args.model_dir, device)
     folder = args.image_folder or os.path.dirname(os.path.abspath(args.data))
-    result = evaluate(model, processor, load_records(args.data), folder, batch_size=args.batch_size,
+    result = evaluate(model, processor, records, folder, batch_size=args.batch_size,
                       max_new_tokens=args.max_new_tokens, device=device)
-    summary = result.to_dict()
-    print(json.dumps(summary, indent=1, default=str))
+    print(json.dumps(result.to_dict(predictions=args.verbose), indent=1, default=str))
     if args.json_out:
         with open(args.json_out, "w") as f:
-            json.dump(summary, f, indent=1, default=str)
+            json.dump(result.to_dict(), f, indent=1, default=str)
     return 0
 
 

@@ -109,7 +109,8 @@ def run_demo(out: str = "grace-demo", settings: DemoSettings = FULL, *, progress
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from grace.evaluate import evaluate, generate
-    from grace.export import export_run, load_int4_model
+    from grace.export import export_run
+    from grace.load import load_int4_model
     from grace.quantize import rtn_int4_model
     from grace.synthetic import VOCAB, write_task
     from grace.tiny import build_tiny_vlm

@@ -175,12 +175,19 @@ def evaluate(model, processor, records: list[dict], image_folder: str, *, max_ne
 
     records: LLaVA conversation records (see :mod:`grace.data`); ``image`` paths are relative to
     image_folder. Records that cannot be evaluated (missing or unreadable image, malformed
-    conversation) are counted in ``skipped`` by reason, never raised. device: where to run; None
-    keeps the model where it is, otherwise the model is moved there. Raises ValueError for a
-    non-list ``records`` or a max_new_tokens / batch_size below 1.
+    conversation) are counted in ``skipped`` by reason, never raised, as long as at least one record
+    can be evaluated. device: where to run; None keeps the model where it is, otherwise the model is
+    moved there.
+
+    Raises:
+        ValueError: a non-list or empty ``records``; max_new_tokens / batch_size below 1; no record
+            can be evaluated (the message gives the skip reasons and ``image_folder``, the usual
+            culprit: an accuracy over zero records would be meaningless).
     """
     if not isinstance(records, list):
         raise ValueError(f"records must be a list of conversation records, got {type(records).__name__}")
+    if not records:
+        raise ValueError("records is empty: nothing to evaluate")
     if max_new_tokens < 1 or batch_size < 1:
         raise ValueError(f"max_new_tokens and batch_size must be >= 1, got {max_new_tokens} and {batch_size}")
     if device is not None:
@@ -196,6 +203,10 @@ def evaluate(model, processor, records: list[dict], image_folder: str, *, max_ne
             items.append((i, *_prepare(rec, image_folder)))
         except _Skip as s:
             skipped[s.reason] += 1
+    if not items:
+        reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
+        raise ValueError(f"none of the {len(records)} records could be evaluated ({reasons}); images are looked "
+                         f"up under {os.path.abspath(image_folder)!r}: check --image-folder / image_folder")
     # A batch is all text-only or all with an image: processors take images for every prompt or none.
     items.sort(key=lambda it: (it[2] is None, it[0]))
 

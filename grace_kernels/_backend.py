@@ -88,13 +88,19 @@ def cuda_ext_unsupported(device: torch.device) -> str | None:
     return _ext.unsupported_reason(device)
 
 
-def select_backend(op: str, device: torch.device | str, *, has_cuda_impl: bool = False) -> str:
+def select_backend(op: str, device: torch.device | str, *, has_cuda_impl: bool = False,
+                   cuda_unsupported: str | None = None) -> str:
     """Return the backend that runs ``op`` for tensors on ``device``.
 
     Args:
         op: the op's name, only used in error messages.
         device: where the op's inputs live.
         has_cuda_impl: whether the op has an implementation in the CUDA extension.
+        cuda_unsupported: why that implementation cannot take these particular inputs (a shape or dtype
+            rule), or None when it can. With a reason, automatic choice skips ``cuda``.
+
+    Raises:
+        RuntimeError: a forced backend cannot run ``op`` here (the message names both).
     """
     device = torch.device(device)
     forced = _forced()
@@ -103,6 +109,8 @@ def select_backend(op: str, device: torch.device | str, *, has_cuda_impl: bool =
             why = ("has no CUDA-extension implementation" if not has_cuda_impl else
                    "needs CUDA tensors" if device.type != "cuda" else "needs grace_kernels._C, which is not built")
             raise RuntimeError(f"backend 'cuda' was forced but {op} {why}")
+        if forced == "cuda" and cuda_unsupported is not None:
+            raise RuntimeError(f"backend 'cuda' was forced but {op} cannot run these inputs there: {cuda_unsupported}")
         if forced == "cuda" and (why := cuda_ext_unsupported(device)) is not None:
             raise RuntimeError(f"backend 'cuda' was forced for {op} but {why}")
         if forced == "triton":
@@ -115,7 +123,7 @@ def select_backend(op: str, device: torch.device | str, *, has_cuda_impl: bool =
                 )
         return forced
     if device.type == "cuda":
-        if has_cuda_impl and cuda_ext_available():
+        if has_cuda_impl and cuda_unsupported is None and cuda_ext_available():
             why = cuda_ext_unsupported(device)
             if why is None:
                 return "cuda"

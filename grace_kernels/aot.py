@@ -30,29 +30,8 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Callable
 
-
-@dataclasses.dataclass
-class KernelSpec:
-    """One concrete compilation of a ``@triton.jit`` kernel.
-
-    ``signature`` maps every non-constexpr argument to a Triton type string ("*fp32", "*bf16",
-    "i32", "fp32", ...); ``constexprs`` gives every constexpr argument a value. Use the block sizes
-    the launcher really picks for the real model shapes (the largest ones are what can spill).
-    """
-
-    kernel: Callable
-    signature: dict[str, str]
-    constexprs: dict[str, object] = dataclasses.field(default_factory=dict)
-    num_warps: int = 4
-    num_stages: int = 3
-    label: str = ""
-
-    @property
-    def name(self) -> str:
-        fn = getattr(self.kernel, "fn", self.kernel)
-        return f"{fn.__name__}[{self.label}]" if self.label else fn.__name__
+from grace_kernels.kernel_spec import KernelSpec
 
 
 @dataclasses.dataclass
@@ -141,22 +120,26 @@ def compile_spec(spec: KernelSpec, arch: int) -> Usage:
         return Usage(spec.name, arch, 0, 0, 0, 0, error=f"{type(root).__name__}: {str(root)[-600:]}")
 
 
-def _short_name(demangled: str) -> str:
-    """``void ns::(anonymous namespace)::kern<__half, 4>(args)`` -> ``kern<__half, 4>``."""
-    name = demangled.replace("(anonymous namespace)::", "")
-    if name.endswith(")"):  # drop the parameter list: the parenthesis matching the last one
-        depth = 0
-        for i in range(len(name) - 1, -1, -1):
-            depth += {")": 1, "(": -1}.get(name[i], 0)
-            if depth == 0:
-                name = name[:i]
+def kernel_name(demangled: str, names: list[str]) -> str:
+    """The entry of ``names`` (the extension's own names for its kernels, ``_C.dynamic_shared_memory``) that
+    ``demangled`` (a c++filt-demangled symbol) is, else ``demangled`` itself.
+
+    A name matches when it, whitespace ignored, appears in the symbol after a namespace separator (or at
+    its start) and right before the parameter list: ``w4a16_gemm_kernel<__half, 4>`` matches
+    ``void ns::(anonymous namespace)::w4a16_gemm_kernel<__half, 4>(__half const*, int)``. The extension
+    owns the names; nothing here parses C++ beyond that.
+    """
+    flat = "".join(demangled.split())
+    hits = []
+    for name in names:
+        key = "".join(name.split()) + "("
+        at = flat.find(key)
+        while at >= 0:
+            if at == 0 or flat[at - 1] in ": ":
+                hits.append(name)
                 break
-    depth, start = 0, 0
-    for i, ch in enumerate(name):  # the last "::" or space outside template brackets
-        depth += {"<": 1, ">": -1}.get(ch, 0)
-        if depth == 0 and (name.startswith("::", i) or ch == " "):
-            start = i + (2 if ch == ":" else 1)
-    return name[start:]
+            at = flat.find(key, at + 1)
+    return hits[0] if len(hits) == 1 else demangled
 
 
 def _demangle(names: list[str]) -> list[str]:
@@ -165,7 +148,7 @@ def _demangle(names: list[str]) -> list[str]:
         return names
     out = subprocess.run([cxxfilt], input="\n".join(names), capture_output=True, text=True)
     lines = out.stdout.splitlines()
-    return [_short_name(d) for d in lines] if out.returncode == 0 and len(lines) == len(names) else names
+    return lines if out.returncode == 0 and len(lines) == len(names) else names
 
 
 def parse_fatbin_usage(text: str) -> list[tuple[str, int, int, int, int, int]]:
@@ -198,7 +181,7 @@ def extension_usage() -> list[Usage]:
         dynamic = dict(getattr(importlib.import_module("grace_kernels._C"), "dynamic_shared_memory", {}))
     except ImportError:
         dynamic = {}
-    names = _demangle([r[0] for r in rows])
+    names = [kernel_name(d, list(dynamic)) for d in _demangle([r[0] for r in rows])]
     return [Usage(f"_C:{name}", arch, reg, max(shared, dynamic.get(name, 0)), local, stack)
             for name, (_, arch, reg, stack, shared, local) in zip(names, rows, strict=True)]
 

@@ -27,8 +27,31 @@ def test_fatbin_parser_and_demangled_names():
             "arch = sm_90\n Function _Z3fooILi1EEvPKf:\n  REG:77 STACK:0 SHARED:1024 LOCAL:8 CONSTANT[0]:416\n")
     assert aot.parse_fatbin_usage(text) == [("_Z3fooILi1EEvPKf", 80, 72, 0, 0, 0),
                                             ("_Z3fooILi1EEvPKf", 90, 77, 0, 1024, 8)]
-    assert aot._short_name("void grace_kernels::w4a16::(anonymous namespace)::w4a16_gemm_kernel<__half, 4>"
-                           "(__half const*, int4 const*, int, int)") == "w4a16_gemm_kernel<__half, 4>"
+
+
+def test_kernels_are_named_by_the_extension_not_by_parsing_cxx():
+    names = ["w4a16_gemm_kernel<__half, 1>", "w4a16_gemm_kernel<__half, 4>", "reduce_partials_kernel<__half>"]
+    symbol = "void grace_kernels::w4a16::(anonymous namespace)::w4a16_gemm_kernel<__half, {}>(__half const*, int)"
+    assert aot.kernel_name(symbol.format(4), names) == "w4a16_gemm_kernel<__half, 4>"
+    assert aot.kernel_name(symbol.format(1), names) == "w4a16_gemm_kernel<__half, 1>"
+    # spacing is c++filt's business: names match whitespace-insensitively
+    assert aot.kernel_name(symbol.format(1).replace(", ", ","), names) == "w4a16_gemm_kernel<__half, 1>"
+    # a kernel the extension does not name keeps its full demangled name, never a near miss
+    other = symbol.format(16)
+    assert aot.kernel_name(other, names) == other
+    suffix = "void ns::my_reduce_partials_kernel<__half>(float const*)"
+    assert aot.kernel_name(suffix, names) == suffix
+
+
+def test_kernels_do_not_import_the_compile_check():
+    # The spec type lives in grace_kernels.kernel_spec; the kernels declare specs without importing the tool.
+    code = ("import sys, pkgutil, importlib, grace_kernels.triton as t\n"
+            "[importlib.import_module(f'grace_kernels.triton.{m.name}') for m in pkgutil.iter_modules(t.__path__)]\n"
+            "print('grace_kernels.aot' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "False"
+    assert aot.KernelSpec is __import__("grace_kernels.kernel_spec").kernel_spec.KernelSpec
 
 
 @pytest.mark.skipif(_ext.C is None, reason="grace_kernels._C is not built")

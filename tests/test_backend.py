@@ -56,6 +56,18 @@ def test_describe_reports_environment():
     assert set(info) >= {"triton", "cuda_extension", "triton_interpret"}
 
 
+def test_cuda_unsupported_inputs_skip_cuda_or_raise_when_forced(monkeypatch):
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(_backend, "cuda_ext_available", lambda: True)
+    rule = "the CUDA kernel needs N % 64 == 0"
+    assert _backend.select_backend("op", "cuda", has_cuda_impl=True, cuda_unsupported=None) == "cuda"
+    assert _backend.select_backend("op", "cuda", has_cuda_impl=True, cuda_unsupported=rule) == "triton"
+    with grace_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match=f"forced but op cannot .*{rule}"):
+        _backend.select_backend("op", "cuda", has_cuda_impl=True, cuda_unsupported=rule)
+    with grace_kernels.use_backend("triton"):
+        assert _backend.select_backend("op", "cuda", has_cuda_impl=True, cuda_unsupported=rule) == "triton"
+
+
 def _fatbin(entries):
     """A fat binary as nvcc embeds it: header, then (kind, arch) entries with small payloads."""
     import struct

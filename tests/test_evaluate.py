@@ -13,12 +13,16 @@ from grace.tiny import build_tiny_vlm
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny_path(tmp_path_factory):
+    return build_tiny_vlm(str(tmp_path_factory.mktemp("tiny_llava")))
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_path):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    path = build_tiny_vlm(str(tmp_path_factory.mktemp("tiny_llava")))
-    model = AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32)
-    return model, AutoProcessor.from_pretrained(path)
+    model = AutoModelForImageTextToText.from_pretrained(tiny_path, dtype=torch.float32)
+    return model, AutoProcessor.from_pretrained(tiny_path)
 
 
 @pytest.fixture(scope="module")
@@ -151,6 +155,52 @@ def test_argument_errors(tiny, task):
         evaluate(model, processor, records, folder, batch_size=0, progress=False)
     with pytest.raises(ValueError, match="must be a list"):
         evaluate(model, processor, {"a": 1}, folder, progress=False)
+    with pytest.raises(ValueError, match="records is empty"):
+        evaluate(model, processor, [], folder, progress=False)
+
+
+def test_every_record_skipped_is_an_error_naming_the_folder(tiny, task, tmp_path):
+    model, processor = tiny
+    records, _ = task
+    wrong = tmp_path / "not-the-images"
+    wrong.mkdir()
+    with pytest.raises(ValueError, match=rf"none of the {len(records)} records.*missing or unreadable image: "
+                                         rf"{len(records)}.*{wrong}.*--image-folder"):
+        evaluate(model, processor, records, str(wrong), progress=False)
+
+
+def _cli_eval(args, capsys):
+    from grace.cli import main
+
+    rc = main(["eval", *args])
+    out = capsys.readouterr()
+    return rc, out.out, out.err
+
+
+def test_cli_eval_wrong_image_folder_and_verbose(tiny_path, task, tmp_path, capsys):
+    records, folder = task
+    data = tmp_path / "eval.json"
+    data.write_text(json.dumps(records[:2]))
+    rc, out, err = _cli_eval([tiny_path, "--data", str(data), "--image-folder", str(tmp_path), "--device", "cpu"],
+                             capsys)
+    assert rc == 2 and out == ""
+    # stderr also carries transformers' loading progress bar; the error itself is one line
+    errors = [line for line in err.splitlines() if "error" in line.lower()]
+    assert len(errors) == 1 and "Traceback" not in err
+    assert "none of the 2 records" in errors[0] and str(tmp_path) in errors[0]
+
+    rc, _, err = _cli_eval([tiny_path, "--data", str(data), "--image-folder", str(tmp_path / "nowhere")], capsys)
+    assert rc == 2 and "nowhere' is not a directory" in err
+
+    common = [tiny_path, "--data", str(data), "--image-folder", folder, "--device", "cpu", "--max-new-tokens", "2"]
+    rc, out, _ = _cli_eval(common + ["--json", str(tmp_path / "r.json")], capsys)
+    summary = json.loads(out[out.index("{"):])
+    assert rc == 0 and summary["total"] == 2 and "predictions" not in summary
+    assert [p["id"] for p in json.loads((tmp_path / "r.json").read_text())["predictions"]] == \
+        [r["id"] for r in records[:2]]
+    rc, out, _ = _cli_eval(common + ["--verbose"], capsys)
+    summary = json.loads(out[out.index("{"):])
+    assert rc == 0 and [p["id"] for p in summary["predictions"]] == [r["id"] for r in records[:2]]
 
 
 @pytest.mark.parametrize("text, expected", [(" Red .", "red"), ("two!", "two"), ("top  left", "top left"),

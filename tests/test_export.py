@@ -1,14 +1,17 @@
 """INT4 export (compressed-tensors pack-quantized) and loading it back, on tiny LLaVA and Qwen2-VL runs.
 
 A "run" here is what training leaves behind: a tiny checkpoint is quantized with quantize_model, its
-weights and log-scales are perturbed (so the scales are no longer their initial values), and final/ is
-written by grace.train._save_final itself.
+weights and log-scales are perturbed (so the scales are no longer their initial values), final/ is
+written by grace.train._save_final itself and the run's config.json names the student checkpoint.
+"llava_hf" is the tiny LLaVA saved first in the llava-hf Hub layout (``vision_tower.vision_model.*``).
 """
 
 import copy
 import json
+import logging
 import os
 import shutil
+import warnings
 
 import numpy as np
 import pytest
@@ -19,20 +22,14 @@ from torch import nn
 
 from grace import tiny
 from grace.config import TrainConfig
-from grace.export import (
-    COMPRESSED_TENSORS_VERSION,
-    _module_checkpoint_names,
-    export_run,
-    load_int4_model,
-    load_model,
-    load_student,
-)
+from grace.export import COMPRESSED_TENSORS_VERSION, export_run
+from grace.load import load_int4_model, load_model, load_student, module_checkpoint_names
 from grace.quantize import quantize_model
 from grace.train import _save_final
 from grace_kernels.nn import QuantLinear, W4A16Linear
 from grace_kernels.testing import assert_close_to_gold
 
-CASES = [("llava", "bfloat16"), ("llava", "float16"), ("qwen2_vl", "bfloat16")]
+CASES = [("llava", "bfloat16"), ("llava", "float16"), ("qwen2_vl", "bfloat16"), ("llava_hf", "bfloat16")]
 GROUP = 128
 
 
@@ -40,19 +37,36 @@ def _write_final(student, processor, cfg):
     return _save_final(student, student.state_dict(), processor, cfg)
 
 
-def _make_run(base, out, *, bits=4, scale_dtype="bfloat16", seed=0):
+def _make_run(base, out, *, bits=4, scale_dtype="bfloat16", seed=0, exclude=None):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     model = AutoModelForImageTextToText.from_pretrained(base)
     processor = AutoProcessor.from_pretrained(base)
-    quantize_model(model, bits=bits, group_size=GROUP, scale_dtype=getattr(torch, scale_dtype), verbose=False)
+    quantize_model(model, bits=bits, group_size=GROUP, scale_dtype=getattr(torch, scale_dtype), exclude=exclude,
+                   verbose=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
             p.add_(torch.randn(p.shape, generator=g) * (0.05 if name.endswith("log_scale") else 0.01))
-    _write_final(model, processor, TrainConfig(output_dir=str(out), bits=bits, group_size=GROUP,
-                                               scale_dtype=scale_dtype))
+    cfg = TrainConfig(student=str(base), output_dir=str(out), bits=bits, group_size=GROUP, scale_dtype=scale_dtype)
+    _write_final(model, processor, cfg)
+    cfg.to_json(os.path.join(out, "config.json"))   # as grace train writes it: the run names its student
     return model.eval(), processor
+
+
+def _hub_layout(src, dst):
+    """The checkpoint at ``src`` in the llava-hf Hub layout: the CLIP tower's tensors under
+    ``vision_tower.vision_model.*`` (what llava-hf/llava-1.5-7b-hf holds on disk)."""
+    shutil.copytree(src, dst)
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    tensors = {("vision_tower.vision_model." + k.removeprefix("vision_tower.") if k.startswith("vision_tower.")
+                else k): v for k, v in tensors.items()}
+    save_file(tensors, os.path.join(dst, "model.safetensors"), metadata={"format": "pt"})
+    return str(dst)
+
+
+def _source_keys(path):
+    return set(load_file(os.path.join(path, "model.safetensors")))
 
 
 @pytest.fixture(scope="module")
@@ -61,10 +75,12 @@ def make_run(tmp_path_factory):
     cache, bases = {}, {}
 
     def make(family, scale_dtype):
-        if family not in getattr(tiny, "FAMILIES", ("llava",)):
-            pytest.skip(f"grace.tiny builds no {family} checkpoint")
         if family not in bases:
-            bases[family] = tiny.build_tiny_vlm(str(tmp_path_factory.mktemp(family)), family=family)
+            if family == "llava_hf":
+                bases[family] = _hub_layout(make("llava", "bfloat16")["base"],
+                                            tmp_path_factory.mktemp("hub") / "llava-hf")
+            else:
+                bases[family] = tiny.build_tiny_vlm(str(tmp_path_factory.mktemp(family)), family=family)
         if (family, scale_dtype) not in cache:
             root = tmp_path_factory.mktemp(f"{family}-{scale_dtype}")
             student, processor = _make_run(bases[family], root / "run", scale_dtype=scale_dtype)
@@ -82,7 +98,7 @@ def run(request, make_run):
     return make_run(*request.param)
 
 
-@pytest.fixture(params=[c for c in CASES if c[1] == "bfloat16"], ids=lambda c: c[0])
+@pytest.fixture(params=[c for c in CASES if c[1] == "bfloat16" and c[0] != "llava_hf"], ids=lambda c: c[0])
 def bf16_run(request, make_run):
     """One run per family, for the tests where the scale dtype changes nothing."""
     return make_run(*request.param)
@@ -161,7 +177,7 @@ def test_compressed_tensors_decompresses_our_checkpoint_bit_for_bit(run):
     compressor = BaseCompressor.get_value_from_registry("pack-quantized")
 
     qlayers = _quant_layers(run["student"])
-    on_disk = _module_checkpoint_names(run["student"], list(qlayers))
+    on_disk = module_checkpoint_names(run["student"], list(qlayers))
     for name, ql in qlayers.items():
         key = on_disk[name]
         codes, scales = ql.quantize()
@@ -181,21 +197,136 @@ def test_compressed_tensors_decompresses_our_checkpoint_bit_for_bit(run):
     assert untouched and all(torch.equal(dense[k].float(), tensors[k].float()) for k in untouched)
 
 
-@pytest.mark.filterwarnings("ignore:You passed `quantization_config`")
-def test_transformers_loads_the_export_through_compressed_tensors(run):
-    pytest.importorskip("compressed_tensors")
-    from transformers import AutoModelForImageTextToText, CompressedTensorsConfig
+def _plain_load(path, caplog):
+    """``AutoModelForImageTextToText.from_pretrained(path)`` as a user calls it, plus everything it
+    reported: the loading info, the log records of transformers and compressed-tensors, the warnings."""
+    from transformers import AutoModelForImageTextToText
 
-    model, info = AutoModelForImageTextToText.from_pretrained(
-        run["export"], quantization_config=CompressedTensorsConfig(dequantize=True), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
-    for name, ql in _quant_layers(run["student"]).items():
-        codes, scales = ql.quantize()
-        expected = (codes.to(scales.dtype) * scales.repeat_interleave(GROUP, dim=1)).float()
-        assert torch.equal(model.get_submodule(name).weight.float(), expected), name
-    # the layers kept in full precision arrive unchanged (names mapped through the ignore list)
-    lm_head = run["student"].get_output_embeddings().weight
-    assert torch.equal(model.get_output_embeddings().weight, lm_head)
+    with caplog.at_level(logging.WARNING), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model, info = AutoModelForImageTextToText.from_pretrained(path, output_loading_info=True)
+    logs = [r for r in caplog.records if r.name.startswith(("transformers", "compressed_tensors"))
+            and r.levelno >= logging.WARNING]
+    return model, info, logs, caught
+
+
+@pytest.mark.parametrize("dtype", [None, "bfloat16"], ids=["float32", "bf16"])
+def test_plain_transformers_loads_and_generates_like_grace(run, dtype, tmp_path, caplog, reference_backend):
+    pytest.importorskip("compressed_tensors")
+    from grace.evaluate import _generate_batch, generate
+    from grace.load import load_model
+
+    out = run["export"] if dtype is None else export_run(run["run"], str(tmp_path / "bf16"), dtype=dtype)
+    model, info, logs, caught = _plain_load(out, caplog)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not logs, [r.getMessage() for r in logs]
+    assert not caught, [str(w.message) for w in caught]
+    # the full-precision layers arrive unchanged; the INT4 ones stay compressed, with the same codes
+    student = run["student"]
+    lm_head = student.get_output_embeddings().weight
+    assert torch.equal(model.get_output_embeddings().weight.float(), lm_head.to(model.dtype).float())
+    for name in _quant_layers(student):
+        assert hasattr(model.get_submodule(name), "weight_packed"), name
+
+    # greedy generation: the same tokens as grace generate's path (load_model + evaluate.generate)
+    ours, processor = load_model(out)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(image)
+    prompt = "what color is the circle ?"
+    assert generate(model, processor, str(image), prompt, max_new_tokens=8) == \
+        generate(ours, processor, str(image), prompt, max_new_tokens=8)
+    from grace.data import to_messages
+
+    msgs = [to_messages([{"from": "human", "value": "<image>\n" + prompt}])]
+    img = [Image.open(image).convert("RGB")]
+    plain = _generate_batch(model, processor, msgs, img, 8, torch.device("cpu"))
+    grace = _generate_batch(ours, processor, msgs, img, 8, torch.device("cpu"))
+    assert plain[:2] == grace[:2]
+
+
+def test_export_keeps_the_source_checkpoints_names(run):
+    """Every tensor name of the export is the source checkpoint's, except that each INT4 linear's
+    ``weight`` became ``weight_packed`` / ``weight_scale`` / ``weight_shape``."""
+    source = _source_keys(run["base"])
+    exported = _source_keys(run["export"])
+    int4 = {k.removesuffix(".weight_packed") for k in exported if k.endswith(".weight_packed")}
+    assert int4 and {f"{n}.weight" for n in int4} <= source
+    expected = (source - {f"{n}.weight" for n in int4}) | {f"{n}.{t}" for n in int4
+                                                           for t in ("weight_packed", "weight_scale", "weight_shape")}
+    assert exported == expected
+    if run["family"] == "llava_hf":
+        assert any(k.startswith("vision_tower.vision_model.") for k in exported)
+
+
+def _targeted_by_compressed_tensors(export, base):
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with open(os.path.join(export, "config.json")) as f:
+        qc = QuantizationConfig.model_validate(json.load(f)["quantization_config"])
+    model = AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(base))
+    apply_quantization_config(model, qc)
+    return {n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None}
+
+
+def test_compressed_tensors_targets_exactly_the_int4_layers(run):
+    pytest.importorskip("compressed_tensors")
+    assert _targeted_by_compressed_tensors(run["export"], run["base"]) == set(_quant_layers(run["student"]))
+
+
+def test_layers_left_out_of_the_backbone_get_their_own_pattern(make_run, tmp_path, caplog, reference_backend):
+    """A run that kept two backbone layers in full precision: each gets a pattern on the end of its
+    name, and every client still targets exactly the INT4 layers."""
+    pytest.importorskip("compressed_tensors")
+    from grace.load import matches_ignore
+    from grace.quantize import DEFAULT_EXCLUDE
+
+    base = make_run("llava_hf", "bfloat16")["base"]
+    kept = ["*layers.1.mlp.down_proj", "*layers.0.self_attn.o_proj"]
+    student, _ = _make_run(base, tmp_path / "run", exclude=list(DEFAULT_EXCLUDE) + kept)
+    out = export_run(str(tmp_path / "run"), str(tmp_path / "int4"))
+    with open(os.path.join(out, "config.json")) as f:
+        ignore = json.load(f)["quantization_config"]["ignore"]
+    assert ignore[:3] == ["re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*lm_head$"]
+    assert sorted(ignore[3:]) == sorted(["re:(.*\\.)?layers\\.1\\.mlp\\.down_proj$",
+                                         "re:(.*\\.)?layers\\.0\\.self_attn\\.o_proj$"])
+    # the names vLLM gives these layers (LLaVA's hf_to_vllm_mapper: language_model.model.*) match as well
+    assert matches_ignore("language_model.model.layers.1.mlp.down_proj", ignore)
+    assert not matches_ignore("language_model.model.layers.0.mlp.down_proj", ignore)
+    int4 = set(_quant_layers(student))
+    assert "model.language_model.layers.1.mlp.down_proj" not in int4 and len(int4) == 12
+    assert _targeted_by_compressed_tensors(out, base) == int4
+    model, info, logs, caught = _plain_load(out, caplog)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not logs and not caught
+    ours, _ = load_int4_model(out)
+    assert {n for n, m in ours.named_modules() if isinstance(m, W4A16Linear)} == int4
+
+
+def test_cli_export_of_a_hub_layout_run(make_run, tmp_path, caplog, capsys):
+    """``grace export`` itself, on the llava-hf layout run: plain transformers loads the result cleanly."""
+    pytest.importorskip("compressed_tensors")
+    from grace.cli import main
+
+    run = make_run("llava_hf", "bfloat16")
+    out = tmp_path / "int4"
+    assert main(["export", run["run"], str(out), "--dtype", "bfloat16"]) == 0
+    assert str(out) in capsys.readouterr().out
+    assert _source_keys(str(out)) == _source_keys(run["export"])
+    _, info, logs, caught = _plain_load(str(out), caplog)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not logs and not caught
+    assert main(["export", run["run"], str(out)]) == 2   # not empty, no --overwrite: one line, exit 2
+    assert "not empty" in capsys.readouterr().err
+
+
+def test_export_without_the_source_checkpoint_falls_back_to_default_names(llava_run, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(llava_run["run"], run)
+    os.remove(run / "config.json")
+    with caplog.at_level(logging.WARNING, logger="grace.export"):
+        out = export_run(str(run), str(tmp_path / "int4"))
+    assert "default tensor names" in caplog.text
+    # the tiny base was itself saved with transformers' default names, so they agree here
+    assert _source_keys(out) == _source_keys(llava_run["export"])
 
 
 # --------------------------------------------------------------------------- (c) what is on disk
@@ -209,16 +340,23 @@ def test_quantization_config_and_tensors_on_disk(run):
     assert list(qc["config_groups"]) == ["group_0"]
     group = qc["config_groups"]["group_0"]
     assert group["targets"] == ["Linear"] and group["input_activations"] is None
+    assert group["format"] == "pack-quantized"
     assert group["weights"] == {"num_bits": 4, "type": "int", "symmetric": True, "group_size": GROUP,
                                 "strategy": "group", "dynamic": False}
     student = run["student"]
     qlayers = _quant_layers(student)
     full = [n for n, m in student.named_modules() if type(m) is nn.Linear]
-    names = _module_checkpoint_names(student, full + list(qlayers))
-    assert sorted(qc["ignore"]) == sorted(names[n] for n in full)
-    assert any(n.endswith("lm_head") for n in qc["ignore"])
-    assert any(("vision_tower" in n or "visual" in n) for n in qc["ignore"])
-    assert any(("multi_modal_projector" in n or "merger" in n) for n in qc["ignore"])
+    names = module_checkpoint_names(student, full + list(qlayers))
+    # llm-compressor's VLM recipe patterns, and nothing else for these models
+    family = {"qwen2_vl": ["re:.*visual.*", "re:.*lm_head$"]}.get(
+        run["family"], ["re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*lm_head$"])
+    assert qc["ignore"] == family
+    from grace.load import matches_ignore
+
+    for name in full:      # kept in full precision under its in-memory and its on-disk name
+        assert matches_ignore(name, qc["ignore"]) and matches_ignore(names[name], qc["ignore"]), name
+    for name in qlayers:
+        assert not matches_ignore(name, qc["ignore"]) and not matches_ignore(names[name], qc["ignore"]), name
 
     tensors = load_file(os.path.join(run["export"], "model.safetensors"))
     assert {k.removesuffix(".weight_packed") for k in tensors if k.endswith(".weight_packed")} == {
@@ -405,11 +543,11 @@ def _eight_bits(qc):
 
 
 def _other_format(qc):
-    qc["format"] = "naive-quantized"
+    qc["format"] = qc["config_groups"]["group_0"]["format"] = "naive-quantized"
 
 
 def _unignore_lm_head(qc):
-    qc["ignore"] = [n for n in qc["ignore"] if not n.endswith("lm_head")]
+    qc["ignore"] = [n for n in qc["ignore"] if "lm_head" not in n]
 
 
 @pytest.mark.parametrize("edit_tensors, edit_qc, message", [
@@ -433,3 +571,148 @@ def test_load_int4_model_rejects_unquantized_directories(llava_run, tmp_path):
         load_int4_model(run["base"])
     with pytest.raises(ValueError, match="no config.json"):
         load_int4_model(str(tmp_path))
+
+
+# --------------------------------------------------------------------------- (e) other producers' files
+
+def _llm_compressor_ignore(family):
+    """The ignore lists llm-compressor's multimodal_vision examples write (in-memory names and patterns)."""
+    if family == "qwen2_vl":
+        return ["lm_head", "re:visual.*", "re:model.visual.*"]
+    return ["re:.*lm_head", "re:.*vision_tower.*", "re:.*multi_modal_projector.*"]
+
+
+def _exact_ignore(run, on_disk):
+    full = [n for n, m in run["student"].named_modules() if type(m) is nn.Linear]
+    return list(module_checkpoint_names(run["student"], full).values()) if on_disk else full
+
+
+@pytest.mark.parametrize("style", ["llm-compressor", "in-memory-names", "on-disk-names"])
+def test_load_int4_model_reads_other_producers_configs(run, tmp_path, style, reference_backend):
+    """ignore as llm-compressor's VLM examples write it, as exact in-memory names, or as exact on-disk
+    names (what earlier grace exports wrote)."""
+    ignore = (_llm_compressor_ignore(run["family"]) if style == "llm-compressor"
+              else _exact_ignore(run, on_disk=style == "on-disk-names"))
+
+    def edit(qc):
+        qc["ignore"] = ignore
+        qc["config_groups"]["group_0"]["format"] = None   # format given at the top only, as older releases wrote
+        qc["config_groups"]["group_0"]["weights"].update(observer="minmax", actorder=None, block_structure=None)
+
+    path = _tampered(run, tmp_path, edit_qc=edit)
+    model, processor = load_int4_model(path)
+    reference, _ = load_int4_model(run["export"])
+    assert {n for n, m in model.named_modules() if isinstance(m, W4A16Linear)} == set(_quant_layers(run["student"]))
+    inputs = _inputs(processor)
+    assert torch.equal(_logits(model, inputs), _logits(reference, inputs))
+
+
+def test_load_int4_model_converts_float32_scales(llava_run, tmp_path, reference_backend):
+    run = llava_run
+
+    def widen(t):
+        for k in [k for k in t if k.endswith(".weight_scale")]:
+            t[k] = t[k].float()
+
+    path = _tampered(run, tmp_path, edit_tensors=widen)
+    stored = {k: v for k, v in load_file(os.path.join(path, "model.safetensors")).items() if k.endswith("_scale")}
+    assert stored and all(v.dtype == torch.float32 for v in stored.values())
+    names = module_checkpoint_names(run["student"], list(_quant_layers(run["student"])))
+    # bf16 activations: the scales become bf16 (exactly the trained ones: they were bf16 widened)
+    bf16, _ = load_int4_model(path, dtype="bfloat16")
+    # float32 activations: float16 (these scales lie in its normal range), rounded once
+    fp32, _ = load_int4_model(path)
+    for name, key in names.items():
+        assert torch.equal(bf16.get_submodule(name).weight_scale, stored[f"{key}.weight_scale"].bfloat16())
+        assert torch.equal(fp32.get_submodule(name).weight_scale, stored[f"{key}.weight_scale"].half())
+
+
+# --------------------------------------------------------------------------- (f) damaged files
+
+def _truncate(path, keep=0.5):
+    data = open(path, "rb").read()
+    with open(path, "wb") as f:
+        f.write(data[: int(len(data) * keep)])
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5])
+def test_truncated_student_state_on_export(llava_run, tmp_path, keep):
+    run = str(tmp_path / "run")
+    shutil.copytree(llava_run["run"], run)
+    _truncate(os.path.join(run, "final", "student_state.pt"), keep)
+    with pytest.raises(ValueError, match=r"final/student_state\.pt is truncated or corrupt.*--resume"):
+        export_run(run, str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("keep", [0.0, 0.5, 0.99])
+def test_truncated_safetensors_on_load(llava_run, tmp_path, keep):
+    for src in (llava_run["export"], llava_run["base"]):   # an INT4 export and a plain checkpoint
+        path = tmp_path / os.path.basename(src)
+        shutil.copytree(src, path)
+        _truncate(path / "model.safetensors", keep)
+        with pytest.raises(ValueError, match=r"model\.safetensors is truncated or corrupt"):
+            load_model(str(path))
+
+
+@pytest.mark.parametrize("which", ["final/quantization.json", "final/config.json"])
+def test_malformed_json_in_a_run(llava_run, tmp_path, which):
+    run = tmp_path / "run"
+    shutil.copytree(llava_run["run"], run)
+    (run / which).write_text('{"bits": 4, "group_')
+    with pytest.raises(ValueError, match=f"{which} is not valid JSON"):
+        export_run(str(run), str(tmp_path / "out"))
+    with pytest.raises(ValueError, match=f"{which} is not valid JSON"):
+        load_model(str(run))
+
+
+def test_malformed_config_json_of_an_export(llava_run, tmp_path):
+    path = tmp_path / "int4"
+    shutil.copytree(llava_run["export"], path)
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_int4_model(str(path))
+    with pytest.raises(ValueError, match="config.json is not valid JSON"):
+        load_model(str(path))
+
+
+def test_cli_reports_a_damaged_file_in_one_line(llava_run, tmp_path, capsys):
+    from grace.cli import main
+
+    path = tmp_path / "int4"
+    shutil.copytree(llava_run["export"], path)
+    _truncate(path / "model.safetensors")
+    image = tmp_path / "image.png"
+    Image.new("RGB", (28, 28)).save(image)
+    assert main(["generate", str(path), "--image", str(image), "--prompt", "what ?", "--device", "cpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "model.safetensors is truncated or corrupt" in err and str(path) in err
+
+
+def test_ignore_patterns_on_names_alone(caplog):
+    from grace.export import ignore_patterns
+    from grace.load import matches_ignore
+
+    def pair(n):   # (in memory, on disk) for LLaVA
+        return n, n.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.",
+                                                                                       "vision_tower.vision_model.")
+
+    layers = [f"model.language_model.layers.{i}.{p}" for i in range(12)
+              for p in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "mlp.down_proj")]
+    full = [pair(n) for n in ("model.vision_tower.encoder.layers.0.mlp.fc1", "lm_head",
+                              "model.language_model.layers.1.mlp.down_proj",
+                              "model.language_model.layers.11.self_attn.k_proj")]
+    quantized = [pair(n) for n in layers if n not in {f for f, _ in full}]
+    with caplog.at_level(logging.WARNING, logger="grace.export"):
+        ignore = ignore_patterns(full, quantized)
+    assert ignore == ["re:.*vision_tower.*", "re:.*lm_head$", "re:(.*\\.)?layers\\.1\\.mlp\\.down_proj$",
+                      "re:(.*\\.)?layers\\.11\\.self_attn\\.k_proj$"]
+    for n in [n for p in full for n in p]:
+        assert matches_ignore(n, ignore)
+    for n in [n for p in quantized for n in p]:   # layers.11 does not catch layers.1 and the other way round
+        assert not matches_ignore(n, ignore)
+    # q/v of layer 11 are INT4 while its k stays dense: vLLM fuses them and would refuse the checkpoint
+    assert "layers.11.self_attn.q_proj is INT4" in caplog.text and "vLLM" in caplog.text
+    assert "layers.1.mlp" not in caplog.text
+    with pytest.raises(ValueError, match="no ignore pattern keeps lm_head"):
+        ignore_patterns([("lm_head", "lm_head")], [("model.lm_head", "model.lm_head")])

@@ -86,19 +86,85 @@ def test_no_grad_mode_computes_no_gradient_buffers():
     assert not out.loss.requires_grad and torch.isfinite(out.loss)
 
 
-@pytest.mark.parametrize("mutate,match", [
-    (lambda p: p.update(student_weight=p["student_weight"][:, :5]), "does not match hidden size"),
-    (lambda p: p.update(teacher_hidden=p["teacher_hidden"][:4]), "teacher_hidden has 4 tokens"),
-    (lambda p: p.update(teacher_logits=torch.zeros(11, 57)), "exactly one"),
-    (lambda p: p.pop("teacher_weight"), "together"),
-    (lambda p: p.update(student_bias=torch.zeros(3)), "student_bias"),
-    (lambda p: p.update(chunk_size=0), "chunk_size"),
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("mutate,exc,match", [
+    (lambda p: p.update(student_weight=p["student_weight"][:, :5]), ValueError, "does not match hidden size"),
+    (lambda p: p.update(teacher_hidden=p["teacher_hidden"][:4]), ValueError, "teacher_hidden has 4 tokens"),
+    (lambda p: p.update(teacher_logits=torch.zeros(11, 57)), ValueError, "exactly one"),
+    (lambda p: p.pop("teacher_weight"), ValueError, "together"),
+    (lambda p: p.update(student_bias=torch.zeros(3)), ValueError, "student_bias"),
+    (lambda p: p.update(chunk_size=0), ValueError, "chunk_size"),
+    (lambda p: p.update(student_hidden=p["student_hidden"].long()), TypeError, "student_hidden must be a floating"),
+    (lambda p: p.update(target=p["target"] > 5), TypeError, "target must be an integer"),
+    (lambda p: p.update(target=p["target"].float()), TypeError, "target must be an integer"),
+    (lambda p: p.update(teacher_weight=p["teacher_weight"].to("meta")), ValueError, "teacher_weight is on meta"),
+    (lambda p: p.update(target=p["target"].to("meta")), ValueError, "target is on meta"),
+    (lambda p: p.update(temperature=float("nan")), ValueError, "temperature must be"),
+    (lambda p: p.update(kd_weight=float("nan")), ValueError, "kd_weight"),
+    (lambda p: p.update(ce_weight=float("inf")), ValueError, "ce_weight"),
 ])
-def test_bad_input_raises(mutate, match):
+def test_bad_input_raises_naming_the_argument(backend, mutate, exc, match):
     p, tgt = _problem()
+    p["target"] = tgt
     mutate(p)
-    with pytest.raises(ValueError, match=match):
-        gk.fused_linear_grace_loss(target=tgt, **p)
+    with gk.use_backend(backend), pytest.raises(exc, match=match):
+        gk.fused_linear_grace_loss(**p)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_target_must_lie_in_the_common_vocabulary(backend):
+    p, tgt = _problem(vs=64, vt=57)   # a student vocabulary larger than the teacher's
+    bad = tgt.clone()
+    bad[4] = 60
+    with gk.use_backend(backend):
+        with pytest.raises(ValueError, match=r"target values must be in \[0, 57\)"):
+            gk.fused_linear_grace_loss(target=bad, **p)
+        # Without the teacher the CE alone needs targets < Vs only.
+        out = gk.fused_linear_grace_loss(p["student_hidden"], p["student_weight"], target=bad, kd_weight=0.0)
+        assert torch.isfinite(out.loss)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kw", [{}, {"kd_type": "kl", "gate": False}, {"chunk_size": 4}])
+def test_minus_inf_vocabulary_padding_equals_the_unpadded_loss(backend, kw):
+    # Both heads padded with 6 rows whose logits are -inf: through a -inf student bias, and through
+    # precomputed teacher logits (or a -inf teacher bias).
+    p, tgt = _problem(vs=53, vt=53, bias=True)
+    pad, inf = 6, float("-inf")
+    teacher_logits = p["teacher_hidden"] @ p["teacher_weight"].t()
+    padded = {"student_hidden": p["student_hidden"],
+              "student_weight": torch.cat([p["student_weight"], torch.randn(pad, 32)]),
+              "student_bias": torch.cat([p["student_bias"], torch.full((pad,), inf)])}
+    plain = {k: p[k] for k in padded}
+
+    def run(inputs, **teacher):
+        leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
+        with gk.use_backend(backend):
+            out = gk.fused_linear_grace_loss(target=tgt, **leaves, **teacher, **kw)
+        out.loss.backward()
+        return out, {k: v.grad for k, v in leaves.items()}
+
+    out, grads = run(plain, teacher_logits=teacher_logits)
+    for teacher in ({"teacher_logits": torch.cat([teacher_logits, torch.full((11, pad), inf)], 1)},
+                    {"teacher_hidden": p["teacher_hidden"],
+                     "teacher_weight": torch.cat([p["teacher_weight"], torch.randn(pad, 48)]),
+                     "teacher_bias": torch.full((53 + pad,), 0.0).index_fill_(0, torch.arange(53, 53 + pad), inf)}):
+        out_p, grads_p = run(padded, **teacher)
+        for name, a, b in zip(FIELDS, out, out_p, strict=True):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-6, msg=name)
+        torch.testing.assert_close(grads_p["student_hidden"], grads["student_hidden"], rtol=1e-5, atol=1e-7)
+        for k in ("student_weight", "student_bias"):
+            torch.testing.assert_close(grads_p[k][:53], grads[k], rtol=1e-5, atol=1e-7)
+            assert torch.equal(grads_p[k][53:], torch.zeros_like(grads_p[k][53:]))
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("key", ["student_hidden", "student_weight", "teacher_hidden", "teacher_weight"])
+def test_nan_inputs_propagate_to_the_loss(backend, key):
+    p, tgt = _problem()
+    p[key][3, 5] = float("nan")
+    with gk.use_backend(backend):
+        assert not torch.isfinite(gk.fused_linear_grace_loss(target=tgt, **p).loss)
 
 
 @pytest.mark.gpu

@@ -143,20 +143,142 @@ def test_teacher_gets_no_gradient_and_opcheck():
                               test_utils=("test_schema", "test_faketensor"))
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda s, t, y: gk.gated_dkd_loss(s, t[:3], y), "tokens"),
-    (lambda s, t, y: gk.gated_dkd_loss(s, t, y[:3]), "target has 3 tokens"),
-    (lambda s, t, y: gk.gated_dkd_loss(s, t, y.float()), "integer"),
-    (lambda s, t, y: gk.gated_dkd_loss(s, t, torch.full_like(y, 20)), r"in \[0, 20\)"),
-    (lambda s, t, y: gk.gated_dkd_loss(s, t, torch.full_like(y, -3)), "ignore_index"),
-    (lambda s, t, y: gk.gated_dkd_loss(s[:0], t[:0], y[:0]), "N = 0"),
-    (lambda s, t, y: gk.gated_dkd_loss(s.long(), t, y), "floating-point"),
-    (lambda s, t, y: gk.gated_dkd_loss(s[0], t, y), "2-D"),
-    (lambda s, t, y: gk.gated_dkd_loss(s, t, y, kd_type="js"), "kd_type"),
-    (lambda s, t, y: gk.gated_dkd_loss(s, t, y, temperature=0.0), "temperatures"),
-    (lambda s, t, y: gk.gated_dkd_loss(s[:, :1], t[:, :1], y * 0), "at least 2"),
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda s, t, y: gk.gated_dkd_loss(s, t[:3], y), ValueError, "teacher_logits"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y[:3]), ValueError, "target has 3 tokens"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y.float()), TypeError, "target must be an integer"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y > 3), TypeError, "target must be an integer"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, torch.full_like(y, 20)), ValueError, r"target values .* \[0, 20\)"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, torch.full_like(y, -3)), ValueError, "target values .*ignore_index"),
+    (lambda s, t, y: gk.gated_dkd_loss(s[:0], t[:0], y[:0]), ValueError, "N = 0"),
+    (lambda s, t, y: gk.gated_dkd_loss(s.long(), t, y), TypeError, "student_logits must be a floating-point"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t.int(), y), TypeError, "teacher_logits must be a floating-point"),
+    (lambda s, t, y: gk.gated_dkd_loss(s[0], t, y), ValueError, "student_logits must be 2-D"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y, kd_type="js"), ValueError, "kd_type"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y, temperature=0.0), ValueError, "temperature must be"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y, temperature=float("nan")), ValueError, "temperature must be"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y, temperature=float("inf")), ValueError, "temperature must be"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y, gate_temperature=float("nan")), ValueError, "gate_temperature"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y, nckd_weight=float("nan")), ValueError, "nckd_weight"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y, tckd_weight=float("inf")), ValueError, "tckd_weight"),
+    (lambda s, t, y: gk.gated_dkd_loss(s[:, :1], t[:, :1], y * 0), ValueError, "at least 2"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t.to("meta"), y), ValueError, "teacher_logits is on meta"),
+    (lambda s, t, y: gk.gated_dkd_loss(s, t, y.to("meta")), ValueError, "target is on meta"),
 ])
-def test_bad_input_raises(call, match):
+def test_bad_input_raises_naming_the_argument(backend, call, exc, match):
     zs, zt, tgt = _logits(5, 20, 20)
-    with pytest.raises(ValueError, match=match):
+    with gk.use_backend(backend), pytest.raises(exc, match=match):
         call(zs, zt, tgt)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_target_must_lie_in_the_common_vocabulary(backend):
+    # A student vocabulary larger than the teacher's: past Vt there is no teacher logit to read.
+    zs, zt, tgt = _logits(5, 30, 30)
+    zs_wide = torch.cat([zs, torch.randn(5, 8)], 1)
+    with gk.use_backend(backend):
+        bad = tgt.clone()
+        bad[3] = 33
+        with pytest.raises(ValueError, match=r"target values must be in \[0, 30\) \(the common vocabulary"):
+            gk.gated_dkd_loss(zs_wide, zt, bad)
+        bad[3] = 30
+        with pytest.raises(ValueError, match="target"):
+            gk.gated_dkd_loss(zs_wide, zt, bad)
+        # ignore_index stays valid, and so do targets just below Vt.
+        ok = tgt.clone()
+        ok[3] = 29
+        assert ok[1] == -100
+        assert torch.isfinite(gk.gated_dkd_loss(zs_wide, zt, ok).loss)
+
+
+def test_triton_target_load_is_masked():
+    # Past the wrapper (the kernel called directly), a target beyond the teacher's vocabulary
+    # reads the masked value NaN, never memory after the row.
+    from grace_kernels.reference.gated_dkd import R
+    from grace_kernels.triton import gated_dkd as tri
+
+    zs, zt, tgt = _logits(3, 48, 40)
+    tgt = torch.tensor([5, 44, 47])
+    rows = tri.kd_rows(zs, zt, tgt, vc=40, temperature=2.0, gate_temperature=1.0, ignore_index=-100)
+    assert torch.isfinite(rows[0]).all()
+    for i in (1, 2):
+        assert torch.isnan(rows[i, R["tckd"]]) and torch.isnan(rows[i, R["kl"]])
+        assert torch.isfinite(rows[i, R["ce"]])  # the student row is Vs = 48 wide: its load is in bounds
+
+
+def _padded(z, p):
+    return torch.cat([z, torch.full((z.shape[0], p), float("-inf"))], 1)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kw", [{}, {"kd_type": "kl"}, {"gate": False}, {"temperature": 1.0, "gate_temperature": 3.0}])
+def test_minus_inf_vocabulary_padding_equals_the_unpadded_loss(backend, kw):
+    zs, zt, tgt = _logits(7, 40, 40, seed=6)
+    out, grad = _run(backend, zs, zt, tgt, **kw)
+    out_p, grad_p = _run(backend, _padded(zs, 9), _padded(zt, 9), tgt, **kw)
+    for name, a, b in zip(out._fields, out, out_p, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7, msg=name)
+    torch.testing.assert_close(grad_p[:, :40], grad, rtol=1e-6, atol=1e-8)
+    assert torch.equal(grad_p[:, 40:], torch.zeros(7, 9))
+    # Teacher padded, student not (Vs < Vt): the padding is never read.
+    out_t, grad_t = _run(backend, zs, _padded(zt, 9), tgt, **kw)
+    torch.testing.assert_close(out_t.loss, out.loss, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad_t, grad, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("kd_type", ["dkd", "kl"])
+def test_minus_inf_teacher_logits_are_probability_zero(backend, kd_type):
+    zs, zt, tgt = _logits(6, 50, 50, seed=7)
+    g = torch.Generator().manual_seed(8)
+    zt[torch.rand(zt.shape, generator=g) < 0.3] = float("-inf")   # holes anywhere
+    zt[0] = float("-inf")
+    zt[0, tgt[0]] = 1.5                                           # one-hot teacher: NCKD 0, gate 1
+    zt[2, tgt[2]] = float("-inf")                                  # p_T(y) = 0
+    out, grad = _run(backend, zs, zt, tgt, kd_type=kd_type)
+    gold, g_gold = _oracle(zs, zt, tgt, kd_type=kd_type)
+    assert torch.isfinite(out.loss) and torch.isfinite(grad).all()
+    for name, a, c in zip(out._fields, out, gold, strict=True):
+        torch.testing.assert_close(a.double(), c.double(), rtol=2e-5, atol=1e-6, msg=name)
+    torch.testing.assert_close(grad.double(), g_gold, rtol=1e-4, atol=1e-6)
+    one_hot = _run(backend, zs[:1], zt[:1], tgt[:1], kd_type=kd_type)[0]
+    assert one_hot.gate_mean.item() == 1.0 and one_hot.teacher_entropy.item() == 0.0
+    if kd_type == "dkd":
+        assert one_hot.nckd.item() == 0.0
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("which", ["student", "teacher"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+@pytest.mark.parametrize("row", [0, 1])   # row 1 is ignored: it still poisons the loss, never silently
+def test_nan_and_plus_inf_logits_propagate_to_the_loss(backend, which, value, row):
+    zs, zt, tgt = _logits(5, 30, 30, seed=9)
+    assert tgt[1] == -100
+    (zs if which == "student" else zt)[row, 7] = value
+    with gk.use_backend(backend):
+        for gate in (True, False):
+            assert not torch.isfinite(gk.gated_dkd_loss(zs, zt, tgt, gate=gate).loss), gate
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_minus_inf_student_logit_where_the_teacher_has_mass_gives_infinite_loss(backend):
+    zs, zt, tgt = _logits(4, 30, 30, seed=10)
+    zs[0, (tgt[0] + 1) % 30] = float("-inf")
+    with gk.use_backend(backend):
+        assert gk.gated_dkd_loss(zs, zt, tgt).loss.item() == float("inf")
+
+
+def test_triton_launchers_refuse_inconsistent_chunks():
+    from grace_kernels.triton import gated_dkd as tri
+
+    zs, zt, tgt = _logits(4, 30, 30)
+    kw = {"temperature": 2.0, "gate_temperature": 1.0, "ignore_index": -100}
+    with pytest.raises(ValueError, match="inconsistent chunk"):
+        tri.kd_rows(zs, zt, tgt[:3], vc=30, **kw)
+    with pytest.raises(ValueError, match="inconsistent chunk"):
+        tri.kd_rows(zs, zt[:, :20], tgt, vc=30, **kw)
+    rows = tri.kd_rows(zs, zt, tgt, vc=30, **kw)
+    with pytest.raises(ValueError, match="per-row input"):
+        tri.kd_rows_grad(zs, zt, tgt, rows, torch.ones(3), torch.ones(4), vc=30, temperature=2.0, tckd_weight=1.0,
+                         nckd_weight=4.0, kd_type="dkd", ignore_index=-100)

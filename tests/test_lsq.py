@@ -196,35 +196,92 @@ def test_init_mse_beats_absmax_and_differs_from_percentile():
     assert not torch.equal(ls_mse, ls_pct)
 
 
-@pytest.mark.parametrize("call,match", [
-    (lambda w, s: gk.lsq_fake_quant(w.long(), s), "floating-point"),
-    (lambda w, s: gk.lsq_fake_quant(w[:, :100], s), "not a multiple of group_size"),
-    (lambda w, s: gk.lsq_fake_quant(w, s[:, :1]), "log_scale must have shape"),
-    (lambda w, s: gk.lsq_fake_quant(w, s.double()), "log_scale must be a float32"),
-    (lambda w, s: gk.lsq_fake_quant(w, s, bits=9), "bits must be"),
-    (lambda w, s: gk.lsq_fake_quant(w, s, bits=1), "bits must be"),
-    (lambda w, s: gk.lsq_fake_quant(w, s, group_size=96), "group_size must be one of"),
-    (lambda w, s: gk.lsq_fake_quant(w[0], s), "2-D"),
-    (lambda w, s: gk.lsq_fake_quant(w, s, scale_dtype=torch.float32), "scale_dtype"),
-    (lambda w, s: gk.lsq_init_log_scale(w, method="minmax"), "method"),
-    (lambda w, s: gk.lsq_init_log_scale(w, percentile=1.5), "percentile"),
-    (lambda w, s: gk.lsq_quantize(w, s[:1]), "log_scale must have shape"),
+@pytest.mark.parametrize("call,exc,match", [
+    (lambda w, s: gk.lsq_fake_quant(w.long(), s), TypeError, "weight must be a floating-point"),
+    (lambda w, s: gk.lsq_fake_quant(w.double(), s), TypeError, "weight dtype"),
+    (lambda w, s: gk.lsq_fake_quant(w[:, :100], s), ValueError, "not a multiple of group_size"),
+    (lambda w, s: gk.lsq_fake_quant(w, s[:, :1]), ValueError, "log_scale must have shape"),
+    (lambda w, s: gk.lsq_fake_quant(w, s.double()), TypeError, "log_scale must be a float32"),
+    (lambda w, s: gk.lsq_fake_quant(w, s.to("meta")), ValueError, "log_scale is on meta"),
+    (lambda w, s: gk.lsq_fake_quant(w, s, bits=9), ValueError, "bits must be"),
+    (lambda w, s: gk.lsq_fake_quant(w, s, bits=1), ValueError, "bits must be"),
+    (lambda w, s: gk.lsq_fake_quant(w, s, group_size=96), ValueError, "group_size must be one of"),
+    (lambda w, s: gk.lsq_fake_quant(w[0], s), ValueError, "2-D"),
+    (lambda w, s: gk.lsq_fake_quant(w, s, scale_dtype=torch.float32), ValueError, "scale_dtype"),
+    (lambda w, s: gk.lsq_init_log_scale(w, method="minmax"), ValueError, "method"),
+    (lambda w, s: gk.lsq_init_log_scale(w, percentile=1.5), ValueError, "percentile"),
+    (lambda w, s: gk.lsq_quantize(w, s[:1]), ValueError, "log_scale must have shape"),
 ])
-def test_bad_input_raises_value_error_naming_it(call, match):
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_bad_input_raises_naming_it(call, exc, match, backend):
     w = make_weight(4, 256)
     s = gk.lsq_init_log_scale(w)
-    with pytest.raises(ValueError, match=match):
+    with gk.use_backend(backend), pytest.raises(exc, match=match):
         call(w, s)
 
 
+@pytest.mark.parametrize("backend", ["triton", "reference"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
-def test_non_finite_weight_raises(bad):
+def test_non_finite_weight_raises(bad, backend):
     w = make_weight(4, 256)
     s = gk.lsq_init_log_scale(w)
     w[2, 7] = bad
     for fn in (lambda: gk.lsq_fake_quant(w, s), lambda: gk.lsq_init_log_scale(w), lambda: gk.lsq_quantize(w, s)):
-        with pytest.raises(ValueError, match="NaN or Inf"):
+        with gk.use_backend(backend), pytest.raises(ValueError, match="weight contains NaN or Inf"):
             fn()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf"), 100.0, -100.0])
+def test_log_scale_outside_the_float32_range_raises(backend, bad):
+    # NaN used to give code 0 and a NaN scale, -inf a row of zeros: rejected where it enters.
+    w = make_weight(4, 256)
+    s = gk.lsq_init_log_scale(w)
+    s[1, 1] = bad
+    with gk.use_backend(backend):
+        for fn in (lambda: gk.lsq_fake_quant(w, s), lambda: gk.lsq_quantize(w, s),
+                   lambda: gk.lsq_fake_quant(w, s, scale_dtype=torch.bfloat16)):
+            with pytest.raises(ValueError, match=r"log_scale must be finite and in \[-87, 88\]"):
+                fn()
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_log_scale_at_the_ends_of_the_range_stays_finite(backend):
+    lo, hi = ref.LOG_SCALE_RANGE
+    w = make_weight(2, 128)
+    s = torch.tensor([[lo], [hi]])
+    with gk.use_backend(backend):
+        y = gk.lsq_fake_quant(w, s)
+        codes, scales = gk.lsq_quantize(w, s)
+    assert torch.isfinite(y).all() and torch.isfinite(scales).all() and (scales > 0).all()
+    assert torch.equal(y[1], torch.zeros(128))        # a huge step: every weight rounds to 0
+    assert set(codes[0].unique().tolist()) <= {-8, 7}  # a tiny step: every weight clips
+
+
+@pytest.mark.parametrize("method", ["percentile", "mse"])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_init_on_all_zero_groups_is_finite_and_keeps_them_zero(method, dtype):
+    w = make_weight(3, 256, dtype=dtype, seed=5)
+    w[0] = 0.0            # a whole row
+    w[2, :128] = 0.0      # one group
+    ls = gk.lsq_init_log_scale(w, group_size=128, method=method)
+    assert torch.isfinite(ls).all()
+    for zero in (ls[0, 0], ls[0, 1], ls[2, 0]):
+        assert torch.exp(zero).item() == pytest.approx(ref.MIN_SCALE)
+    assert torch.isfinite(ls[1]).all() and (torch.exp(ls[1]) > 1e-4).all()
+    y = gk.lsq_fake_quant(w, ls, group_size=128)
+    assert torch.equal(y[0], torch.zeros_like(y[0])) and torch.equal(y[2, :128], torch.zeros(128, dtype=dtype))
+    assert torch.isfinite(y).all()
+
+
+def test_triton_launchers_refuse_mismatched_shapes():
+    from grace_kernels.triton import lsq as tri
+
+    w = make_weight(4, 256)
+    with pytest.raises(ValueError, match="scales"):
+        tri.lsq_fake_quant_fwd(w, torch.ones(3, 2), 4, 128)
+    with pytest.raises(ValueError, match="grad_out"):
+        tri.lsq_fake_quant_bwd(torch.ones(4, 128), w, torch.ones(4, 2), 4, 128)
 
 
 def test_opcheck_schema_fake_and_autograd():

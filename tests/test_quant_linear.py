@@ -57,7 +57,7 @@ def test_mse_init_option(reference_backend):
     q_pct = QuantLinear.from_linear(lin)
     q_mse = QuantLinear.from_linear(lin, method="mse")
     assert not torch.equal(q_pct.log_scale, q_mse.log_scale)
-    err = lambda q: (q.fake_quant_weight() - lin.weight).pow(2).sum().item()  # noqa: E731
+    err = lambda q: (q.fake_quant_weight() - lin.weight).pow(2).sum().item()
     assert err(q_mse) < err(q_pct)
 
 

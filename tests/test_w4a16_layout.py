@@ -13,18 +13,44 @@ This file re-derives the layout; it does not run the kernel's own pointer arithm
 kernel_packed as a 2-D tensor). tests/test_w4a16_simt.py runs the kernel's source itself on CPU.
 """
 
+import json
+import subprocess
+from typing import NamedTuple
+
 import pytest
 import torch
+from simt.build import SIMT, build, toolchain
 
 import grace_kernels as gk
+from grace_kernels.reference.w4a16 import KERNEL_TILE_N
 
 LANE = torch.arange(32)
 GID, TID = LANE // 4, LANE % 4  # PTX's groupID and threadID_in_group
 
-# The kernel's tiling (csrc/w4a16/w4a16.h): a block owns 128 columns (two warps of 64 across N) and
-# walks K in stages of 128 (one scale group); four warps share each 64-column slab, warp wk taking the
-# k16 rows 2 wk and 2 wk + 1 of every stage.
-BLOCK_N, BLOCK_K, WARPS_N, WARPS_K = 128, 128, 2, 4
+
+class Tiling(NamedTuple):
+    """The kernel's block tiling: a block owns block_n columns (warps_n warps of 64 across N) and walks K in
+    stages of block_k (one scale group); warps_k warps share each 64-column slab, warp wk taking k16 rows
+    wk * (block_k / 16 / warps_k) .. of every stage."""
+
+    block_n: int
+    block_k: int
+    warps_n: int
+    warps_k: int
+
+
+@pytest.fixture(scope="module")
+def tiling(tmp_path_factory) -> Tiling:
+    """The constants csrc/w4a16/w4a16.h defines (their one definition), printed by a program compiled from it."""
+    cxx, include = toolchain()
+    if cxx is None or include is None:
+        pytest.skip(f"needs a C++ compiler and the CUDA headers: g++ {cxx}, CUDA include {include}")
+    exe = build(SIMT / "w4a16_constants.cpp", tmp_path_factory.mktemp("constants") / "w4a16_constants", ["-O0"])
+    c = json.loads(subprocess.run([str(exe)], capture_output=True, text=True, check=True, timeout=60).stdout)
+    t = Tiling(c["kBlockN"], c["kBlockK"], c["kWarpsN"], c["kWarpsK"])
+    # What this emulation assumes of the layout: one 64-column tile per warp across N, whole k16 rows per warp.
+    assert t.block_n == KERNEL_TILE_N * t.warps_n and (t.block_k // 16) % t.warps_k == 0, c
+    return t
 
 # ---------------------------------------------------------------- PTX ISA fragment layouts (m16n8k16)
 
@@ -137,9 +163,9 @@ def test_magic_number_bit_patterns():
 # ---------------------------------------------------------------- shared memory and ldmatrix for A
 
 
-def a_smem_chunk(row, chunk):
-    """16-byte chunk index of (row, chunk) of a [rows, 128] stage of A: chunks XOR-swizzled by row % 8."""
-    return row * (BLOCK_K // 8) + (chunk ^ (row % 8))
+def a_smem_chunk(row, chunk, block_k):
+    """16-byte chunk index of (row, chunk) of a [rows, block_k] stage of A: chunks XOR-swizzled by row % 8."""
+    return row * (block_k // 8) + (chunk ^ (row % 8))
 
 
 def ldmatrix_x4(smem: torch.Tensor, addr_chunk: torch.Tensor) -> torch.Tensor:
@@ -152,10 +178,10 @@ def ldmatrix_x4(smem: torch.Tensor, addr_chunk: torch.Tensor) -> torch.Tensor:
     return torch.cat(regs, -1)                                   # [32, 8] = a0..a7
 
 
-def test_ldmatrix_addresses_are_bank_conflict_free():
-    for kk in range(BLOCK_K // 16):
+def test_ldmatrix_addresses_are_bank_conflict_free(tiling):
+    for kk in range(tiling.block_k // 16):
         row = LANE % 16
-        chunk = a_smem_chunk(row, 2 * kk + LANE // 16)
+        chunk = a_smem_chunk(row, 2 * kk + LANE // 16, tiling.block_k)
         for phase in range(4):  # one 8x8 matrix per phase: its 8 rows must hit 8 different 16-byte bank groups
             banks = (chunk[8 * phase:8 * phase + 8] % 8).tolist()
             assert sorted(banks) == list(range(8)), (kk, phase, banks)
@@ -172,8 +198,10 @@ def test_fragment_layouts_cover_each_tile_once():
 
 
 def emulate_kernel(x: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: torch.Tensor, m_blocks: int,
-                   splits: int = 1) -> torch.Tensor:
+                   tiling: Tiling, splits: int = 1) -> torch.Tensor:
     """float32 [M, N]: the CUDA kernel's arithmetic for x [M, K] on the kernel layout."""
+    BLOCK_N, BLOCK_K, WARPS_N, WARPS_K = tiling  # noqa: N806  (named as the kernel's constants)
+    k16_per_warp = BLOCK_K // 16 // WARPS_K
     dtype = x.dtype
     m, k = x.shape
     n = kernel_packed.shape[1] // 2
@@ -192,7 +220,7 @@ def emulate_kernel(x: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: 
                     xs[:min(rows, m - m0)] = x[m0:m0 + rows, it * BLOCK_K:(it + 1) * BLOCK_K]
                     smem_a = torch.zeros(rows * BLOCK_K // 8, 8, dtype=dtype)
                     r_idx, c_idx = torch.meshgrid(torch.arange(rows), torch.arange(BLOCK_K // 8), indexing="ij")
-                    smem_a[a_smem_chunk(r_idx, c_idx).reshape(-1)] = xs.view(rows * BLOCK_K // 8, 8)
+                    smem_a[a_smem_chunk(r_idx, c_idx, BLOCK_K).reshape(-1)] = xs.view(rows * BLOCK_K // 8, 8)
                     for wn in range(WARPS_N):
                         col0 = n_block * BLOCK_N + wn * 64
                         if col0 >= n:  # the slab past N when N % 128 == 64: nothing loaded or stored
@@ -200,9 +228,10 @@ def emulate_kernel(x: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: 
                         # Eight scales per lane in one 16-byte load: position 8 g + j holds sub-tile j's column.
                         sc = kernel_scales[it, col0 + 8 * GID[:, None] + torch.arange(8)]          # [32, 8]
                         for wk in range(WARPS_K):
-                            for kk in range(2):
-                                r = 2 * wk + kk  # k16 row within the stage
-                                a = [ldmatrix_x4(smem_a, a_smem_chunk(mb * 16 + LANE % 16, 2 * r + LANE // 16))
+                            for kk in range(k16_per_warp):
+                                r = k16_per_warp * wk + kk  # k16 row within the stage
+                                a = [ldmatrix_x4(smem_a, a_smem_chunk(mb * 16 + LANE % 16, 2 * r + LANE // 16,
+                                                                      BLOCK_K))
                                      for mb in range(m_blocks)]
                                 # One 16-byte load per lane: words 4 lane .. 4 lane + 3 of tile (kt, nt).
                                 q = words_all[it * BLOCK_K // 16 + r, (col0 // 64) * 128 + 4 * LANE[:, None]
@@ -213,8 +242,10 @@ def emulate_kernel(x: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: 
                                 b = fma_rn(b, sc.t()[:, :, None], torch.zeros(()), dtype)  # __hmul2 by the scale
                                 for mb in range(m_blocks):
                                     acc[wn, wk, mb] = mma_m16n8k16(a[mb], b, acc[wn, wk, mb])
-                # The block's reduction: warps wk = 1, 2, 3 added to wk = 0 in that order, then the epilogue.
-                total = acc[:, 0] + acc[:, 1] + acc[:, 2] + acc[:, 3]
+                # The block's reduction: warps wk = 1, 2, ... added to wk = 0 in that order, then the epilogue.
+                total = acc[:, 0]
+                for wk in range(1, WARPS_K):
+                    total = total + acc[:, wk]
                 cr, cc = c_coords()
                 for wn in range(WARPS_N):
                     col0 = n_block * BLOCK_N + wn * 64
@@ -240,27 +271,27 @@ def _weight(n, k, dtype, exact, seed=0):
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("m,n,k,m_blocks,splits", [(16, 128, 256, 1, 1), (5, 192, 256, 1, 2), (20, 64, 128, 2, 1)])
-def test_emulated_kernel_with_exact_codes_equals_x_at_dequant_w(m, n, k, m_blocks, splits, dtype):
+def test_emulated_kernel_with_exact_codes_equals_x_at_dequant_w(m, n, k, m_blocks, splits, dtype, tiling):
     w, g = _weight(n, k, dtype, exact=True)
     x = torch.randint(-4, 5, (m, k), generator=g).to(dtype)
     w = gk.repack_for_kernel(w)
-    got = emulate_kernel(x, w.kernel_packed, w.kernel_scales, m_blocks, splits)
+    got = emulate_kernel(x, w.kernel_packed, w.kernel_scales, m_blocks, tiling, splits)
     assert torch.equal(got, (x.double() @ w.dequantize().double().t()).float())
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_emulated_kernel_random_values(dtype):
+def test_emulated_kernel_random_values(dtype, tiling):
     w, g = _weight(128, 256, dtype, exact=False, seed=3)
     x = torch.randn(16, 256, generator=g).to(dtype)
     w = gk.repack_for_kernel(w)
-    got = emulate_kernel(x, w.kernel_packed, w.kernel_scales, m_blocks=1)
+    got = emulate_kernel(x, w.kernel_packed, w.kernel_scales, 1, tiling)
     # The kernel rounds each scaled weight q * s once to the activation dtype (__hmul2), then accumulates
     # in float32: equal to that up to float32 summation order.
     w_lowp = w.dequantize().to(dtype).float()
     torch.testing.assert_close(got, x.float() @ w_lowp.t(), rtol=1e-5, atol=1e-5)
 
 
-def test_emulation_catches_layout_errors():
+def test_emulation_catches_layout_errors(tiling):
     # The same emulation on layouts with a deliberate mistake must give a wrong product: the test can fail.
     w, g = _weight(128, 256, torch.float16, exact=True)
     x = torch.randint(-4, 5, (16, 256), generator=g).to(torch.float16)
@@ -269,4 +300,4 @@ def test_emulation_catches_layout_errors():
     unpermuted_scales = w.scales.t().contiguous()                     # scales not permuted per lane
     canonical_words = w.packed.t().reshape(16, 256)                   # words not reordered into tiles
     for kp, ks in ((w.kernel_packed, unpermuted_scales), (canonical_words.contiguous(), w.kernel_scales)):
-        assert not torch.equal(emulate_kernel(x, kp, ks, m_blocks=1), gold)
+        assert not torch.equal(emulate_kernel(x, kp, ks, 1, tiling), gold)

@@ -1,16 +1,15 @@
-"""The CUDA W4A16 kernels' own source, run on CPU (csrc/simt/): the GEMM's address arithmetic, cp.async
+"""The CUDA W4A16 kernels' own source, run on CPU (tests/simt/): the GEMM's address arithmetic, cp.async
 pipeline, split-K and reduction, and the dequantize kernel of the large-M path, not a Python re-derivation
 of them.
 
-csrc/simt/w4a16_simt.cpp includes csrc/w4a16/w4a16_gemm.cu -- the file nvcc builds -- and compiles it with
-g++ against csrc/simt/simt.h, which runs each thread of a block as a host thread, the warp-collective
+tests/simt/w4a16_simt.cpp includes csrc/w4a16/w4a16_gemm.cu -- the file nvcc builds -- and compiles it with
+g++ against tests/simt/simt.h, which runs each thread of a block as a host thread, the warp-collective
 ldmatrix / mma.sync through a per-warp exchange that follows the PTX ISA's fragment layouts, and cp.async
 as copies that land only at their wait_group (poison until then). It is built twice: with
 AddressSanitizer + UBSan (out-of-bounds global or shared accesses abort) and with ThreadSanitizer (a
 shared-memory access that no __syncthreads orders is a reported data race). It also counts what the
-kernel's accesses cost the memory system (global sectors per cp.async, shared-memory wavefronts). The
-first run of this test found a real bug the lane-by-lane Python emulation (test_w4a16_layout.py) could
-not: the kernel strode through the weights' k16 rows with N / 4 chunks instead of N / 2.
+kernel's accesses cost the memory system (global sectors per cp.async, shared-memory wavefronts), per access
+site, under the name the kernel gives the site (the last argument of cp_async, mem::load, mem::store).
 
 The result must equal x @ W^T to within one rounding of the output: W is q * s rounded once to the
 activation dtype (the kernel's __hmul2), the sum is exact up to float32 accumulation.
@@ -18,18 +17,17 @@ activation dtype (the kernel's __hmul2), the sum is exact up to float32 accumula
 
 import json
 import os
-import shutil
 import subprocess
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 import torch
+from simt.build import SIMT, build, toolchain
 
 import grace_kernels as gk
 
-ROOT = Path(__file__).resolve().parents[1]
-SOURCE = ROOT / "csrc" / "simt" / "w4a16_simt.cpp"
+SOURCE = SIMT / "w4a16_simt.cpp"
 SANITIZERS = {
     "asan": ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"],
     "tsan": ["-fsanitize=thread"],
@@ -38,39 +36,20 @@ SANITIZERS = {
 ENV = {**os.environ, "TSAN_OPTIONS": "halt_on_error=1 exitcode=66", "ASAN_OPTIONS": "detect_leaks=0"}
 
 
-def _cuda_include() -> Path | None:
-    """The CUDA toolkit's include directory (host-side cuda_fp16.h / cuda_bf16.h; nothing is linked)."""
-    candidates = [os.environ.get(v) for v in ("CUDA_HOME", "CUDA_PATH")]
-    nvcc = shutil.which("nvcc")
-    if nvcc:
-        candidates.append(str(Path(os.path.realpath(nvcc)).parents[1]))
-    candidates.append("/usr/local/cuda")
-    for c in candidates:
-        if c and (Path(c) / "include" / "cuda_fp16.h").is_file():
-            return Path(c) / "include"
-    return None
-
-
 @pytest.fixture(scope="module")
 def simt(tmp_path_factory) -> dict[str, Path]:
     """{'asan': path, 'tsan': path}: the executor built both ways (in parallel, about 10 s on 2 cores)."""
-    cxx = shutil.which(os.environ.get("CXX", "g++"))
-    include = _cuda_include()
+    cxx, include = toolchain()
     if cxx is None or include is None:
         pytest.skip(f"needs a C++ compiler and the CUDA headers: g++ {cxx}, CUDA include {include}")
     out = tmp_path_factory.mktemp("simt")
 
-    def build(name):
-        exe = out / f"w4a16_simt_{name}"
-        cmd = [cxx, "-std=c++20", "-O1", "-g", "-fno-strict-aliasing", "-Wall", "-Wno-unknown-pragmas",
-               "-Wno-sign-compare", *SANITIZERS[name], f"-I{ROOT / 'csrc'}", f"-I{include}",
-               str(SOURCE), "-o", str(exe), "-pthread"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
-        assert r.returncode == 0, f"{' '.join(cmd)}\n{r.stderr[-4000:]}"
-        return name, exe
+    def build_one(name):
+        flags = ["-O1", "-g", "-fno-strict-aliasing", *SANITIZERS[name]]
+        return name, build(SOURCE, out / f"w4a16_simt_{name}", flags)
 
     with ThreadPoolExecutor(2) as pool:
-        return dict(pool.map(build, SANITIZERS))
+        return dict(pool.map(build_one, SANITIZERS))
 
 
 def _bits(t: torch.Tensor) -> bytes:
@@ -163,15 +142,9 @@ def test_no_data_race_under_threadsanitizer(simt, tmp_path, m, n, k, sms):
     assert_one_rounding(out, x, w, None)
 
 
-def _copy_sites(report) -> dict[str, dict]:
-    """The cp.async accounting by what each call site in w4a16_gemm.cu copies."""
-    source = (ROOT / "csrc" / "w4a16" / "w4a16_gemm.cu").read_text().splitlines()
-    names = {"cp_async_policy(b_dst": "weights", "cp_async(a_dst": "activations", "cp_async(sh_s": "scales"}
-    sites = {}
-    for site in report["cp_async"]:
-        line = source[site["line"] - 1]
-        sites[next((v for k, v in names.items() if k in line), line.strip())] = site
-    return sites
+def _sites(accesses: list[dict]) -> dict[str, dict]:
+    """An access accounting list keyed by the site names the kernel gives its accesses."""
+    return {a["site"]: a for a in accesses}
 
 
 def test_access_pattern_is_coalesced_and_conflict_free(simt, tmp_path):
@@ -180,7 +153,7 @@ def test_access_pattern_is_coalesced_and_conflict_free(simt, tmp_path):
     # ldmatrix phase need one wavefront each -- the "fully coalesced", "conflict-free" of the kernel's comments.
     x, w, _ = make_problem(17, 192, 512, torch.float16)
     _, report = run_kernel(simt["asan"], tmp_path, x, w)
-    sites = _copy_sites(report)
+    sites = _sites(report["cp_async"])
     assert set(sites) == {"weights", "activations", "scales"}, sites
     for name, site in sites.items():
         assert site["bytes"] == 32 * site["sectors"], (name, site)
@@ -194,10 +167,11 @@ def test_access_pattern_is_coalesced_and_conflict_free(simt, tmp_path):
     assert report["ldmatrix"]["wavefronts"] == 4 * report["ldmatrix"]["instructions"] > 0
     # The K-warps' reduction through shared memory is conflict-free, and the split-K float32 partials (8
     # bytes per lane, four lanes per row) are written in whole sectors.
-    plain = _plain_sites(report, "w4a16_gemm.cu")
-    shared = [a for a in plain.values() if a["space"] == "shared"]
-    assert len(shared) == 2 and all(a["wavefronts"] == a["ideal"] > 0 for a in shared), shared
-    (partials,) = [a for line, a in plain.items() if "partial" in line]
+    plain = _sites(report["plain"])
+    assert set(plain) == {"reduction_store", "reduction_load", "partials"}, plain
+    shared = [plain["reduction_store"], plain["reduction_load"]]
+    assert all(a["space"] == "shared" and a["wavefronts"] == a["ideal"] > 0 for a in shared), shared
+    partials = plain["partials"]
     assert report["plan"]["splits"] == 4 and partials["bytes"] == 4 * 4 * 17 * 192 == 32 * partials["sectors"]
 
 
@@ -207,7 +181,7 @@ def test_unsplit_output_stores_use_half_of_each_sector(simt, tmp_path):
     # tile through shared memory would fix it. This test pins the count so that a change shows.
     x, w, _ = make_problem(17, 192, 512, torch.float16)
     _, report = run_kernel(simt["asan"], tmp_path, x, w, sm_count=1)
-    (out,) = [a for line, a in _plain_sites(report, "w4a16_gemm.cu").items() if "to_pair" in line]
+    out = _sites(report["plain"])["output"]
     assert report["plan"]["splits"] == 1 and out["bytes"] == 17 * 192 * 2 == 16 * out["sectors"]
 
 
@@ -220,7 +194,8 @@ def test_access_accounting_sees_waste(simt):
     assert (site["bytes"], site["sectors"]) == (512, 32)  # half of every sector unused
     assert (site["smem_wavefronts"], site["smem_ideal"]) == (32, 4)  # 8-way bank conflicts
     assert report["ldmatrix"] == {"instructions": 1, "wavefronts": 32}
-    load, store = sorted(report["plain"], key=lambda a: a["op"])
+    sites = _sites(report["plain"])
+    load, store = sites["strided_load"], sites["conflicted_store"]
     assert (load["space"], load["bytes"], load["sectors"]) == ("global", 128, 32)  # 4 of every 32 bytes used
     assert (store["space"], store["wavefronts"], store["ideal"]) == ("shared", 32, 1)  # 32-way bank conflict
 
@@ -240,12 +215,6 @@ def run_dequant(exe: Path, tmp: Path, weight, dtype, seed=0):
     return out, json.loads(r.stdout)
 
 
-def _plain_sites(report, source: str) -> dict[str, dict]:
-    """The plain-access accounting keyed by the text of each access's line in csrc/w4a16/<source>."""
-    lines = (ROOT / "csrc" / "w4a16" / source).read_text().splitlines()
-    return {lines[a["line"] - 1].strip(): a for a in report["plain"]}
-
-
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("n,k,seed", [(64, 128, 0), (192, 384, 5)], ids=["one-block", "3x3-shuffled"])
 def test_dequantize_kernel_is_bit_exact(simt, tmp_path, n, k, seed, dtype):
@@ -257,15 +226,15 @@ def test_dequantize_kernel_is_bit_exact(simt, tmp_path, n, k, seed, dtype):
     # Its accesses, counted on its own source: the weights are read once in whole sectors; the scales in
     # whole sectors (each warp of a block reads the same 128 bytes: L1 hits on the GPU); W is written once,
     # in whole sectors; every shared store and load phase needs one wavefront (the padded rows).
-    sites = _plain_sites(report, "w4a16_dequant.cu")
-    weights = next(a for line, a in sites.items() if line.startswith("const int4 bq"))
-    scales = next(a for line, a in sites.items() if "mem::load(reinterpret_cast<const int4*>(scales" in line)
-    written = next(a for a in report["plain"] if a["space"] == "global" and a["op"] == "store")
+    sites = _sites(report["plain"])
+    assert set(sites) == {"weights", "scales", "tile_store_k0", "tile_store_k8", "tile_load", "output"}, sites
+    weights, scales, written = sites["weights"], sites["scales"], sites["output"]
+    assert written["space"] == "global" and written["op"] == "store"
     assert weights["bytes"] == n * k // 2 == 32 * weights["sectors"]
     assert scales["sectors"] == 4 * scales["instructions"]  # 8 distinct 16-byte chunks per warp
     assert written["bytes"] == 2 * n * k == 32 * written["sectors"]
-    shared = [a for a in report["plain"] if a["space"] == "shared"]
-    assert {a["op"] for a in shared} == {"load", "store"}
+    shared = [sites[name] for name in ("tile_store_k0", "tile_store_k8", "tile_load")]
+    assert [(a["space"], a["op"]) for a in shared] == [("shared", "store"), ("shared", "store"), ("shared", "load")]
     assert all(a["wavefronts"] == a["ideal"] > 0 for a in shared), shared
 
 

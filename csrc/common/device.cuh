@@ -1,11 +1,16 @@
 // Device primitives the kernels are written against: PTX wrappers (cp.async, ldmatrix, mma, lop3,
-// L2 cache policies), counted plain loads and stores, dynamic shared memory, and the launch. Kernels call only these names for anything
-// that is not plain C++, which is what lets one kernel source compile twice:
+// L2 cache policies), counted plain loads and stores, dynamic shared memory, and the launch. Kernels call
+// only these names for anything that is not plain C++, which is what lets one kernel source compile twice:
 //   * by nvcc, for the GPU (this file);
-//   * by a host C++ compiler with GRACE_SIMT defined, against csrc/simt/simt.h, which gives the same
-//     names a CPU emulation (threads of a block as host threads, warp-collective ldmatrix/mma, cp.async
-//     as copies that land late), so the kernel's own index arithmetic and synchronisation run on CPU under
-//     AddressSanitizer and ThreadSanitizer (tests/test_w4a16_simt.py).
+//   * by a host C++ compiler with GRACE_SIMT defined, against tests/simt/simt.h (the test machinery, on the
+//     include path as "simt/simt.h"), which gives the same names a CPU emulation (threads of a block as host
+//     threads, warp-collective ldmatrix/mma, cp.async as copies that land late), so the kernel's own index
+//     arithmetic and synchronisation run on CPU under AddressSanitizer and ThreadSanitizer
+//     (tests/test_w4a16_simt.py).
+//
+// Every memory access the executor accounts for (cp.async, mem::load, mem::store) names its site: a string
+// literal, unique within its kernel, under which the executor reports what the accesses from there cost.
+// Tests refer to the site by that name, not by where it sits in the source. On the GPU the name is unused.
 #pragma once
 
 #if defined(GRACE_SIMT)
@@ -34,14 +39,14 @@ __device__ __forceinline__ uint64_t evict_first_policy() {
 }
 
 // 16 bytes global -> shared, asynchronously, with an L2 cache policy.
-__device__ __forceinline__ void cp_async_policy(void* smem, const void* gmem, uint64_t policy) {
+__device__ __forceinline__ void cp_async_policy(void* smem, const void* gmem, uint64_t policy, const char* /*site*/) {
   asm volatile("cp.async.cg.shared.global.L2::cache_hint [%0], [%1], 16, %2;\n"
                :: "r"(smem_addr(smem)), "l"(gmem), "l"(policy));
 }
 
 // 16 bytes global -> shared, asynchronously, default caching. valid = false reads nothing and fills the
 // 16 bytes with zeros (src-size 0).
-__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool valid = true) {
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool valid, const char* /*site*/) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n"
                :: "r"(smem_addr(smem)), "l"(gmem), "r"(valid ? 16 : 0));
 }
@@ -94,12 +99,12 @@ namespace grace_kernels::mem {
 // counts what each warp-wide one costs (32-byte sectors, shared-memory bank wavefronts), which is why a
 // kernel whose coalescing or bank layout is a design claim goes through these names.
 template <typename T>
-__device__ __forceinline__ T load(const T* p) {
+__device__ __forceinline__ T load(const T* p, const char* /*site*/) {
   return *p;
 }
 
 template <typename T>
-__device__ __forceinline__ void store(T* p, const T& v) {
+__device__ __forceinline__ void store(T* p, const T& v, const char* /*site*/) {
   *p = v;
 }
 

@@ -3,7 +3,8 @@
 // w4a16_dequant.cu). This header needs no torch, so the .cu files that nvcc compiles once per
 // architecture stay free of the ATen headers (a large part of the build time).
 //
-// The tiling is mirrored by tests/test_w4a16_layout.py, which emulates the kernel on CPU.
+// These constants are their one definition: tests/test_w4a16_layout.py, which emulates the kernel on CPU,
+// reads them through tests/simt/w4a16_constants.cpp.
 #pragma once
 
 #include <cuda_runtime_api.h>

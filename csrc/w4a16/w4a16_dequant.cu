@@ -2,14 +2,13 @@
 // row-major, the nn.Linear layout) from the GEMM's kernel layout, for the large-M path that hands the
 // product to cuBLAS: from a few hundred rows on, a W4A16 GEMM is bound by math rather than by the weight
 // stream, and dequantizing once (2.5 bytes of traffic per weight) then running a dense GEMM can beat
-// dequantizing inside every row tile. grace_kernels.ops.w4a16 measures which wins per shape.
+// dequantizing inside every row tile. grace_kernels.dense_crossover measures which wins per shape.
 //
 // Every element is what the GEMM feeds its mma: the same conversion and the same one rounding of q * s
 // (detail::scaled_fragments), so W equals dequantize(packed, scales) rounded to the dtype, bit for bit.
 //
-// Status: compiled for sm_80 and sm_90 with the GEMM; run on CPU by the SIMT executor under
-// AddressSanitizer and ThreadSanitizer and compared bit for bit with the reference
-// (tests/test_w4a16_simt.py). NOT executed on a GPU.
+// Verified as the GEMM is (see w4a16_gemm.cu and the README): bit for bit against the reference on CPU by
+// tests/test_w4a16_simt.py, and on GPUs by tests/test_w4a16_gpu.py.
 //
 // Block (n_tile, group) turns one 64-column x 128-k tile (one scale group) of the kernel layout into
 // 64 rows x 256 bytes of W; warp r takes k16 row r. A lane's fragments are 2 k-adjacent values at 16
@@ -41,16 +40,16 @@ __global__ void __launch_bounds__(kDequantThreads) w4a16_dequant_kernel(
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32, g = lane / 4, t = lane % 4;
 
   // The lane's 16 bytes of tile (k16 row 8 group + warp, n_tile), and the 8 scales of its columns.
-  const int4 bq = mem::load(w + (static_cast<int64_t>(group) * 8 + warp) * (N / 2) + n_tile * 32 + lane);
-  const int4 s_raw =
-      mem::load(reinterpret_cast<const int4*>(scales + static_cast<int64_t>(group) * N + n_tile * kTileCols + 8 * g));
+  const int4 bq = mem::load(w + (static_cast<int64_t>(group) * 8 + warp) * (N / 2) + n_tile * 32 + lane, "weights");
+  const int4 s_raw = mem::load(
+      reinterpret_cast<const int4*>(scales + static_cast<int64_t>(group) * N + n_tile * kTileCols + 8 * g), "scales");
   const T* s8 = reinterpret_cast<const T*>(&s_raw);
   for_each_fragment<T>(bq, s8, [&](int j, uint32_t b0, uint32_t b1) {
     // Column 8 j + g; b0 holds k = 16 warp + 2 t, +1 and b1 the same + 8. Word (8 j + g) * 68 + 8 warp + t:
     // 68 = 4 mod 32, so the warp's 32 lanes hit banks 4 g + t, all distinct.
     uint32_t* row = tile + (8 * j + g) * kRowWords + 8 * warp + t;
-    mem::store(row, b0);
-    mem::store(row + 4, b1);
+    mem::store(row, b0, "tile_store_k0");
+    mem::store(row + 4, b1, "tile_store_k8");
   });
   __syncthreads();
   // Eight consecutive lanes read one row's 128 contiguous bytes (conflict-free) and a warp writes two
@@ -59,10 +58,10 @@ __global__ void __launch_bounds__(kDequantThreads) w4a16_dequant_kernel(
   for (int i = 0; i < kTileCols * kRowChunks / kDequantThreads; ++i) {
     const int c = threadIdx.x + i * kDequantThreads;
     const int col = c / kRowChunks, chunk = c % kRowChunks;
-    const int4 v = mem::load(reinterpret_cast<const int4*>(tile + col * kRowWords + chunk * 4));
+    const int4 v = mem::load(reinterpret_cast<const int4*>(tile + col * kRowWords + chunk * 4), "tile_load");
     mem::store(reinterpret_cast<int4*>(out + static_cast<int64_t>(n_tile * kTileCols + col) * K + group * kGroupSize +
                                        chunk * 8),
-               v);
+               v, "output");
   }
 }
 

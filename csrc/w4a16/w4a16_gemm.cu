@@ -1,15 +1,10 @@
 // W4A16 GEMM: y[M, N] = x[M, K] @ W^T with W[n, k] = scale[n, k / 128] * q[n, k], q in [-8, 7] stored as
 // 4-bit u = q + 8, x and scales float16 or bfloat16, float32 accumulation.
 //
-// Status: compiled for sm_80 and sm_90 (ptxas reports no spills for any instantiation; python -m
-// grace_kernels.aot prints registers and shared memory). This very source also runs on CPU: compiled by
-// g++ against the SIMT executor csrc/simt/simt.h (threads as host threads, ldmatrix / mma.sync per the PTX
-// ISA's fragment layouts, cp.async landing late) under AddressSanitizer and ThreadSanitizer, it must give
-// x @ W^T to one rounding for each row-tile height, with and without split-K, with a half column block
-// and a pipeline that wraps, and its global copies use whole 32-byte sectors and its shared-memory accesses
-// are bank-conflict-free, as counted on its addresses (tests/test_w4a16_simt.py); tests/test_w4a16_layout.py
-// re-derives the data layout lane by lane in Python. It has NOT been executed on a GPU: its parity tests
-// (tests/test_w4a16.py, marked gpu) and benchmark have not run yet.
+// Verification (what ran where is in the README): python -m grace_kernels.aot reports its registers, shared
+// memory and spills for sm_80 and sm_90; tests/test_w4a16_simt.py runs this very source on CPU against the
+// executor of tests/simt/ under AddressSanitizer and ThreadSanitizer and counts its accesses per named site;
+// tests/test_w4a16_layout.py re-derives the data layout lane by lane; tests/test_w4a16_gpu.py is the GPU parity.
 //
 // Design (the ideas of Marlin, Frantar et al. 2024, written anew):
 //   * Decode (M = 1..16) is bound by reading the weights once from HBM; everything here serves that.
@@ -111,7 +106,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
       // Swizzle: chunk c of row r goes to c ^ (r % 8), so that the eight rows one ldmatrix phase reads
       // (same logical chunk) fall in eight different 16-byte bank groups. Rows past M come in as zeros
       // (valid = false): their products are never stored, but must not be NaN garbage either.
-      ptx::cp_async(a_dst + row * kAChunksPerRow + (chunk ^ (row % 8)), src, valid);
+      ptx::cp_async(a_dst + row * kAChunksPerRow + (chunk ^ (row % 8)), src, valid, "activations");
     }
     int4* b_dst = sh_b + slot * kBChunks;
 #pragma unroll
@@ -121,12 +116,12 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
       if (col * 2 < block_cols) {  // a chunk is 4 words = 2 columns of a k16 row
         // Evict-first: each weight byte is read once (see the header comment).
         ptx::cp_async_policy(b_dst + c, w_block + (static_cast<int64_t>(it) * kK16PerStage + row) * w_row_chunks + col,
-                             policy);
+                             policy, "weights");
       }
     }
     if (threadIdx.x < kSChunks && threadIdx.x * 8 < block_cols) {
       ptx::cp_async(sh_s + slot * kSChunks + threadIdx.x,
-                    scales + static_cast<int64_t>(it) * N + n_block * kBlockN + threadIdx.x * 8);
+                    scales + static_cast<int64_t>(it) * N + n_block * kBlockN + threadIdx.x * 8, true, "scales");
     }
   };
 
@@ -191,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) mem::store(dst + ((mb * 8 + j) * 4 + e) * 32, acc[mb][j][e]);
+        for (int e = 0; e < 4; ++e) mem::store(dst + ((mb * 8 + j) * 4 + e) * 32, acc[mb][j][e], "reduction_store");
   }
   __syncthreads();
   if (wk > 0 || !slab_valid) return;
@@ -203,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
 #pragma unroll
       for (int j = 0; j < 8; ++j)
 #pragma unroll
-        for (int e = 0; e < 4; ++e) acc[mb][j][e] += mem::load(src + ((mb * 8 + j) * 4 + e) * 32);
+        for (int e = 0; e < 4; ++e) acc[mb][j][e] += mem::load(src + ((mb * 8 + j) * 4 + e) * 32, "reduction_load");
   }
 
   // Epilogue: accumulator c0 c1 (c2 c3) of sub-tile j is row g (g + 8), columns 2t, 2t + 1. Without a K
@@ -225,10 +220,11 @@ __global__ void __launch_bounds__(kThreads) w4a16_gemm_kernel(
             v0 += bias[col];
             v1 += bias[col + 1];
           }
-          mem::store(reinterpret_cast<Pair<T>*>(out + static_cast<int64_t>(row) * N + col), to_pair<T>(v0, v1));
+          mem::store(reinterpret_cast<Pair<T>*>(out + static_cast<int64_t>(row) * N + col), to_pair<T>(v0, v1),
+                     "output");
         } else {
           mem::store(reinterpret_cast<float2*>(partial + (static_cast<int64_t>(split) * M + row) * N + col),
-                     make_float2(v0, v1));
+                     make_float2(v0, v1), "partials");
         }
       }
     }

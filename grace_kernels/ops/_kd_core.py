@@ -15,7 +15,6 @@ Nothing here synchronizes with the host.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 
 import torch
@@ -34,12 +33,6 @@ def _row_impl(device: torch.device):
 
         return tri.kd_rows, tri.kd_rows_grad
     return ref.kd_rows_ref, ref.kd_rows_grad_ref
-
-
-def _teacher_entropy(zt: torch.Tensor, vc: int, gate_temperature: float) -> torch.Tensor:
-    g = zt[:, :vc] / gate_temperature
-    log_p = g - torch.logsumexp(g, -1, keepdim=True)
-    return -(log_p.exp() * log_p).sum(-1)
 
 
 def default_chunk_size(n: int, v: int, device: torch.device) -> int:
@@ -68,8 +61,8 @@ def kd_core(
     n_valid = valid.sum().float()
     inv_valid = torch.where(n_valid > 0, 1.0 / n_valid.clamp_min(1), torch.zeros_like(n_valid))
     if use_kd and gate:
-        entropy = torch.cat([_teacher_entropy(teacher_chunk(lo, hi), vc, gate_temperature) for lo, hi in bounds])
-        g = torch.exp(-entropy / math.log(vc)) * valid
+        parts = [ref.teacher_entropy(teacher_chunk(lo, hi)[:, :vc], gate_temperature) for lo, hi in bounds]
+        g = ref.gate_weight(torch.cat([e for e, _ in parts]), torch.cat([v for _, v in parts])) * valid
     else:
         g = valid.float()
     gate_sum = g.sum()

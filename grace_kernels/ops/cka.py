@@ -20,11 +20,18 @@ Routes: trace(K~_T K~_S) is also ||Xc_T^T Xc_S||_F^2 (a dT x dS product). Counti
 for the three products, the n x n Gram route costs n^2 (dS + dT) and the feature route
 n (dS dT + dS^2 + dT^2), so Gram wins for n < (dS dT + dS^2 + dT^2) / (dS + dT): about 6,100 tokens
 for (4096, 5120) and 3,200 for (1536, 3584). Visual tokens per image (576 for LLaVA-1.5, up to a few
-thousand for Qwen2-VL) are always on the Gram side, which is what the Triton kernel implements;
-:func:`hsic_route` states the choice (a FLOP count, not a GPU measurement).
+thousand for Qwen2-VL) are always on the Gram side, which is what the Triton kernel implements
+(a FLOP count, not a GPU measurement).
 
-Raises ValueError for: wrong ranks, student/teacher token counts that differ, cu_seqlens that is not
-an integer 1-D tensor starting at 0, non-decreasing and ending at total_tokens.
+A sample with zero tokens (an image that contributed none) is degenerate as above; a batch with no
+sample, or with no token at all, is an error. NaN or Inf in a sample's features propagates: that
+sample's CKA and the loss are NaN (unchecked; the trainer stops on a non-finite loss).
+
+Raises TypeError for non-floating features and a cu_seqlens that is not int32/int64; ValueError for:
+wrong ranks, student/teacher token counts or devices that differ, a zero feature dimension, B = 0,
+no token in the batch, and a cu_seqlens that is not 1-D, not on the CPU or the features' device,
+not starting at 0, decreasing, or not ending at total_tokens. The value checks of cu_seqlens cost one
+host sync (none for a CPU cu_seqlens) and are skipped while torch.compile traces.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import NamedTuple
 import torch
 
 from grace_kernels._backend import select_backend
+from grace_kernels.ops._input_checks import values_visible
 from grace_kernels.reference import cka as ref
 
 
@@ -41,11 +49,6 @@ class RCKAOutput(NamedTuple):
     loss: torch.Tensor            # scalar float32: mean over samples of 1 - CKA
     cka: torch.Tensor             # [B] float32, detached
     num_degenerate: torch.Tensor  # int64 scalar: samples with n < 2 or a zero centered Gram matrix
-
-
-def hsic_route(n: int, d_s: int, d_t: int) -> str:
-    """'gram' when the n x n route needs fewer multiply-adds than the d x d one, else 'feature'."""
-    return "gram" if n * n * (d_s + d_t) <= n * (d_s * d_t + d_s * d_s + d_t * d_t) else "feature"
 
 
 def _seg_mean(x: torch.Tensor, lens: torch.Tensor) -> torch.Tensor:
@@ -82,15 +85,30 @@ def _gram_impl(device: torch.device):
 # torch.library ops on packed inputs; cu_seqlens is int64 [B + 1].
 
 
+def _lengths(cu_seqlens: torch.Tensor, total: int) -> tuple[torch.Tensor, int]:
+    """(per-sample lengths, the longest) after checking that cu_seqlens covers [0, total] in order.
+
+    The public wrappers check this too; here it guards the torch.ops entry points, because the
+    Triton kernels address rows cu[b] .. cu[b + 1] without a bound on total. One host sync, which
+    the kernels' tiling (the longest sample) needs anyway.
+    """
+    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    first, last, shortest, longest = torch.stack([cu_seqlens[0], cu_seqlens[-1], lens.min(), lens.max()]).tolist()
+    if first != 0 or last != total or shortest < 0:
+        raise ValueError(f"cu_seqlens must start at 0, be non-decreasing and end at total_tokens={total}; got "
+                         f"first {first}, last {last}, shortest sample {shortest}")
+    return lens, longest
+
+
 @torch.library.custom_op("grace_kernels::cka", mutates_args=())
 def _cka_op(student: torch.Tensor, teacher: torch.Tensor,
             cu_seqlens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (cka [B], stats [B, 4] = <T,S>, <S,S>, <T,T>, degenerate)."""
     sums_fn, _ = _gram_impl(student.device)
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    lens, n_max = _lengths(cu_seqlens, student.shape[0])
     xs_c, _, _ = _normalize_center(student, lens)
     xt_c, _, _ = _normalize_center(teacher, lens)
-    sums = sums_fn(xs_c, xt_c, cu_seqlens, int(lens.max()))
+    sums = sums_fn(xs_c, xt_c, cu_seqlens, n_max)
     deg = _degenerate(xs_c, xt_c, lens)
     ts, ss, tt = sums.unbind(1)
     denom = torch.where(deg, torch.ones_like(ss), (ss * tt).clamp_min(1e-30).sqrt())
@@ -108,7 +126,7 @@ def _(student, teacher, cu_seqlens):
 def _cka_backward_op(grad: torch.Tensor, student: torch.Tensor, teacher: torch.Tensor, cu_seqlens: torch.Tensor,
                      stats: torch.Tensor) -> torch.Tensor:
     _, grad_fn = _gram_impl(student.device)
-    lens = cu_seqlens[1:] - cu_seqlens[:-1]
+    lens, n_max = _lengths(cu_seqlens, student.shape[0])
     xs_c, xs_n, norm = _normalize_center(student, lens)
     xt_c, _, _ = _normalize_center(teacher, lens)
     ts, ss, tt, deg = stats.unbind(1)
@@ -116,7 +134,7 @@ def _cka_backward_op(grad: torch.Tensor, student: torch.Tensor, teacher: torch.T
     inv = torch.where(ok, (ss * tt).clamp_min(1e-30).rsqrt(), torch.zeros_like(ss))
     # d CKA / d K~_S = (K~_T - (a / b) K~_S) / sqrt(b c)
     coef = torch.stack([grad * inv, -grad * inv * ts / torch.where(ok, ss, torch.ones_like(ss))], 1)
-    g_c = grad_fn(xs_c, xt_c, cu_seqlens, int(lens.max()), coef.float())
+    g_c = grad_fn(xs_c, xt_c, cu_seqlens, n_max, coef.float())
     # Through H: subtract each sample's mean gradient. Through the normalization: remove the radial
     # component and divide by the norm (or by eps where the norm was floored).
     g_n = g_c - _seg_mean(g_c, lens).repeat_interleave(lens, dim=0)
@@ -150,10 +168,15 @@ _cka_op.register_autograd(_backward, setup_context=_setup_context)
 # Public API
 
 
+_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
 def _run(student_feats, teacher_feats, cu_seqlens):
-    xs, xt, cu = ref.as_packed(student_feats, teacher_feats, cu_seqlens)
-    if xs.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
-        raise ValueError(f"unsupported dtype {xs.dtype}")
+    xs, xt, cu = ref.as_packed(student_feats, teacher_feats, cu_seqlens,
+                               check_values=values_visible(student_feats, teacher_feats, cu_seqlens))
+    for name, t in (("student_feats", xs), ("teacher_feats", xt)):
+        if t.dtype not in _DTYPES:
+            raise TypeError(f"{name} must be float32, float16, bfloat16 or float64, got {t.dtype}")
     return _cka_op(xs.contiguous(), xt.detach().contiguous(), cu)
 
 

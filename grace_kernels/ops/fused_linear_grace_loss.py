@@ -4,7 +4,7 @@ Shapes and dtypes:
     student_hidden [N, Hs], student_weight [Vs, Hs], student_bias [Vs] or None
     teacher_hidden [N, Ht], teacher_weight [Vt, Ht], teacher_bias [Vt] or None
         or teacher_logits [N, Vt] precomputed (offline teacher logits)
-    target [N] integer in [0, Vs) or ignore_index
+    target [N] integer in [0, min(Vs, Vt)) (in [0, Vs) when kd_weight = 0) or ignore_index
     float32 / float16 / bfloat16 inputs; logits are produced in float32 (float32 accumulation,
     never rounded to bf16 before a softmax), statistics are float32, the weight gradient is
     accumulated in float32 and cast to the weight's dtype once at the end.
@@ -23,8 +23,17 @@ can be formed; see grace_kernels/ops/_kd_core.py). On a CPU, a float16/bfloat16 
 float32 once per call (CPU matmuls cannot produce float32 from half-precision operands); on CUDA
 torch.mm(..., out_dtype=torch.float32) avoids the copy.
 
-Raises ValueError for: ranks or sizes that do not match, non-floating inputs, neither or both of
-teacher hidden+weight and teacher_logits, and everything gated_dkd_loss rejects.
+Non-finite inputs: as in :func:`grace_kernels.gated_dkd_loss`, on the logits the heads produce
+(or the teacher_logits given): -inf is probability 0 (a bias of -inf on padded vocabulary rows of
+both heads gives exactly the loss of the unpadded vocabulary, and zero gradient on those rows);
+NaN or +inf anywhere in the inputs the loss reads propagates to a loss that is not finite
+(unchecked: a check would cost a pass over the weights and a host sync).
+
+Raises TypeError for non-floating inputs and a non-integer (or bool) target; ValueError for: ranks
+or sizes that do not match, tensors on different devices, neither or both of teacher
+hidden+weight and teacher_logits, ce_weight/kd_weight not finite, and everything gated_dkd_loss
+rejects (a target must lie in the common vocabulary min(Vs, Vt) when the teacher is used, in
+[0, Vs) when kd_weight = 0).
 """
 
 from __future__ import annotations
@@ -34,7 +43,8 @@ from typing import NamedTuple
 import torch
 
 from grace_kernels.ops import _kd_core
-from grace_kernels.ops.gated_dkd import check_floating, check_kd_args
+from grace_kernels.ops._input_checks import check_finite_number, check_floating, check_same_device
+from grace_kernels.ops.gated_dkd import check_kd_args
 
 
 class FusedGraceLossOutput(NamedTuple):
@@ -72,16 +82,16 @@ def _fused_op(
     dev = student_hidden.device
     # One float32 copy of a half-precision head on CPUs, never one per chunk.
     ws = student_weight if (dev.type == "cuda" or student_weight.dtype == torch.float32) else student_weight.float()
-    student_chunk = lambda lo, hi: _f32_logits(student_hidden[lo:hi], ws, student_bias)  # noqa: E731
+    student_chunk = lambda lo, hi: _f32_logits(student_hidden[lo:hi], ws, student_bias)
 
     teacher_chunk, vt = None, None
     if kd_weight != 0.0 and teacher_logits is not None:
         vt = teacher_logits.shape[1]
-        teacher_chunk = lambda lo, hi: teacher_logits[lo:hi].float()  # noqa: E731
+        teacher_chunk = lambda lo, hi: teacher_logits[lo:hi].float()
     elif kd_weight != 0.0 and teacher_weight is not None:
         vt = teacher_weight.shape[0]
         wt = teacher_weight if (dev.type == "cuda" or teacher_weight.dtype == torch.float32) else teacher_weight.float()
-        teacher_chunk = lambda lo, hi: _f32_logits(teacher_hidden[lo:hi], wt, teacher_bias)  # noqa: E731
+        teacher_chunk = lambda lo, hi: _f32_logits(teacher_hidden[lo:hi], wt, teacher_bias)
 
     # Distinct empty tensors: a custom op's outputs may not alias one another.
     d_hidden, d_weight, d_bias = (student_hidden.new_empty(0) for _ in range(3))
@@ -125,6 +135,7 @@ def _(student_hidden, student_weight, student_bias, *args):
 
 def _setup(ctx, inputs, output):
     ctx.has_bias = inputs[2] is not None
+    ctx.num_inputs = len(inputs)
     ctx.save_for_backward(*output[1:])
 
 
@@ -139,7 +150,9 @@ def _backward(ctx, grad_stats, *_):
     go = grad_stats[0]
     grads = [d_hidden.mul_(go.to(d_hidden.dtype)), d_weight.mul_(go.to(d_weight.dtype)),
              d_bias.mul_(go.to(d_bias.dtype)) if ctx.has_bias else None]
-    return (*grads, *([None] * 16))
+    # Gradients for student_hidden, student_weight and student_bias (the first three inputs); None
+    # for every other input.
+    return (*grads, *([None] * (ctx.num_inputs - len(grads))))
 
 
 _fused_op.register_autograd(_backward, setup_context=_setup)
@@ -190,12 +203,18 @@ def fused_linear_grace_loss(
                 raise ValueError(f"teacher_bias must have shape ({vt},), got {tuple(teacher_bias.shape)}")
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    check_kd_args(n, target, vs, vt, temperature=temperature, gate_temperature=gate_temperature, kd_type=kd_type,
-                  ignore_index=ignore_index)
+    check_finite_number("ce_weight", ce_weight)
+    check_finite_number("kd_weight", kd_weight)
+    teacher = dict(teacher_hidden=teacher_hidden, teacher_weight=teacher_weight, teacher_bias=teacher_bias,
+                   teacher_logits=teacher_logits) if use_teacher else {}
+    check_same_device("student_hidden", student_hidden, student_weight=student_weight, student_bias=student_bias,
+                      target=target, **teacher)
+    check_kd_args(n, target, vs, vt, temperature=temperature, gate_temperature=gate_temperature,
+                  tckd_weight=tckd_weight, nckd_weight=nckd_weight, kd_type=kd_type, ignore_index=ignore_index)
 
     needs = [student_hidden, student_weight] + ([student_bias] if student_bias is not None else [])
     compute_grad = torch.is_grad_enabled() and any(t.requires_grad for t in needs)
-    detach = lambda t: None if t is None else t.detach().contiguous()  # noqa: E731
+    detach = lambda t: None if t is None else t.detach().contiguous()
     stats, *_ = _fused_op(
         student_hidden.contiguous(), student_weight.contiguous(),
         None if student_bias is None else student_bias.contiguous(),

@@ -3,7 +3,7 @@
 Shapes and dtypes:
     student_logits [N, Vs], teacher_logits [N, Vt]: float32 / float16 / bfloat16 (upcast to float32,
                    never rounded down before a softmax); Vs and Vt may differ by padding rows
-    target         [N] integer, in [0, Vs) or ignore_index
+    target         [N] integer (not bool), in [0, Vc) or ignore_index; all three on one device
     result         GatedDKDOutput of float32 scalars; the gradient reaches student_logits only
 
 Math, per valid token i, over the common vocabulary Vc = min(Vs, Vt) (padding never enters a softmax):
@@ -11,15 +11,33 @@ Math, per valid token i, over the common vocabulary Vc = min(Vs, Vt) (padding ne
     TCKD_i = KL([p_T(y), 1 - p_T(y)] || [p_S(y), 1 - p_S(y)])
     NCKD_i = KL(p^_T || p^_S), p^ the distribution over v != y renormalized
     DKD_i  = T^2 (tckd_weight TCKD_i + nckd_weight NCKD_i)        (kd_type="kl": T^2 KL(p_T || p_S))
-    H_i    = entropy of softmax(z_T / gate_temperature);  g_i = exp(-H_i / log Vc)  (1 if gate=False)
+    H_i    = entropy of softmax(z_T / gate_temperature);  g_i = exp(-H_i / log V_i)  (1 if gate=False),
+             V_i = the number of teacher logits in [0, Vc) that are not -inf (Vc when all are finite;
+             log 2 when V_i < 2, so a one-hot teacher has gate 1)
     GDKD   = sum_i g_i DKD_i / sum_i g_i         (0, with zero gradient, when no token is valid)
 All of it in log space: log(1 - p(y)) is the non-target logsumexp minus the full one, so
 p_S(y) -> 0, p_T(y) -> 1 and logits of magnitude 100+ stay finite and accurate. The gate carries no
 gradient. Defaults follow the paper (T = 2, weights 1 and 4, gate at temperature 1).
+Targets must lie in the common vocabulary: past it there is no teacher logit to distill from.
 
-Raises ValueError for: ranks or token counts that do not match, non-floating logits, a common
-vocabulary below 2, non-integer targets or targets outside [0, Vs) other than ignore_index, N = 0,
-kd_type other than "dkd"/"kl", temperatures <= 0.
+Non-finite logits:
+    -inf in teacher_logits is probability 0 (the usual way to mask padded vocabulary columns):
+        p log p -> 0 in the entropy, KL terms skip the column, and the gate counts only the other
+        columns, so padding both models with -inf gives exactly the loss of the unpadded
+        vocabulary. A teacher with all its mass on the target has NCKD = 0 (p^_T is undefined).
+    -inf in student_logits is probability 0 for the student: where the teacher also has
+        probability 0 it changes nothing; where the teacher has mass the KL is infinite and the
+        loss is +inf (at the target column, not finite).
+    NaN or +inf in either (any row, ignored rows included), or a teacher row whose first Vc logits
+        are all -inf, propagates: the loss is not finite (NaN or +inf). It is not checked here (a
+        check would cost one more pass over [N, V] and a host sync); the trainer stops on a
+        non-finite loss.
+    Teacher columns >= Vc are never read.
+
+Raises TypeError for non-floating logits or a target that is not an integer tensor (bool included);
+ValueError for: ranks or token counts that do not match, tensors on different devices, a common
+vocabulary below 2, targets outside [0, Vc) other than ignore_index, N = 0, kd_type other than
+"dkd"/"kl", temperatures that are not finite and > 0, weights that are not finite.
 """
 
 from __future__ import annotations
@@ -29,6 +47,14 @@ from typing import NamedTuple
 import torch
 
 from grace_kernels.ops import _kd_core
+from grace_kernels.ops._input_checks import (
+    check_finite_number,
+    check_floating,
+    check_integer,
+    check_positive_finite,
+    check_same_device,
+    values_visible,
+)
 
 
 class GatedDKDOutput(NamedTuple):
@@ -42,32 +68,34 @@ class GatedDKDOutput(NamedTuple):
 
 
 def check_kd_args(n: int, target: torch.Tensor, vs: int, vt: int | None, *, temperature: float,
-                  gate_temperature: float, kd_type: str, ignore_index: int) -> None:
+                  gate_temperature: float, tckd_weight: float, nckd_weight: float, kd_type: str,
+                  ignore_index: int) -> None:
+    """The checks gated_dkd_loss and fused_linear_grace_loss share (see the module docstring)."""
     if n == 0:
         raise ValueError("no tokens: N = 0")
-    if not isinstance(target, torch.Tensor) or target.dim() != 1 or target.is_floating_point() or target.is_complex():
-        raise ValueError(f"target must be a 1-D integer tensor, got {getattr(target, 'dtype', type(target))} "
-                         f"with shape {tuple(getattr(target, 'shape', ()))}")
+    check_integer("target", target)
+    if target.dim() != 1:
+        raise ValueError(f"target must be 1-D [N], got shape {tuple(target.shape)}")
     if target.shape[0] != n:
         raise ValueError(f"target has {target.shape[0]} tokens but the inputs have {n}")
     if vt is not None and min(vs, vt) < 2:
         raise ValueError(f"the common vocabulary min(Vs={vs}, Vt={vt}) must be at least 2")
     if kd_type not in ("dkd", "kl"):
         raise ValueError(f"kd_type must be 'dkd' or 'kl', got {kd_type!r}")
-    if temperature <= 0 or gate_temperature <= 0:
-        raise ValueError(f"temperatures must be > 0, got {temperature} and {gate_temperature}")
-    if not torch.compiler.is_compiling():
-        bad = (target != ignore_index) & ((target < 0) | (target >= vs))
-        if bool(bad.any()):
-            raise ValueError(f"target values must be in [0, {vs}) or ignore_index={ignore_index}; "
+    check_positive_finite("temperature", temperature)
+    check_positive_finite("gate_temperature", gate_temperature)
+    check_finite_number("tckd_weight", tckd_weight)
+    check_finite_number("nckd_weight", nckd_weight)
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    # Targets index both vocabularies' logits: beyond the common one there is no teacher logit.
+    vc = vs if vt is None else min(vs, vt)
+    if values_visible(target):
+        bad = (target != ignore_index) & ((target < 0) | (target >= vc))
+        if bool(bad.any()):  # the one host sync of the loss' input checks
+            where = "the common vocabulary min(Vs, Vt)" if vt is not None and vt < vs else "the vocabulary"
+            raise ValueError(f"target values must be in [0, {vc}) ({where}) or ignore_index={ignore_index}; "
                              f"got {target[bad][:5].tolist()}")
-
-
-def check_floating(name: str, t: torch.Tensor, rank: int) -> None:
-    if not isinstance(t, torch.Tensor) or not t.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
-    if t.dim() != rank:
-        raise ValueError(f"{name} must be {rank}-D, got shape {tuple(t.shape)}")
 
 
 @torch.library.custom_op("grace_kernels::gated_dkd_loss", mutates_args=())
@@ -98,13 +126,15 @@ def _(student_logits, teacher_logits, target, *args):
 
 def _setup(ctx, inputs, output):
     ctx.save_for_backward(output[1])
+    ctx.num_inputs = len(inputs)
 
 
 def _backward(ctx, grad_stats, _grad_grad):
     (grad,) = ctx.saved_tensors
     if grad.numel() == 0:
         raise RuntimeError("gated_dkd_loss was called without grad mode or without a student that requires grad")
-    return (grad_stats[0] * grad).to(grad.dtype), *([None] * 10)
+    # Only student_logits (the first input) is differentiable; every other input gets None.
+    return (grad_stats[0] * grad).to(grad.dtype), *([None] * (ctx.num_inputs - 1))
 
 
 _gated_dkd_op.register_autograd(_backward, setup_context=_setup)
@@ -121,9 +151,10 @@ def gated_dkd_loss(
     if student_logits.shape[0] != teacher_logits.shape[0]:
         raise ValueError(f"student_logits has {student_logits.shape[0]} tokens, teacher_logits "
                          f"{teacher_logits.shape[0]}")
+    check_same_device("student_logits", student_logits, teacher_logits=teacher_logits, target=target)
     check_kd_args(student_logits.shape[0], target, student_logits.shape[1], teacher_logits.shape[1],
-                  temperature=temperature, gate_temperature=gate_temperature, kd_type=kd_type,
-                  ignore_index=ignore_index)
+                  temperature=temperature, gate_temperature=gate_temperature, tckd_weight=tckd_weight,
+                  nckd_weight=nckd_weight, kd_type=kd_type, ignore_index=ignore_index)
     compute_grad = torch.is_grad_enabled() and student_logits.requires_grad
     stats, _ = _gated_dkd_op(student_logits.contiguous(), teacher_logits.detach().contiguous(), target.contiguous(),
                              float(temperature), float(tckd_weight), float(nckd_weight), bool(gate),

@@ -17,9 +17,13 @@ Backward (straight-through estimator, Esser et al. 2020):
     d log_s    = g * s * sum_group dout * (q - v if -Qn <= v <= Qp else q)
     g          = grad_scale, or 1 / sqrt(group_size * Qp) when None (LSQ's gradient scale)
 
-Every function raises ValueError naming the problem for: a non-floating weight, a weight that is
-not 2-D, ``in`` not a multiple of ``group_size``, bits outside 2..8, a group size outside
-{32, 64, 128, 256}, a log_scale of the wrong shape or dtype, NaN/Inf in the weight.
+Every function raises TypeError for a non-floating weight or a log_scale that is not float32, and
+ValueError naming the problem for: a weight that is not 2-D, ``in`` not a multiple of
+``group_size``, bits outside 2..8, a group size outside {32, 64, 128, 256}, a log_scale of the wrong
+shape or on another device, NaN/Inf in the weight, and a log_scale that is NaN, infinite or outside
+[-87, 88] (where exp(log_scale) is no longer a normal float32 > 0: the group would quantize to 0
+or NaN). The value checks share one reduction per tensor and one host sync, and are skipped while
+torch.compile traces and on fake/meta tensors.
 """
 
 from __future__ import annotations
@@ -27,17 +31,16 @@ from __future__ import annotations
 import torch
 
 from grace_kernels._backend import select_backend
+from grace_kernels.int4 import GROUP_SIZES, SCALE_DTYPES
+from grace_kernels.ops._input_checks import values_visible
 from grace_kernels.reference import lsq as ref
 
-GROUP_SIZES = (32, 64, 128, 256)
-SCALE_DTYPES = (torch.float16, torch.bfloat16)
 
-
-def _check_weight(weight: torch.Tensor, bits: int, group_size: int, *, check_finite: bool = True) -> None:
+def _check_weight(weight: torch.Tensor, bits: int, group_size: int) -> None:
     if not isinstance(weight, torch.Tensor) or not weight.is_floating_point():
-        raise ValueError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', type(weight))}")
+        raise TypeError(f"weight must be a floating-point tensor, got {getattr(weight, 'dtype', type(weight))}")
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        raise ValueError(f"weight dtype must be float32, float16 or bfloat16, got {weight.dtype}")
+        raise TypeError(f"weight dtype must be float32, float16 or bfloat16, got {weight.dtype}")
     if weight.dim() != 2:
         raise ValueError(f"weight must be 2-D [out, in], got shape {tuple(weight.shape)}")
     if not isinstance(bits, int) or not 2 <= bits <= 8:
@@ -47,16 +50,31 @@ def _check_weight(weight: torch.Tensor, bits: int, group_size: int, *, check_fin
     if weight.shape[1] % group_size:
         raise ValueError(
             f"weight's input dimension {weight.shape[1]} is not a multiple of group_size {group_size}")
-    # A NaN/Inf weight would silently poison its group's scale; the check costs one reduction and
-    # is skipped while torch.compile traces (data-dependent control flow cannot be traced).
-    if check_finite and not torch.compiler.is_compiling() and not bool(torch.isfinite(weight).all()):
+
+
+def _check_values(weight: torch.Tensor, log_scale: torch.Tensor | None) -> None:
+    """NaN/Inf in the weight would silently poison its group's scale, and a log-scale outside
+    LOG_SCALE_RANGE zeroes or NaNs its group: one reduction per tensor, one host sync for both."""
+    if not values_visible(weight, log_scale):
+        return
+    flags = [torch.isfinite(weight).all()]
+    if log_scale is not None:
+        lo, hi = ref.LOG_SCALE_RANGE
+        flags.append(((log_scale >= lo) & (log_scale <= hi)).all())  # NaN fails both comparisons
+    ok = torch.stack(flags).tolist()
+    if not ok[0]:
         raise ValueError("weight contains NaN or Inf")
+    if log_scale is not None and not ok[1]:
+        lo, hi = ref.LOG_SCALE_RANGE
+        bad = log_scale[~((log_scale >= lo) & (log_scale <= hi))]
+        raise ValueError(f"log_scale must be finite and in [{lo:g}, {hi:g}] (exp(log_scale) a normal float32 > 0); "
+                         f"got {bad[:5].tolist()}")
 
 
 def _check_log_scale(weight: torch.Tensor, log_scale: torch.Tensor, group_size: int) -> None:
     expected = (weight.shape[0], weight.shape[1] // group_size)
     if not isinstance(log_scale, torch.Tensor) or log_scale.dtype != torch.float32:
-        raise ValueError(f"log_scale must be a float32 tensor, got {getattr(log_scale, 'dtype', type(log_scale))}")
+        raise TypeError(f"log_scale must be a float32 tensor, got {getattr(log_scale, 'dtype', type(log_scale))}")
     if tuple(log_scale.shape) != expected:
         raise ValueError(f"log_scale must have shape {expected} for weight {tuple(weight.shape)} and "
                          f"group_size {group_size}, got {tuple(log_scale.shape)}")
@@ -148,6 +166,7 @@ def lsq_fake_quant(
     _check_weight(weight, bits, group_size)
     _check_log_scale(weight, log_scale, group_size)
     _check_scale_dtype(scale_dtype)
+    _check_values(weight, log_scale)
     gs = ref.default_grad_scale(group_size, bits) if grad_scale is None else float(grad_scale)
     return _lsq_fake_quant_op(weight.contiguous(), log_scale.contiguous(), bits, group_size, gs, scale_dtype)
 
@@ -167,6 +186,7 @@ def lsq_quantize(
     _check_weight(weight, bits, group_size)
     _check_log_scale(weight, log_scale, group_size)
     _check_scale_dtype(scale_dtype)
+    _check_values(weight, log_scale)
     return ref.lsq_quantize_ref(weight, log_scale, bits=bits, group_size=group_size, scale_dtype=scale_dtype)
 
 
@@ -181,9 +201,13 @@ def lsq_init_log_scale(
     ``percentile`` quantile of each group's magnitudes (linear interpolation, as torch.quantile).
     ``method="mse"``: per group, the clipping ratio of max|W_group| among 40 values in (0, 1] that
     minimises the squared quantization error (the rule of the authors' released code).
-    Scales are floored at 1e-8 so an all-zero group still gets a finite log-scale.
+    Scales are floored at ``MIN_SCALE`` = 1e-8: an all-zero group (or one whose magnitudes are all
+    below 7e-8) gets log(1e-8) ~ -18.4, finite and inside the range lsq_fake_quant accepts; its
+    codes are all 0 and its weights stay exactly 0, and the LSQ gradient moves the scale once the
+    weights do.
     """
     _check_weight(weight, bits, group_size)
+    _check_values(weight, None)
     if method not in ("percentile", "mse"):
         raise ValueError(f"method must be 'percentile' or 'mse', got {method!r}")
     if not 0.0 < percentile <= 1.0:

@@ -16,13 +16,22 @@ NORM_EPS = 1e-6
 DEGENERATE_TOL = 1e-8
 
 
-def as_packed(student: torch.Tensor, teacher: torch.Tensor, cu_seqlens: torch.Tensor | None):
-    """Validate and return ([total, dS], [total, dT], cu_seqlens int64 [B + 1])."""
-    if not isinstance(student, torch.Tensor) or not isinstance(teacher, torch.Tensor):
-        raise ValueError("student_feats and teacher_feats must be tensors")
+def as_packed(student: torch.Tensor, teacher: torch.Tensor, cu_seqlens: torch.Tensor | None, *,
+              check_values: bool = True):
+    """Validate and return ([total, dS], [total, dT], cu_seqlens int64 [B + 1] on the features' device).
+
+    Raises TypeError for non-tensor or non-floating features and a cu_seqlens that is not int32/int64;
+    ValueError for: ranks, token counts or devices that disagree, a zero feature dimension, no sample
+    (B = 0), no token in the whole batch, and a cu_seqlens that is not 1-D, on a device other than
+    the CPU or the features' one, not starting at 0, decreasing or not ending at total_tokens. The
+    last three read values (one host sync, none when cu_seqlens is on the CPU) and are skipped when
+    ``check_values`` is False (while torch.compile traces, on fake tensors).
+    """
     for name, t in (("student_feats", student), ("teacher_feats", teacher)):
-        if not t.is_floating_point():
-            raise ValueError(f"{name} must be floating point, got {t.dtype}")
+        if not isinstance(t, torch.Tensor) or not t.is_floating_point():
+            raise TypeError(f"{name} must be a floating-point tensor, got {getattr(t, 'dtype', type(t))}")
+    if teacher.device != student.device:
+        raise ValueError(f"teacher_feats is on {teacher.device} but student_feats is on {student.device}")
     if cu_seqlens is None:
         if student.dim() != 3 or teacher.dim() != 3:
             raise ValueError("without cu_seqlens the features must be padded [B, n, d]; got shapes "
@@ -31,6 +40,11 @@ def as_packed(student: torch.Tensor, teacher: torch.Tensor, cu_seqlens: torch.Te
             raise ValueError(f"student and teacher token counts differ: {tuple(student.shape[:2])} vs "
                              f"{tuple(teacher.shape[:2])} ([B, n])")
         b, n = student.shape[:2]
+        if b == 0:
+            raise ValueError("student_feats has no sample (B = 0)")
+        if n == 0:
+            raise ValueError("student_feats has no token (n = 0): every sample is empty")
+        _check_feature_dims(student, teacher)
         cu = torch.arange(0, (b + 1) * n, n, device=student.device, dtype=torch.int64)
         return student.reshape(b * n, -1), teacher.reshape(b * n, -1), cu
     if student.dim() != 2 or teacher.dim() != 2:
@@ -38,16 +52,38 @@ def as_packed(student: torch.Tensor, teacher: torch.Tensor, cu_seqlens: torch.Te
                          f"{tuple(student.shape)} and {tuple(teacher.shape)}")
     if student.shape[0] != teacher.shape[0]:
         raise ValueError(f"student and teacher token counts differ: {student.shape[0]} vs {teacher.shape[0]}")
-    if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-        raise ValueError("cu_seqlens must be a 1-D integer tensor [B + 1]")
-    if cu_seqlens.is_floating_point():
-        raise ValueError(f"cu_seqlens must be an integer tensor, got {cu_seqlens.dtype}")
-    cu = cu_seqlens.to(device=student.device, dtype=torch.int64)
-    if int(cu[0]) != 0 or bool((cu[1:] < cu[:-1]).any()):
-        raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {cu_seqlens.tolist()}")
-    if int(cu[-1]) != student.shape[0]:
-        raise ValueError(f"cu_seqlens ends at {int(cu[-1])} but there are {student.shape[0]} tokens")
-    return student, teacher, cu
+    _check_feature_dims(student, teacher)
+    if not isinstance(cu_seqlens, torch.Tensor):
+        raise TypeError(f"cu_seqlens must be an int32/int64 tensor [B + 1], got {type(cu_seqlens).__name__}")
+    if cu_seqlens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"cu_seqlens must be an int32 or int64 tensor, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1:
+        raise ValueError(f"cu_seqlens must be 1-D [B + 1], got shape {tuple(cu_seqlens.shape)}")
+    if cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens has {cu_seqlens.numel()} entries: no sample (it needs B + 1 >= 2)")
+    if cu_seqlens.device.type != "cpu" and cu_seqlens.device != student.device:
+        raise ValueError(f"cu_seqlens is on {cu_seqlens.device}; it must be on the CPU or on the features' "
+                         f"device {student.device}")
+    if check_values:
+        bounds = cu_seqlens.tolist()
+        total = student.shape[0]
+        if bounds[0] != 0 or any(b > a for a, b in zip(bounds[1:], bounds[:-1], strict=True)):
+            raise ValueError(f"cu_seqlens must start at 0 and be non-decreasing, got {_short(bounds)}")
+        if bounds[-1] != total:
+            raise ValueError(f"cu_seqlens ends at {bounds[-1]} but the features have {total} tokens")
+        if total == 0:
+            raise ValueError("student_feats has no token (total_tokens = 0): every sample is empty")
+    return student, teacher, cu_seqlens.to(device=student.device, dtype=torch.int64)
+
+
+def _check_feature_dims(student: torch.Tensor, teacher: torch.Tensor) -> None:
+    for name, t in (("student_feats", student), ("teacher_feats", teacher)):
+        if t.shape[-1] == 0:
+            raise ValueError(f"{name} has feature dimension 0")
+
+
+def _short(values: list[int]) -> str:
+    return str(values) if len(values) <= 12 else f"{values[:12]}... ({len(values)} entries)"
 
 
 def segments(cu: torch.Tensor) -> list[tuple[int, int]]:

@@ -1,6 +1,8 @@
 """The unfused eager composition: both LM-head GEMMs, the full float32 logits, gated DKD and
 cross-entropy through autograd. The oracle for fused_linear_grace_loss and the baseline of its
-memory benchmark (it holds several [N, V] float32 tensors)."""
+memory benchmark (it holds several [N, V] float32 tensors). Non-finite values behave as in
+gated_dkd_loss_ref: -inf logits are probability 0, NaN and +inf propagate. No input checks: the
+op wrapper is where inputs are checked."""
 
 from __future__ import annotations
 

@@ -7,11 +7,13 @@ Two things live here, both with the signatures of their ops counterparts:
 * :func:`kd_rows_ref` / :func:`kd_rows_grad_ref`: the row-wise statistics and the closed-form
   gradient that the chunked CPU path uses, twins of the Triton kernels in
   ``grace_kernels.triton.gated_dkd`` (same inputs, same outputs).
+
+Non-finite logits follow the op (see grace_kernels/ops/gated_dkd.py): a teacher logit of -inf is
+probability 0, and every product p * (log-ratio) is taken as 0 where p is 0 (0 log 0 = 0), through
+:func:`_xmul`, so -inf never meets 0 in a product. NaN and +inf propagate.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 
@@ -21,8 +23,38 @@ ROW_FIELDS = ("tckd", "nckd", "kl", "entropy", "ce", "lse_s_nt", "lse_t_nt", "ls
 R = {name: i for i, name in enumerate(ROW_FIELDS)}
 
 
+NEG_INF = float("-inf")
+
+
 def _nontarget_lse(z: torch.Tensor, is_y: torch.Tensor) -> torch.Tensor:
-    return torch.logsumexp(z.masked_fill(is_y, float("-inf")), dim=-1)
+    return torch.logsumexp(z.masked_fill(is_y, NEG_INF), dim=-1)
+
+
+def _xmul(p: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """p * x, with 0 wherever p == 0 even when x is infinite (0 log 0 = 0).
+
+    p is a teacher-side probability (never NaN for accepted input), so the gradient reaching x
+    through the unselected branch is 0 * p = 0, not NaN. A NaN p is kept: it propagates.
+    """
+    return torch.where(p == 0, torch.zeros_like(x), p * x)
+
+
+def teacher_entropy(zt_common: torch.Tensor, gate_temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(entropy [c], support [c]) of softmax(zt_common / gate_temperature), row by row.
+
+    ``support`` counts the logits that are not -inf: the vocabulary the teacher actually spans,
+    which normalizes the gate (:func:`gate_weight`).
+    """
+    g = zt_common / gate_temperature
+    log_p = g - torch.logsumexp(g, -1, keepdim=True)
+    entropy = -_xmul(log_p.exp(), log_p).sum(-1)
+    return entropy, (zt_common != NEG_INF).sum(-1)
+
+
+def gate_weight(entropy: torch.Tensor, support: torch.Tensor) -> torch.Tensor:
+    """g = exp(-H / log V), V the teacher's support (at least 2: a one-hot teacher has H = 0, g = 1)."""
+    log_v = torch.log(support.clamp_min(2).to(torch.float64)).to(entropy.dtype)
+    return torch.exp(-entropy / log_v)
 
 
 def gated_dkd_loss_ref(student_logits, teacher_logits, target, *, temperature=2.0, tckd_weight=1.0, nckd_weight=4.0,
@@ -45,27 +77,27 @@ def gated_dkd_loss_ref(student_logits, teacher_logits, target, *, temperature=2.
     log_ps_y, log_pt_y = zs.gather(1, y).squeeze(1) - lse_s, zt.gather(1, y).squeeze(1) - lse_t
     log1m_ps_y, log1m_pt_y = lse_s_nt - lse_s, lse_t_nt - lse_t
     pt_y = log_pt_y.exp()
-    tckd = pt_y * (log_pt_y - log_ps_y) + (1 - pt_y) * (log1m_pt_y - log1m_ps_y)
+    # A teacher with no non-target mass: p^_T is undefined and NCKD is 0 by definition.
+    no_nt = (lse_t_nt == NEG_INF).unsqueeze(1)
+    tckd = _xmul(pt_y, log_pt_y - log_ps_y) + _xmul(1 - pt_y, log1m_pt_y - log1m_ps_y)
     # Non-target distributions renormalized: log p^(v) = z_v - lse_nt.
-    pt_hat = (zt - lse_t_nt.unsqueeze(1)).exp().masked_fill(is_y, 0.0)
-    nckd = (pt_hat * ((zt - lse_t_nt.unsqueeze(1)) - (zs - lse_s_nt.unsqueeze(1)))).masked_fill(is_y, 0.0).sum(-1)
+    pt_hat = torch.where(is_y | no_nt, 0.0, (zt - lse_t_nt.unsqueeze(1)).exp())
+    nckd = _xmul(pt_hat, (zt - lse_t_nt.unsqueeze(1)) - (zs - lse_s_nt.unsqueeze(1))).sum(-1)
     if kd_type == "dkd":
         per_token = temperature ** 2 * (tckd_weight * tckd + nckd_weight * nckd)
     else:
         pt = (zt - lse_t.unsqueeze(1)).exp()
-        per_token = temperature ** 2 * (pt * ((zt - lse_t.unsqueeze(1)) - (zs - lse_s.unsqueeze(1)))).sum(-1)
+        per_token = temperature ** 2 * _xmul(pt, (zt - lse_t.unsqueeze(1)) - (zs - lse_s.unsqueeze(1))).sum(-1)
 
-    zg = teacher_logits[:, :vc].detach().to(acc) / gate_temperature
-    log_pg = zg - torch.logsumexp(zg, -1, keepdim=True)
-    entropy = -(log_pg.exp() * log_pg).sum(-1)
-    g = torch.exp(-entropy / math.log(vc)) if gate else torch.ones_like(entropy)
+    entropy, support = teacher_entropy(teacher_logits[:, :vc].detach().to(acc), gate_temperature)
+    g = gate_weight(entropy, support) if gate else torch.ones_like(entropy)
     g = torch.where(valid, g, torch.zeros_like(g))
     gate_sum = g.sum()
     n_valid = valid.sum()
     loss = torch.where(gate_sum > 0, (g * torch.where(valid, per_token, torch.zeros_like(per_token))).sum()
                        / gate_sum.clamp_min(torch.finfo(acc).tiny), per_token.sum() * 0)
     denom = n_valid.clamp_min(1).to(acc)
-    mean = lambda x: (torch.where(valid, x, torch.zeros_like(x)).sum() / denom).detach()  # noqa: E731
+    mean = lambda x: (torch.where(valid, x, torch.zeros_like(x)).sum() / denom).detach()
     return (loss, mean(tckd), mean(nckd), mean(entropy), (gate_sum / denom).detach(), gate_sum.detach(), n_valid)
 
 
@@ -92,15 +124,14 @@ def kd_rows_ref(zs: torch.Tensor, zt: torch.Tensor | None, target: torch.Tensor,
     lse_s_nt, lse_t_nt = _nontarget_lse(s, is_y), _nontarget_lse(tt, is_y)
     log_ps_y, log_pt_y = s.gather(1, y).squeeze(1) - lse_s, tt.gather(1, y).squeeze(1) - lse_t
     pt_y = log_pt_y.exp()
-    out[:, R["tckd"]] = pt_y * (log_pt_y - log_ps_y) + (1 - pt_y) * ((lse_t_nt - lse_t) - (lse_s_nt - lse_s))
+    out[:, R["tckd"]] = _xmul(pt_y, log_pt_y - log_ps_y) + _xmul(1 - pt_y, (lse_t_nt - lse_t) - (lse_s_nt - lse_s))
     log_pt_hat = tt - lse_t_nt.unsqueeze(1)
     d_nt = log_pt_hat - (s - lse_s_nt.unsqueeze(1))
-    out[:, R["nckd"]] = (log_pt_hat.exp() * d_nt).masked_fill(is_y, 0.0).sum(-1)
+    no_nt = (lse_t_nt == NEG_INF).unsqueeze(1)  # all teacher mass on y: NCKD is 0
+    out[:, R["nckd"]] = _xmul(torch.where(is_y | no_nt, 0.0, log_pt_hat.exp()), d_nt).sum(-1)
     log_pt = tt - lse_t.unsqueeze(1)
-    out[:, R["kl"]] = (log_pt.exp() * (log_pt - (s - lse_s.unsqueeze(1)))).sum(-1)
-    g = zt[:, :vc] / gate_temperature
-    log_pg = g - torch.logsumexp(g, -1, keepdim=True)
-    out[:, R["entropy"]] = -(log_pg.exp() * log_pg).sum(-1)
+    out[:, R["kl"]] = _xmul(log_pt.exp(), log_pt - (s - lse_s.unsqueeze(1))).sum(-1)
+    out[:, R["entropy"]] = teacher_entropy(zt[:, :vc], gate_temperature)[0]
     for name, val in (("lse_s_nt", lse_s_nt), ("lse_t_nt", lse_t_nt), ("lse_s", lse_s), ("lse_t", lse_t),
                       ("log_ps_y", log_ps_y), ("log_pt_y", log_pt_y)):
         out[:, R[name]] = val
@@ -132,8 +163,11 @@ def kd_rows_grad_ref(zs: torch.Tensor, zt: torch.Tensor | None, target: torch.Te
     if kd_type == "dkd":
         ps_y, pt_y = rows[:, R["log_ps_y"]].exp(), rows[:, R["log_pt_y"]].exp()
         ps_hat = (s - rows[:, R["lse_s_nt"]].unsqueeze(1)).exp()
-        pt_hat = (tt - rows[:, R["lse_t_nt"]].unsqueeze(1)).exp()
-        kd = tckd_weight * ps_hat * (pt_y - ps_y).unsqueeze(1) + nckd_weight * (ps_hat - pt_hat)
+        # A teacher with no non-target mass has NCKD = 0: no NCKD gradient on that row.
+        no_nt = (rows[:, R["lse_t_nt"]] == NEG_INF).unsqueeze(1)
+        pt_hat = torch.where(no_nt, 0.0, (tt - rows[:, R["lse_t_nt"]].unsqueeze(1)).exp())
+        w_nc = torch.where(no_nt, 0.0, nckd_weight)
+        kd = tckd_weight * ps_hat * (pt_y - ps_y).unsqueeze(1) + w_nc * (ps_hat - pt_hat)
         kd = torch.where(is_y, (tckd_weight * (ps_y - pt_y)).unsqueeze(1), kd)
     else:
         kd = (s - rows[:, R["lse_s"]].unsqueeze(1)).exp() - (tt - rows[:, R["lse_t"]].unsqueeze(1)).exp()

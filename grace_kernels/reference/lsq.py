@@ -11,6 +11,9 @@ import torch
 
 # Per-group scales are floored here so that an all-zero group still has a finite log-scale.
 MIN_SCALE = 1e-8
+# Log-scales the ops accept: exp() of them is a normal, finite float32 (FLT_MIN ~ e^-87.3, FLT_MAX
+# ~ e^88.7). Outside it the scale is 0 or inf and a whole group quantizes to 0 or NaN.
+LOG_SCALE_RANGE = (-87.0, 88.0)
 
 
 def qrange(bits: int) -> tuple[int, int]:

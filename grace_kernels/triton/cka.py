@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grace_kernels.aot import KernelSpec
+from grace_kernels.kernel_spec import KernelSpec
 
 # Gram kernels: 64 x 64 output tiles, 16-wide steps along the features. Wider steps (32, 64) or
 # two 64 x 64 fp32 accumulators with 32-wide steps spill under 3xTF32, which splits every operand

@@ -13,6 +13,15 @@ p(y) -> 1, where 1 - p(y) would round to 0.
 
 Running maxima start at -inf; a slice whose entries are all masked would make exp(-inf - -inf) NaN,
 so the rescale uses a safe max of 0 when the running max is still -inf.
+
+A teacher logit of -inf is probability 0 (see grace_kernels/ops/gated_dkd.py): every product of a
+teacher probability with a log-ratio is taken as 0 where the probability is 0, and a teacher with
+no non-target mass has NCKD 0. The guards test for exactly -inf or exactly 0, so NaN still
+propagates: maxima may drop a NaN on GPUs, but the running sums of exp() carry it.
+
+Every load is masked or indexed by the program id within its buffer; the target column is loaded
+under a mask as well (a target past the common vocabulary reads NaN, never another tensor's
+memory), although the op wrapper rejects such targets before any launch.
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ import torch
 import triton
 import triton.language as tl
 
-from grace_kernels.aot import KernelSpec
+from grace_kernels.kernel_spec import KernelSpec
 from grace_kernels.reference.gated_dkd import ROW_FIELDS
 
 BLOCK_V = 1024
 NEG_INF = tl.constexpr(float("-inf"))
+NAN = tl.constexpr(float("nan"))
 
 
 @triton.jit
@@ -71,19 +81,22 @@ def _kd_rows_kernel(zs_ptr, zt_ptr, tgt_ptr, out_ptr, vs, vt, vc, inv_t, inv_tg,
                 m_t_old = m_t
                 m_t, s_t, safe_t = _online(m_t, s_t, tl.where(nt, t_scaled, NEG_INF))
                 w = tl.where(nt, tl.exp(t_scaled - safe_t), 0.0)
-                cross = cross * tl.exp(m_t_old - safe_t) + tl.sum(w * (t_scaled - s_scaled), axis=0)
+                # 0 where the teacher has probability 0: t = -inf would make 0 * -inf.
+                cross = cross * tl.exp(m_t_old - safe_t) + tl.sum(tl.where(w == 0.0, 0.0, w * (t_scaled - s_scaled)),
+                                                                  axis=0)
                 g = zt * inv_tg
                 m_g_old = m_g
                 m_g, s_g, safe_g = _online(m_g, s_g, tl.where(cols < vc, g, NEG_INF))
-                e_g = e_g * tl.exp(m_g_old - safe_g) + tl.sum(tl.where(cols < vc, tl.exp(g - safe_g) * g, 0.0), axis=0)
+                plogp = tl.where((cols < vc) & (g != NEG_INF), tl.exp(g - safe_g) * g, 0.0)
+                e_g = e_g * tl.exp(m_g_old - safe_g) + tl.sum(plogp, axis=0)
 
     out = out_ptr + row * N_FIELDS
-    zs_y = tl.load(zs_row + y)
+    zs_y = tl.load(zs_row + y, mask=(y >= 0) & (y < vs), other=NAN)
     lse_ce = m_c + tl.log(s_c)
     tl.store(out + 4, lse_ce - zs_y)
     tl.store(out + 11, lse_ce)
     if HAS_TEACHER:
-        zt_y = tl.load(zt_row + y)
+        zt_y = tl.load(zt_row + y, mask=(y >= 0) & (y < vc), other=NAN)
         sy = zs_y * inv_t
         ty = zt_y * inv_t
         lse_s_nt = m_s + tl.log(s_s)
@@ -93,11 +106,16 @@ def _kd_rows_kernel(zs_ptr, zt_ptr, tgt_ptr, out_ptr, vs, vt, vc, inv_t, inv_tg,
         log_ps_y = sy - lse_s
         log_pt_y = ty - lse_t
         pt_y = tl.exp(log_pt_y)
-        tckd = pt_y * (log_pt_y - log_ps_y) + (1.0 - pt_y) * ((lse_t_nt - lse_t) - (lse_s_nt - lse_s))
+        # No teacher mass off the target (s_t == 0): p^_T is undefined, NCKD is 0 by definition.
+        no_nt = lse_t_nt == NEG_INF
+        tc_y = tl.where(log_pt_y == NEG_INF, 0.0, pt_y * (log_pt_y - log_ps_y))
+        tc_nt = tl.where(no_nt, 0.0, (1.0 - pt_y) * ((lse_t_nt - lse_t) - (lse_s_nt - lse_s)))
+        tckd = tc_y + tc_nt
         # sum_{v != y} p^_T (t - s) = cross / s_t; NCKD adds the two non-target normalizers.
         xn = cross / s_t
-        nckd = xn - lse_t_nt + lse_s_nt
-        kl = pt_y * (ty - sy) + (1.0 - pt_y) * xn - lse_t + lse_s
+        nckd = tl.where(no_nt, 0.0, xn - lse_t_nt + lse_s_nt)
+        kl_y = tl.where(log_pt_y == NEG_INF, 0.0, pt_y * (ty - sy))
+        kl = kl_y + tl.where(no_nt, 0.0, (1.0 - pt_y) * xn) - lse_t + lse_s
         entropy = m_g + tl.log(s_g) - e_g / s_g
         tl.store(out + 0, tckd)
         tl.store(out + 1, nckd)
@@ -128,6 +146,9 @@ def _kd_grad_kernel(zs_ptr, zt_ptr, tgt_ptr, rows_ptr, coef_kd_ptr, coef_ce_ptr,
     lse_t = tl.load(rows + 8)
     ps_y = tl.exp(tl.load(rows + 9))
     pt_y = tl.exp(tl.load(rows + 10))
+    # A teacher with no non-target mass has NCKD 0, hence no NCKD gradient on this row.
+    no_nt = lse_t_nt == NEG_INF
+    w_nc_row = tl.where(no_nt, 0.0, w_nc)
     cols0 = tl.arange(0, BLOCK_V)
     for start in range(0, vs, BLOCK_V):
         cols = start + cols0
@@ -144,8 +165,8 @@ def _kd_grad_kernel(zs_ptr, zt_ptr, tgt_ptr, rows_ptr, coef_kd_ptr, coef_ce_ptr,
                 # The target column is excluded before exp: p^(y) is undefined and e^{z_y - lse_nt}
                 # overflows when the teacher is certain.
                 ps_hat = tl.exp(tl.where(is_y, NEG_INF, s) - lse_s_nt)
-                pt_hat = tl.exp(tl.where(is_y, NEG_INF, tt) - lse_t_nt)
-                kd = w_tc * ps_hat * (pt_y - ps_y) + w_nc * (ps_hat - pt_hat)
+                pt_hat = tl.where(no_nt, 0.0, tl.exp(tl.where(is_y, NEG_INF, tt) - lse_t_nt))
+                kd = w_tc * ps_hat * (pt_y - ps_y) + w_nc_row * (ps_hat - pt_hat)
                 kd = tl.where(is_y, w_tc * (ps_y - pt_y), kd)
             else:
                 kd = tl.exp(s - lse_s) - tl.exp(tt - lse_t)
@@ -153,7 +174,23 @@ def _kd_grad_kernel(zs_ptr, zt_ptr, tgt_ptr, rows_ptr, coef_kd_ptr, coef_ce_ptr,
         tl.store(grad_ptr + row * vs + cols, g, mask=in_s)
 
 
+def _check_chunk(zs, zt, target, vc, *per_row):
+    # The kernels index rows by program id and assume contiguous rows: shapes that disagree would
+    # read past a buffer. The op wrappers guarantee them; this guards the torch.ops entry points.
+    c, vs = zs.shape
+    vt = zt.shape[1] if zt is not None else vs
+    if target.shape != (c,) or (zt is not None and zt.shape[0] != c) or not 0 < vc <= min(vs, vt):
+        raise ValueError(f"inconsistent chunk: student {tuple(zs.shape)}, teacher "
+                         f"{None if zt is None else tuple(zt.shape)}, target {tuple(target.shape)}, vc {vc}")
+    for t in per_row:
+        if t.shape[0] != c:
+            raise ValueError(f"a per-row input has {t.shape[0]} rows for a chunk of {c}")
+
+
 def kd_rows(zs, zt, target, *, vc, temperature, gate_temperature, ignore_index):
+    _check_chunk(zs, zt, target, vc)
+    zs, target = zs.contiguous(), target.contiguous()
+    zt = zt.contiguous() if zt is not None else None
     c, vs = zs.shape
     out = torch.zeros(c, len(ROW_FIELDS), device=zs.device, dtype=torch.float32)
     has_t = zt is not None
@@ -165,6 +202,9 @@ def kd_rows(zs, zt, target, *, vc, temperature, gate_temperature, ignore_index):
 
 def kd_rows_grad(zs, zt, target, rows, coef_kd, coef_ce, *, vc, temperature, tckd_weight, nckd_weight, kd_type,
                  ignore_index):
+    _check_chunk(zs, zt, target, vc, rows, coef_kd, coef_ce)
+    zs, target, rows = zs.contiguous(), target.contiguous(), rows.contiguous()
+    zt = zt.contiguous() if zt is not None else None
     c, vs = zs.shape
     grad = torch.empty_like(zs)
     has_t = zt is not None

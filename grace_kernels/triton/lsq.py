@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from grace_kernels.aot import KernelSpec
+from grace_kernels.kernel_spec import KernelSpec
 from grace_kernels.triton._rounding import cast_rne
 
 # 1.5 * 2**23: adding and subtracting it rounds a float32 of magnitude < 2**22 to the nearest
@@ -77,8 +77,21 @@ def _grid(R: int, C: int, group_size: int, block_r: int):
     return (triton.cdiv(R, block_r), C // group_size)
 
 
+def _check_shapes(weight: torch.Tensor, scale: torch.Tensor, group_size: int, grad_out: torch.Tensor | None = None):
+    # The kernels index whole groups without a column mask and the scales by row and group: shapes
+    # that disagree would read out of bounds. The public op checks them first; this guards the
+    # torch.ops entry points, which skip the wrapper.
+    R, C = weight.shape
+    if C % group_size or tuple(scale.shape) != (R, C // group_size):
+        raise ValueError(f"scales {tuple(scale.shape)} do not match weight {tuple(weight.shape)} with group_size "
+                         f"{group_size}")
+    if grad_out is not None and grad_out.shape != weight.shape:
+        raise ValueError(f"grad_out {tuple(grad_out.shape)} does not match weight {tuple(weight.shape)}")
+
+
 def lsq_fake_quant_fwd(weight: torch.Tensor, scale: torch.Tensor, bits: int, group_size: int) -> torch.Tensor:
     """out = clamp(rne(w / s)) * s, with ``scale`` float32 [R, C // group_size]."""
+    _check_shapes(weight, scale, group_size)
     w = weight.contiguous()
     out = torch.empty_like(w)
     R, C = w.shape
@@ -92,6 +105,7 @@ def lsq_fake_quant_fwd(weight: torch.Tensor, scale: torch.Tensor, bits: int, gro
 def lsq_fake_quant_bwd(grad_out: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bits: int,
                        group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(d weight, per-group sum of dout * (q - v or q)) — the caller applies grad_scale * s."""
+    _check_shapes(weight, scale, group_size, grad_out)
     w = weight.contiguous()
     g = grad_out.contiguous()
     R, C = w.shape

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from grace_kernels._backend import triton_interpret
-from grace_kernels.aot import KernelSpec
+from grace_kernels.kernel_spec import KernelSpec
 from grace_kernels.triton._rounding import cast_rne
 
 

@@ -1,6 +1,7 @@
 // The W4A16 CUDA kernels (csrc/w4a16/w4a16_gemm.cu and w4a16_dequant.cu, the very sources nvcc builds)
-// compiled for the host and run by the CPU executor of simt.h. Not part of the extension; tests/test_w4a16_simt.py builds it with
-// AddressSanitizer and with ThreadSanitizer and drives it.
+// compiled for the host and run by the CPU executor of simt.h. Test machinery, not part of the extension:
+// tests/test_w4a16_simt.py builds it with AddressSanitizer and with ThreadSanitizer (include path: csrc/ and
+// tests/) and drives it.
 //
 //   w4a16_simt gemm DIR DTYPE M N K SM_COUNT COPIES SEED BIAS
 //       DTYPE f16 | bf16; COPIES late | early (simt::Options::late_copies); SEED the block order (0: grid
@@ -8,11 +9,11 @@
 //       DIR/scales.bin (kernel_scales [K/128, N] DTYPE), DIR/bias.bin (float32 [N], if BIAS); plans the
 //       launch with make_plan for a GPU of SM_COUNT SMs, runs grace_kernels::w4a16::launch, writes
 //       DIR/out.bin ([M, N] DTYPE) and prints one JSON line: the plan, and the access accounting of
-//       simt::stats() (cp.async and plain accesses per call site, ldmatrix).
+//       simt::stats() (cp.async and plain accesses per site the kernel names, ldmatrix).
 //   w4a16_simt dequant DIR DTYPE N K SEED
 //       Reads DIR/w.bin and DIR/scales.bin as above, runs grace_kernels::w4a16::launch_dequantize (blocks in
 //       SEED's order), writes DIR/out.bin (W [N, K] DTYPE) and prints one JSON line: its shared memory and
-//       the access accounting (the plain loads and stores of grace_kernels::mem per call site).
+//       the access accounting (the plain loads and stores of grace_kernels::mem per named site).
 //   w4a16_simt selftest NAME
 //       Runs a deliberately broken kernel, to show that the executor catches that kind of bug: race (a
 //       shared-memory read without __syncthreads; ThreadSanitizer reports it), early-read (a cp.async
@@ -67,18 +68,18 @@ void print_access() {
   const simt::Stats& st = simt::stats();
   std::printf("\"cp_async\": [");
   const char* sep = "";
-  for (const auto& [line, c] : st.cp_async) {
-    std::printf("%s{\"line\": %d, \"instructions\": %ld, \"bytes\": %ld, \"sectors\": %ld, \"smem_wavefronts\": %ld, "
-                "\"smem_ideal\": %ld}",
-                sep, line, c.instructions, c.bytes, c.sectors, c.smem_wavefronts, c.smem_ideal);
+  for (const auto& [site, c] : st.cp_async) {
+    std::printf("%s{\"site\": \"%s\", \"instructions\": %ld, \"bytes\": %ld, \"sectors\": %ld, "
+                "\"smem_wavefronts\": %ld, \"smem_ideal\": %ld}",
+                sep, site.c_str(), c.instructions, c.bytes, c.sectors, c.smem_wavefronts, c.smem_ideal);
     sep = ", ";
   }
   std::printf("], \"plain\": [");
   sep = "";
-  for (const auto& [line, a] : st.plain) {
-    std::printf("%s{\"line\": %d, \"space\": \"%s\", \"op\": \"%s\", \"instructions\": %ld, \"bytes\": %ld, "
-                "\"sectors\": %ld, \"wavefronts\": %ld, \"ideal\": %ld}",
-                sep, line, a.shared ? "shared" : "global", a.store ? "store" : "load", a.instructions, a.bytes,
+  for (const auto& [site, a] : st.plain) {
+    std::printf("%s{\"site\": \"%s\", \"space\": \"%s\", \"op\": \"%s\", \"instructions\": %ld, "
+                "\"bytes\": %ld, \"sectors\": %ld, \"wavefronts\": %ld, \"ideal\": %ld}",
+                sep, site.c_str(), a.shared ? "shared" : "global", a.store ? "store" : "load", a.instructions, a.bytes,
                 a.sectors, a.wavefronts, a.ideal);
     sep = ", ";
   }
@@ -154,7 +155,7 @@ __global__ void race_kernel(float* out) {
 
 __global__ void early_read_kernel(const int4* in, uint32_t* out) {
   int4* s = grace_kernels::rt::dynamic_smem<int4>();
-  grace_kernels::ptx::cp_async(s + threadIdx.x, in + threadIdx.x);
+  grace_kernels::ptx::cp_async(s + threadIdx.x, in + threadIdx.x, true, "copy");
   grace_kernels::ptx::cp_async_commit();
   out[threadIdx.x] = static_cast<uint32_t>(s[threadIdx.x].x);  // before cp_async_wait
   grace_kernels::ptx::cp_async_wait<0>();
@@ -173,7 +174,7 @@ __global__ void divergent_kernel() {
 
 __global__ void overflow_kernel(const int4* in) {
   int4* s = grace_kernels::rt::dynamic_smem<int4>();
-  grace_kernels::ptx::cp_async(s + threadIdx.x + 1, in);  // one chunk past the end for the last thread
+  grace_kernels::ptx::cp_async(s + threadIdx.x + 1, in, true, "copy");  // one chunk past the end for the last thread
   grace_kernels::ptx::cp_async_commit();
   grace_kernels::ptx::cp_async_wait<0>();
 }
@@ -186,14 +187,14 @@ __global__ void noop_kernel() {}
 // stores it to shared word 32 l (every lane in bank 0).
 __global__ void strided_kernel(const int4* in) {
   int4* s = grace_kernels::rt::dynamic_smem<int4>();
-  grace_kernels::ptx::cp_async(s + 8 * threadIdx.x, in + 4 * threadIdx.x);
+  grace_kernels::ptx::cp_async(s + 8 * threadIdx.x, in + 4 * threadIdx.x, true, "strided_copy");
   grace_kernels::ptx::cp_async_commit();
   grace_kernels::ptx::cp_async_wait<0>();
   uint32_t r[4];
   grace_kernels::ptx::ldmatrix_x4(r, s + 8 * threadIdx.x);
   __syncthreads();
-  const uint32_t v = grace_kernels::mem::load(reinterpret_cast<const uint32_t*>(in + 4 * threadIdx.x));
-  grace_kernels::mem::store(reinterpret_cast<uint32_t*>(s) + 32 * threadIdx.x, v);
+  const uint32_t v = grace_kernels::mem::load(reinterpret_cast<const uint32_t*>(in + 4 * threadIdx.x), "strided_load");
+  grace_kernels::mem::store(reinterpret_cast<uint32_t*>(s) + 32 * threadIdx.x, v, "conflicted_store");
 }
 
 int run_selftest(const std::string& name) {

@@ -19,8 +19,8 @@
 //   * Shared memory starts as 0xFF bytes (uninitialised), is sized exactly as launched (so ASan sees an
 //     overrun), and a launch asking for more than 48 KB without the opt-in attribute fails, as on the GPU.
 //   * A barrier that some threads never reach fails as a deadlock after Options::deadlock_seconds.
-//   * Memory access accounting (stats()): for every warp-wide cp.async (grouped by call site, as the GPU
-//     groups lanes by instruction) the global bytes asked for against the 32-byte sectors touched, and the
+//   * Memory access accounting (stats()): for every warp-wide cp.async (grouped by the site the kernel
+//     names in the call, as the GPU groups lanes by instruction) the global bytes asked for against the 32-byte sectors touched, and the
 //     shared-memory wavefronts its 16-byte stores need; for every ldmatrix, its wavefronts; for every plain
 //     load or store through grace_kernels::mem, its sectors (global) or bank wavefronts (shared). These
 //     count what the access pattern costs on NVIDIA's memory system; they are not timings.
@@ -48,7 +48,8 @@
 #include <memory>
 #include <mutex>
 #include <random>
-#include <source_location>
+#include <string>
+#include <string_view>
 #include <thread>
 #include <tuple>
 #include <type_traits>
@@ -147,15 +148,15 @@ struct Warp {
 
 // One lane's cp.async, logged for the access accounting (in its thread's log: the lane is the log's index % 32).
 struct CopyRecord {
-  int line;        // call site in the kernel source
-  unsigned count;  // how many times this lane has issued from that site before: with the line, the instruction
+  const char* site;  // the access site the kernel names (a string literal)
+  unsigned count;    // how many times this lane has issued from that site before: with the site, the instruction
   uintptr_t global;  // 0 when src-size is 0 (nothing read)
   ptrdiff_t shared;  // offset in the block's shared memory
 };
 
 // One lane's plain load or store through grace_kernels::mem (in its thread's log, as CopyRecord).
 struct AccessRecord {
-  int line;
+  const char* site;
   unsigned count;
   bool store;
   bool shared;
@@ -197,8 +198,8 @@ struct AccessSiteStats {
 };
 
 struct Stats {
-  std::map<int, CopySiteStats> cp_async;  // by source line
-  std::map<int, AccessSiteStats> plain;   // grace_kernels::mem loads and stores, by source line
+  std::map<std::string, CopySiteStats> cp_async;  // by site name
+  std::map<std::string, AccessSiteStats> plain;   // grace_kernels::mem loads and stores, by site name
   long ldmatrix_instructions = 0, ldmatrix_wavefronts = 0;
 };
 
@@ -227,15 +228,15 @@ inline int phase_wavefronts(const std::vector<ptrdiff_t>& offsets, int bytes = 1
 // Lanes a shared-memory access of `bytes` serves per phase: the 128 bytes the banks deliver at once.
 inline int lanes_per_phase(int bytes) { return std::clamp(128 / std::max(bytes, 4), 8, 32); }
 
-// A block's per-thread log regrouped into warp instructions: (warp, line, count) -> (lane, record) of the
+// A block's per-thread log regrouped into warp instructions: (warp, site, count) -> (lane, record) of the
 // lanes that issued that instruction.
 template <typename Record>
-std::map<std::tuple<int, int, unsigned>, std::vector<std::pair<int, const Record*>>> by_instruction(
+std::map<std::tuple<int, std::string_view, unsigned>, std::vector<std::pair<int, const Record*>>> by_instruction(
     const std::vector<std::vector<Record>>& per_thread) {
-  std::map<std::tuple<int, int, unsigned>, std::vector<std::pair<int, const Record*>>> instructions;
+  std::map<std::tuple<int, std::string_view, unsigned>, std::vector<std::pair<int, const Record*>>> instructions;
   for (size_t t = 0; t < per_thread.size(); ++t) {
     for (const Record& r : per_thread[t]) {
-      instructions[{static_cast<int>(t / 32), r.line, r.count}].emplace_back(static_cast<int>(t % 32), &r);
+      instructions[{static_cast<int>(t / 32), r.site, r.count}].emplace_back(static_cast<int>(t % 32), &r);
     }
   }
   return instructions;
@@ -244,7 +245,7 @@ std::map<std::tuple<int, int, unsigned>, std::vector<std::pair<int, const Record
 // Adds a finished block's logged accesses (cp.async, plain, ldmatrix) to stats().
 inline void account_copies(const Block& b) {
   for (const auto& [key, lanes] : by_instruction(b.copies)) {
-    CopySiteStats& site = stats().cp_async[std::get<1>(key)];
+    CopySiteStats& site = stats().cp_async[std::string(std::get<1>(key))];
     ++site.instructions;
     std::vector<uintptr_t> sectors;
     std::vector<ptrdiff_t> phases[4];
@@ -263,7 +264,7 @@ inline void account_copies(const Block& b) {
     }
   }
   for (const auto& [key, lanes] : by_instruction(b.accesses)) {
-    AccessSiteStats& site = stats().plain[std::get<1>(key)];
+    AccessSiteStats& site = stats().plain[std::string(std::get<1>(key))];
     const AccessRecord& first = *lanes.front().second;
     site.store = first.store;
     site.shared = first.shared;
@@ -303,8 +304,8 @@ struct Thread {
   dim3 index;
   int lane, warp;
   unsigned collectives = 0;
-  std::map<int, unsigned> copies_from;  // cp.async issued so far, per call site
-  std::map<int, unsigned> accesses_from;  // grace_kernels::mem accesses so far, per call site
+  std::map<std::string_view, unsigned> copies_from;    // cp.async issued so far, per site
+  std::map<std::string_view, unsigned> accesses_from;  // grace_kernels::mem accesses so far, per site
   std::vector<PendingCopy> open;                   // issued since the last commit_group
   std::deque<std::vector<PendingCopy>> committed;  // committed groups, oldest first
 };
@@ -367,12 +368,11 @@ class Exchange {
   unsigned seq_;
 };
 
-inline void cp_async(void* dst, const void* src, bool valid, const std::source_location& site) {
+inline void cp_async(void* dst, const void* src, bool valid, const char* site) {
   Thread& t = self();
   check_shared(dst, 16, "cp.async destination");
   check_aligned(dst, 16, "cp.async destination");
-  const int line = static_cast<int>(site.line());
-  t.block->copies[t.warp * 32 + t.lane].push_back({line, t.copies_from[line]++, valid ? reinterpret_cast<uintptr_t>(src) : 0,
+  t.block->copies[t.warp * 32 + t.lane].push_back({site, t.copies_from[site]++, valid ? reinterpret_cast<uintptr_t>(src) : 0,
                                                   static_cast<char*>(dst) - reinterpret_cast<char*>(t.block->smem.get())});
   PendingCopy c{dst, {}};
   if (valid) {
@@ -388,16 +388,15 @@ inline void cp_async(void* dst, const void* src, bool valid, const std::source_l
 }
 
 // A plain access through grace_kernels::mem: logged for the accounting, bounds-checked if shared.
-inline void log_access(const void* p, int bytes, bool store, const std::source_location& site) {
+inline void log_access(const void* p, int bytes, bool store, const char* site) {
   Thread& t = self();
   const auto* base = reinterpret_cast<const char*>(t.block->smem.get());
   const auto* q = static_cast<const char*>(p);
   const bool shared = q >= base && q < base + std::max(t.block->smem_bytes, 16);
   if (shared) check_shared(p, bytes, store ? "shared store" : "shared load");
   check_aligned(p, static_cast<uintptr_t>(bytes), store ? "store" : "load");
-  const int line = static_cast<int>(site.line());
   t.block->accesses[t.warp * 32 + t.lane].push_back(
-      {line, t.accesses_from[line]++, store, shared,
+      {site, t.accesses_from[site]++, store, shared,
        shared ? static_cast<uintptr_t>(q - base) : reinterpret_cast<uintptr_t>(p), bytes});
 }
 
@@ -504,14 +503,11 @@ namespace grace_kernels::ptx {
 // The emulation has no L2: the policy is a token.
 inline uint64_t evict_first_policy() { return 1; }
 
-// The default argument records the kernel's call site: the lanes that issue from one site form one warp
-// instruction for the access accounting.
-inline void cp_async(void* smem, const void* gmem, bool valid = true,
-                     const std::source_location& site = std::source_location::current()) {
+// The site names the kernel passes group the lanes into warp instructions for the access accounting.
+inline void cp_async(void* smem, const void* gmem, bool valid, const char* site) {
   simt::cp_async(smem, gmem, valid, site);
 }
-inline void cp_async_policy(void* smem, const void* gmem, uint64_t,
-                            const std::source_location& site = std::source_location::current()) {
+inline void cp_async_policy(void* smem, const void* gmem, uint64_t, const char* site) {
   simt::cp_async(smem, gmem, true, site);
 }
 inline void cp_async_commit() { simt::cp_async_commit(); }
@@ -581,13 +577,13 @@ uint32_t lop3(uint32_t a, uint32_t b, uint32_t c) {
 namespace grace_kernels::mem {
 
 template <typename T>
-T load(const T* p, const std::source_location& site = std::source_location::current()) {
+T load(const T* p, const char* site) {
   simt::log_access(p, sizeof(T), false, site);
   return *p;
 }
 
 template <typename T>
-void store(T* p, const T& v, const std::source_location& site = std::source_location::current()) {
+void store(T* p, const T& v, const char* site) {
   simt::log_access(p, sizeof(T), true, site);
   *p = v;
 }

@@ -1,0 +1,470 @@
+"""Load the model directories this project produces or consumes, for ``grace eval`` / ``grace generate``.
+
+* :func:`load_int4_model`: a compressed-tensors "pack-quantized" INT4 checkpoint (``grace export``'s,
+  or another producer's such as llm-compressor's) into :class:`W4A16Linear` modules;
+* :func:`load_student`: the fake-quantized student a training run left in ``final/``;
+* :func:`load_model`: whichever of these (or a plain Hugging Face checkpoint) a directory holds.
+
+Files are checked where they are read: a missing, truncated or malformed file raises ValueError
+naming the file and what to do, never a raw parser traceback.
+
+Tensor names. transformers renames checkpoint tensors on load (LLaVA's ``language_model.model.*``
+becomes ``model.language_model.*``; the llava-hf Hub layout's ``vision_tower.vision_model.*`` becomes
+``model.vision_tower.*``) and reverses the renaming on save. :func:`checkpoint_names` gives the name
+a tensor has in a particular file layout, by letting transformers' own conversion rules recognise
+that file's tensor names, exactly as ``from_pretrained`` does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import re
+
+import torch
+from torch import nn
+
+from grace.quantize import quantize_model, replace_module
+from grace_kernels.int4 import SCALE_DTYPES
+from grace_kernels.nn import W4A16Linear, convert_to_kernel_layout
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json")
+
+
+# --------------------------------------------------------------------------- files
+
+def read_json(path: str, what: str = "") -> dict:
+    """The JSON object in ``path``; ValueError naming the file when it is missing, unreadable or malformed."""
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except FileNotFoundError:
+        raise ValueError(f"{path} not found{what}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not valid JSON ({_reason(e)}){what}") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}{what}")
+    return data
+
+
+def safetensors_files(model_dir: str) -> list[str]:
+    """Paths of the safetensors files of a model directory (one file, or the shards its index names)."""
+    index = os.path.join(model_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{index} has no weight_map")
+        return [os.path.join(model_dir, n) for n in sorted(set(weight_map.values()))]
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")):
+        return [os.path.join(model_dir, "model.safetensors")]
+    raise ValueError(f"{model_dir} has no model.safetensors (or model.safetensors.index.json)")
+
+
+def _reason(e: Exception) -> str:
+    """The exception's type and the first line of its message (parsers' messages can run long)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}" if first else type(e).__name__
+
+
+def _corrupt(path: str, e: Exception) -> ValueError:
+    return ValueError(f"{path} is truncated or corrupt ({_reason(e)}); "
+                      "write it again (re-run `grace export`, or copy the file again)")
+
+
+def safetensors_keys(model_dir: str) -> list[str]:
+    """Tensor names of a model directory's safetensors files, read from the headers only."""
+    from safetensors import SafetensorError, safe_open
+
+    keys = []
+    for path in safetensors_files(model_dir):
+        try:
+            with safe_open(path, "pt") as f:
+                keys.extend(f.keys())
+        except (SafetensorError, OSError) as e:
+            raise _corrupt(path, e) from None
+    return keys
+
+
+def read_safetensors(model_dir: str) -> dict[str, torch.Tensor]:
+    """All tensors of a model directory; ValueError naming the file when one is truncated or corrupt."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    tensors = {}
+    for path in safetensors_files(model_dir):
+        try:
+            tensors.update(load_file(path))
+        except (SafetensorError, OSError) as e:
+            raise _corrupt(path, e) from None
+    return tensors
+
+
+def read_torch_state(path: str, what_to_do: str) -> dict:
+    """A state dict saved with torch.save; ValueError naming the file when it is missing or truncated."""
+    if not os.path.isfile(path):
+        raise ValueError(f"{path} not found; {what_to_do}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
+        raise ValueError(f"{path} is truncated or corrupt ({_reason(e)}); {what_to_do}") from None
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; {what_to_do}")
+    return state
+
+
+# --------------------------------------------------------------------------- run directories
+
+def find_final(run_dir: str) -> str | None:
+    """The ``final/`` directory of a training run (``run_dir`` may also be that directory itself)."""
+    for cand in (os.path.join(run_dir, "final"), run_dir):
+        if os.path.isfile(os.path.join(cand, "student_state.pt")) and os.path.isfile(
+                os.path.join(cand, "quantization.json")):
+            return cand
+    return None
+
+
+def final_dir(run_dir: str) -> str:
+    final = find_final(run_dir)
+    if final is not None:
+        return final
+    raise ValueError(f"{run_dir!r} is not a finished training run: no final/student_state.pt and "
+                     f"final/quantization.json (a run writes them when training ends)")
+
+
+def read_quantization(final: str) -> dict:
+    """final/quantization.json, checked: bits, group_size, scale_dtype and the quantized module names."""
+    path = os.path.join(final, "quantization.json")
+    q = read_json(path, "; it is written when training ends (resume the run to write it again)")
+    missing = [k for k in ("bits", "group_size", "scale_dtype", "modules") if k not in q]
+    if missing:
+        raise ValueError(f"{path} lacks {missing}")
+    if q["scale_dtype"] not in (None, "bfloat16", "float16"):
+        raise ValueError(f"{path}: scale_dtype must be bfloat16, float16 or null, got {q['scale_dtype']!r}")
+    if not isinstance(q["modules"], list) or not all(isinstance(m, str) for m in q["modules"]):
+        raise ValueError(f"{path}: modules must be a list of module names")
+    return q
+
+
+def _config_from_dir(model_dir: str):
+    from transformers import AutoConfig
+
+    read_json(os.path.join(model_dir, "config.json"))   # a malformed file fails here, naming itself
+    return AutoConfig.from_pretrained(model_dir)
+
+
+def load_student(run_dir: str, device: str | torch.device = "cpu"):
+    """The fake-quantized student of a finished run, as training left it.
+
+    Rebuilds the model from ``final/config.json``, swaps the recorded Linear modules for
+    :class:`QuantLinear` with the recorded bits / group size / scale dtype, and loads
+    ``final/student_state.pt`` strictly (weights and log-scales).
+
+    Returns:
+        (model in eval mode on ``device``, float32; processor, or None when final/ holds none).
+
+    Raises:
+        ValueError: ``run_dir`` has no final/ student; a file of final/ is missing, truncated or
+            malformed (the message names it); the state does not fit the rebuilt model.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    final = final_dir(run_dir)
+    q = read_quantization(final)
+    model = AutoModelForImageTextToText.from_config(_config_from_dir(final))
+    if q["bits"] is not None:
+        # The recorded names, matched literally (module names hold no fnmatch wildcards), so the
+        # rebuilt student has exactly the trained set of QuantLinear layers.
+        modules = q["modules"] or None
+        quantize_model(model, bits=q["bits"], group_size=q["group_size"], include=modules,
+                       exclude=[] if modules else None,
+                       scale_dtype=getattr(torch, q["scale_dtype"]) if q["scale_dtype"] else None, verbose=False)
+        if modules and sorted(model.grace_quantized_modules) != sorted(modules):
+            raise ValueError(f"{final}: the recorded quantized modules do not all exist in the model built from "
+                             f"its config: {sorted(set(modules) - set(model.grace_quantized_modules))}")
+    path = os.path.join(final, "student_state.pt")
+    state = read_torch_state(path, "training writes it when it ends: resume the run (`grace train --resume`) "
+                                   "to write final/ again")
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        raise ValueError(f"{path} does not match the model its config builds: {e}") from e
+    return model.to(device).eval(), processor_or_none(final)
+
+
+def processor_or_none(path: str):
+    from transformers import AutoProcessor
+
+    names = ("processor_config.json", "preprocessor_config.json", "tokenizer_config.json", "tokenizer.json")
+    if not any(os.path.isfile(os.path.join(path, n)) for n in names):
+        return None
+    return AutoProcessor.from_pretrained(path)
+
+
+# --------------------------------------------------------------------------- names on disk
+
+def adopt_checkpoint_layout(model: nn.Module, file_keys: list[str]) -> None:
+    """Make ``model`` save (and :func:`checkpoint_names` map) its tensors under the names of the file
+    whose tensor names are ``file_keys``, as ``from_pretrained`` would have had it loaded that file.
+
+    transformers keeps, on a model it loaded, the renaming rules that matched the file's names, and
+    reverses exactly those on save; a model built from a config gets the default rules instead, which
+    differ for some layouts (the llava-hf Hub layout's ``vision_tower.vision_model.*``). Here the file's
+    names are run through the same rules and the ones that matched are kept on the model.
+    """
+    try:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
+    except ImportError:   # transformers 4.x: no renaming rules, names on disk are the names in memory
+        return
+    mapping = get_model_conversion_mapping(model)
+    renamings = [c for c in mapping if isinstance(c, WeightRenaming)]
+    converters = [c for c in mapping if isinstance(c, WeightConverter)]
+    state = model.state_dict()
+    for key in sorted(file_keys, key=dot_natural_key):
+        rename_source_key(key, renamings, converters, model.base_model_prefix, state)
+    model._weight_conversions = [c for c in mapping if c.was_used()]
+
+
+def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
+    """In-memory state-dict key -> the key ``save_pretrained`` writes for it (transformers reverses its
+    load-time renamings on save, e.g. LLaVA's ``model.language_model`` -> ``language_model.model``).
+
+    Each key is sent through transformers' own reversal with a distinct one-element tensor, so the
+    tensor that comes out under a new name says which key it was.
+    """
+    try:
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:   # transformers 4.x saves the in-memory names as they are
+        return {k: k for k in keys}
+    probe = {k: torch.tensor([float(i)]) for i, k in enumerate(keys)}
+    out = revert_weight_conversion(model, dict(probe))
+    if len(out) != len(keys) or any(t.numel() != 1 for t in out.values()):
+        raise ValueError(f"{type(model).__name__} converts (not just renames) tensors on save; "
+                         "this project handles renaming-only model families")
+    return {keys[int(t.item())]: new for new, t in out.items()}
+
+
+def module_checkpoint_names(model: nn.Module, names: list[str]) -> dict[str, str]:
+    """Module name in memory -> its name on disk (the name of its ``.weight`` tensor, minus ``.weight``)."""
+    m = checkpoint_names(model, [f"{n}.weight" for n in names])
+    return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in m.items()}
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Names of the model's plain nn.Linear modules (W4A16Linear and QuantLinear are not nn.Linear)."""
+    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+
+
+def matches_ignore(name: str, ignore: list[str]) -> bool:
+    """compressed-tensors' and vLLM's rule for one name: ``re:<pattern>`` is ``re.match``, anything else
+    the exact name."""
+    return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in ignore)
+
+
+# --------------------------------------------------------------------------- INT4 checkpoints
+
+def _check_pack_quantized(qc: dict, where: str) -> tuple[int, list[str]]:
+    """(group_size, ignore) of a quantization_config this loader supports; ValueError naming the rest."""
+    if qc.get("quant_method") != "compressed-tensors":
+        raise ValueError(f"{where}: quant_method {qc.get('quant_method')!r} is not 'compressed-tensors'")
+    groups = qc.get("config_groups")
+    if not isinstance(groups, dict) or len(groups) != 1:
+        raise ValueError(f"{where}: expected one config group, found {len(groups or {})}")
+    g = next(iter(groups.values()))
+    # The format may be given per group (what compressed-tensors writes), at the top, or both.
+    fmt = g.get("format") or qc.get("format")
+    if fmt != "pack-quantized":
+        raise ValueError(f"{where}: format {fmt!r} is not 'pack-quantized'")
+    w = g.get("weights") or {}
+    problems = []
+    if g.get("targets") != ["Linear"]:
+        problems.append(f"targets {g.get('targets')} (supported: ['Linear'])")
+    if g.get("input_activations") or g.get("output_activations"):
+        problems.append("activation quantization (only weight-only W4A16 is supported)")
+    if (w.get("num_bits"), w.get("type"), w.get("symmetric"), w.get("strategy")) != (4, "int", True, "group"):
+        problems.append(f"weights {w} (supported: num_bits 4, type int, symmetric, strategy group)")
+    if w.get("actorder") or w.get("block_structure"):
+        problems.append("activation ordering / block structure")
+    if not isinstance(w.get("group_size"), int) or w["group_size"] < 1:
+        problems.append(f"group_size {w.get('group_size')!r}")
+    ignore = qc.get("ignore") or []
+    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
+        problems.append(f"ignore {ignore!r} (a list of names or 're:' patterns)")
+    if problems:
+        raise ValueError(f"{where}: unsupported {'; '.join(problems)}")
+    return w["group_size"], ignore
+
+
+def _int4_scale_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype the W4A16 layer keeps a file's scales in (the kernels take float16 / bfloat16 scales)."""
+    if scale.dtype in SCALE_DTYPES:
+        return scale.dtype
+    if dtype in SCALE_DTYPES:
+        return dtype
+    # float32 scales with float32 activations: float16 keeps 3 more mantissa bits than bfloat16,
+    # when every scale lies in its normal range.
+    fp16 = torch.finfo(torch.float16)
+    a = scale.float().abs()
+    return torch.float16 if bool((a <= fp16.max).all() and (a >= fp16.smallest_normal).all()) else torch.bfloat16
+
+
+def _swap_in_int4_linears(model: nn.Module, tensors: dict, names: dict[str, str], ignore: list[str],
+                          group_size: int, dtype: torch.dtype, model_dir: str) -> None:
+    """Step 1: replace every nn.Linear the config quantizes (not matched by ``ignore``, under its
+    in-memory or its on-disk name) by an empty W4A16Linear of the same shape."""
+    for name, ckpt in names.items():
+        if matches_ignore(ckpt, ignore) or matches_ignore(name, ignore):
+            continue
+        lin = model.get_submodule(name)
+        scale = tensors.get(f"{ckpt}.weight_scale")
+        if scale is None or f"{ckpt}.weight_packed" not in tensors:
+            raise ValueError(f"{model_dir}: {ckpt} is quantized by the config (not under 'ignore') but the "
+                             f"checkpoint has no {ckpt}.weight_packed / {ckpt}.weight_scale")
+        if scale.dim() != 2 or lin.in_features != scale.shape[-1] * group_size:
+            raise ValueError(f"{model_dir}: {ckpt}.weight_scale {tuple(scale.shape)} does not fit "
+                             f"in_features {lin.in_features} with group_size {group_size}")
+        if not scale.is_floating_point():
+            raise ValueError(f"{model_dir}: {ckpt}.weight_scale is {scale.dtype}, not a float tensor")
+        replace_module(model, name, W4A16Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
+                                                group_size=group_size, scale_dtype=_int4_scale_dtype(scale, dtype),
+                                                bias_dtype=dtype))
+
+
+def _load_strict(model: nn.Module, tensors: dict, model_dir: str) -> None:
+    """Step 2: load the file's tensors by their on-disk names; any missing or unexpected tensor, or a
+    shape that does not fit, is an error (tied weights are saved once)."""
+    state = model.state_dict(keep_vars=True)
+    keys = list(state)
+    to_disk = checkpoint_names(model, keys)
+    from_disk = {v: k for k, v in to_disk.items()}
+    unexpected = sorted(k for k in tensors if k not in from_disk)
+    loaded = {from_disk[k]: t for k, t in tensors.items() if k in from_disk}
+    present = {id(state[k]) for k in loaded}
+    missing = sorted(to_disk[k] for k in keys if k not in loaded and id(state[k]) not in present)
+    if unexpected or missing:
+        raise ValueError(f"{model_dir}: checkpoint does not match the model built from its config; "
+                         f"missing: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
+                         f"unexpected: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}")
+    bad = [f"{to_disk[k]} {tuple(t.shape)} != {tuple(state[k].shape)}" for k, t in loaded.items()
+           if t.shape != state[k].shape]
+    if bad:
+        raise ValueError(f"{model_dir}: tensor shapes do not fit the model: {bad[:8]}")
+    # load_state_dict copies into the existing tensors, converting dtypes (float32 scales included).
+    model.load_state_dict(loaded, strict=False)
+    for name, m in model.named_modules():
+        if isinstance(m, W4A16Linear) and m.weight_shape.tolist() != [m.out_features, m.in_features]:
+            raise ValueError(f"{model_dir}: {to_disk[name + '.weight_shape']} is {m.weight_shape.tolist()}, "
+                             f"the model expects {[m.out_features, m.in_features]}")
+
+
+def _use_kernel_layout(model: nn.Module, dtype: torch.dtype) -> None:
+    """Step 3: every INT4 layer the CUDA kernel takes holds only the kernel's layout."""
+    convert_to_kernel_layout(model, dtype)
+
+
+def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                    kernel_layout: bool | None = None):
+    """Load a pack-quantized INT4 checkpoint into this project's modules.
+
+    Reads what ``grace export`` writes and what other compressed-tensors producers (llm-compressor)
+    write for a symmetric INT4 group scheme: tensors in any layout transformers loads (the llava-hf Hub
+    layout ``vision_tower.vision_model.*`` included), an ``ignore`` list of exact names or ``re:``
+    patterns matched against either the on-disk or the in-memory module names, the format given per
+    config group or at the top. Steps: build the model from config.json; swap every nn.Linear the
+    config quantizes for a :class:`W4A16Linear`; load the safetensors strictly (a tensor the model does
+    not hold, or a model tensor absent from the file, tied weights excepted, is an error); optionally
+    convert the INT4 layers to the CUDA kernel's layout.
+
+    Args:
+        dtype: dtype of the full-precision tensors and of the activations (torch dtype or its name);
+            None: the dtype config.json records (float32 when it records none). INT4 scales keep
+            their stored dtype when it is float16 or bfloat16. float32 scales (which the W4A16 kernels
+            do not take) are rounded to the activation dtype when that is float16 / bfloat16, else to
+            float16 (bfloat16 when a scale lies outside float16's normal range): a rounding of the
+            scales, relative error <= 2**-11 (float16) or 2**-8 (bfloat16).
+        kernel_layout: hold the INT4 weights only in the CUDA kernel's layout
+            (``W4A16KernelLinear`` via ``grace_kernels.nn.convert_to_kernel_layout``: the packed weight held once),
+            for every layer the CUDA kernel takes (float16/bfloat16 ``dtype``, N % 64 == 0, K % 128 == 0,
+            group 128). None: when ``device`` is a GPU and the CUDA extension is built.
+
+    Returns:
+        (model in eval mode on ``device``, processor or None when the directory holds none).
+
+    Raises:
+        ValueError: no or a malformed config.json; no or an unsupported quantization_config; a
+            truncated or corrupt safetensors file (named); missing or unexpected tensors; a tensor
+            whose shape does not fit the model.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{model_dir} has no config.json")
+    raw = read_json(config_path)
+    if not raw.get("quantization_config"):
+        raise ValueError(f"{config_path} has no quantization_config: not a quantized checkpoint")
+    group_size, ignore = _check_pack_quantized(raw["quantization_config"], f"{config_path} quantization_config")
+    if isinstance(dtype, str):
+        if dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        dtype = DTYPES[dtype]
+    dtype = dtype or DTYPES.get(raw.get("dtype") or raw.get("torch_dtype") or "float32", torch.float32)
+
+    config = _config_from_dir(model_dir)
+    # Our modules implement the quantization; left on the config, transformers would treat the model
+    # as one its own compressed-tensors integration manages.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    tensors = read_safetensors(model_dir)
+    adopt_checkpoint_layout(model, list(tensors))
+    with torch.no_grad():
+        _swap_in_int4_linears(model, tensors, module_checkpoint_names(model, linear_names(model)), ignore,
+                              group_size, dtype, model_dir)
+        _load_strict(model, tensors, model_dir)
+    model = model.to(device).eval()
+    if kernel_layout is None:
+        from grace_kernels._backend import cuda_ext_available
+
+        kernel_layout = torch.device(device).type == "cuda" and cuda_ext_available()
+    if kernel_layout:
+        _use_kernel_layout(model, dtype)
+    return model, processor_or_none(model_dir)
+
+
+def load_model(model_dir: str, device: str | torch.device = "cpu"):
+    """Load any model directory this project produces or consumes, for generation and evaluation.
+
+    * a compressed-tensors checkpoint (config.json with a quantization_config): :func:`load_int4_model`;
+    * a plain Hugging Face checkpoint (config.json and weights): ``from_pretrained``;
+    * a training run (with ``final/``) or its ``final/`` directory: the fake-quantized student
+      (:func:`load_student`), so an export can be compared with what was trained.
+
+    Returns:
+        (model in eval mode on ``device``, processor or None).
+
+    Raises:
+        ValueError: the directory is none of these, or a file in it is malformed or truncated.
+    """
+    if not os.path.isdir(model_dir):
+        raise ValueError(f"{model_dir!r} is not a directory")
+    if find_final(model_dir) is not None:
+        return load_student(model_dir, device)
+    config_path = os.path.join(model_dir, "config.json")
+    if not os.path.isfile(config_path):
+        raise ValueError(f"{model_dir!r} is neither a model directory (config.json) nor a finished training run "
+                         "(final/student_state.pt)")
+    if read_json(config_path).get("quantization_config"):
+        return load_int4_model(model_dir, device)
+    if not any(os.path.isfile(os.path.join(model_dir, w)) for w in WEIGHT_FILES):
+        raise ValueError(f"{model_dir!r} has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
+    from transformers import AutoModelForImageTextToText
+
+    if os.path.isfile(os.path.join(model_dir, "model.safetensors")) or os.path.isfile(
+            os.path.join(model_dir, "model.safetensors.index.json")):
+        safetensors_keys(model_dir)   # a truncated file fails here, naming itself
+    model = AutoModelForImageTextToText.from_pretrained(model_dir)
+    return model.to(device).eval(), processor_or_none(model_dir)

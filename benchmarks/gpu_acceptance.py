@@ -105,6 +105,24 @@ def gpu_arch() -> str | None:
     return cap if re.fullmatch(r"\d+\.\d+", cap) else None
 
 
+def find_cuda_tool(name: str) -> str:
+    """``name`` on PATH, else in the CUDA toolkit (CUDA_HOME, /usr/local/cuda, beside nvcc), else the bare name
+    (the step then reports it missing). compute-sanitizer is not always on PATH where nvcc is."""
+    found = shutil.which(name)
+    if found:
+        return found
+    roots = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH"), "/usr/local/cuda"]
+    nvcc = shutil.which("nvcc")
+    if nvcc:
+        roots.append(os.path.dirname(os.path.dirname(os.path.realpath(nvcc))))
+    for root in filter(None, roots):
+        for sub in ("bin", "compute-sanitizer"):
+            path = os.path.join(root, sub, name)
+            if os.path.isfile(path) and os.access(path, os.X_OK):
+                return path
+    return name
+
+
 def steps(work: str, full_benchmarks: bool = False) -> list[Step]:
     py = _python()
     bench_env = {"GRACE_BENCH_RESULTS": os.path.join(work, "bench"), "PYTHONUNBUFFERED": "1"}
@@ -114,7 +132,7 @@ def steps(work: str, full_benchmarks: bool = False) -> list[Step]:
     sanitizer_env = {"PYTORCH_NO_CUDA_MEMORY_CACHING": "1", "PYTHONUNBUFFERED": "1"}
 
     def sanitizer(tool: str) -> list[str]:
-        return ["compute-sanitizer", "--tool", tool, "--error-exitcode", "3", "--print-limit", "20",
+        return [find_cuda_tool("compute-sanitizer"), "--tool", tool, "--error-exitcode", "3", "--print-limit", "20",
                 "--kernel-name", "kns=w4a16", py, "benchmarks/sanitize_w4a16.py"]
 
     return [

@@ -82,3 +82,15 @@ def test_bad_arguments():
         ga.main(["--steps", "env,nonsense", "--dry-run"])
     with pytest.raises(SystemExit):
         ga.main(["--budget", "0", "--dry-run"])
+
+
+def test_cuda_tools_are_found_in_the_toolkit_when_not_on_path(tmp_path, monkeypatch):
+    tool = tmp_path / "cuda" / "bin" / "compute-sanitizer"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert ga.find_cuda_tool("compute-sanitizer") == str(tool)
+    monkeypatch.delenv("CUDA_HOME")
+    assert ga.find_cuda_tool("no-such-tool") == "no-such-tool"

@@ -15,6 +15,7 @@ COMMAND_MODULES = [
     "grace.cli_train",
     "grace.cli_model",
     "grace.demo",
+    "grace.plan",
 ]
 
 

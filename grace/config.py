@@ -7,11 +7,16 @@ import dataclasses
 import json
 import os
 
-# The authors' released code (ForeverBlue816/GRACE, Qwen3-VL 8B -> 2B) departs from Table 6 here.
+# The authors' released code (ForeverBlue816/GRACE: qwen-vl-finetune/scripts/finetune_qwen3vl_2b_grace.slurm,
+# Qwen3-VL 8B -> 2B) departs from Table 6 here: IB controller (IB_TAU, IB_ETA, IB_BETA_*), RCKA_WEIGHT,
+# DKD_WARMUP_STEPS=0 and RCKA_WARMUP_STEPS=400, QAT_SCALE_LR, LEARNING_RATE 1e-5 and one epoch, a per-device
+# batch of 2 with 16 accumulation steps, MODEL_MAX_LENGTH 8192, gradient checkpointing, MSE scale init.
 PRESETS = {
     "paper": {},
     "released": {"tau": 3.0, "eta": 0.003, "beta_init": 0.5, "beta_min": 0.1, "beta_max": 1.0, "omega": 3.0,
-                 "kd_warmup_steps": 400, "scale_lr": 2e-4, "scale_weight_decay": 0.0, "init_method": "mse"},
+                 "gdkd_warmup_steps": 0, "rcka_warmup_steps": 400, "scale_lr": 2e-4, "scale_weight_decay": 0.0,
+                 "init_method": "mse", "lr": 1e-5, "epochs": 1, "batch_size": 2, "grad_accum": 16,
+                 "max_length": 8192, "gradient_checkpointing": True},
 }
 
 
@@ -48,7 +53,8 @@ class TrainConfig:
     nckd_weight: float = 4.0
     gate_temperature: float = 1.0
     omega: float = 1.0
-    kd_warmup_steps: int = 0           # distillation terms ramp linearly from 0 over these steps
+    gdkd_warmup_steps: int = 0         # each distillation term ramps as min(1, step / warmup) (objective.warmup_scale)
+    rcka_warmup_steps: int = 0
     # controller
     tau: float = 0.35
     eta: float = 0.0015
@@ -90,6 +96,9 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "epochs"):
             if getattr(self, name) < 1:
                 problems.append(f"{name} must be >= 1")
+        for name in ("gdkd_warmup_steps", "rcka_warmup_steps"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0")
         if self.max_steps is not None and self.max_steps < 1:
             problems.append("max_steps must be >= 1")
         if not (self.beta_min <= self.beta_init <= self.beta_max):

@@ -42,7 +42,7 @@ from grace.config import TrainConfig
 from grace.controller import AdaptiveIBController
 from grace.data import ConversationDataset, collate, load_records
 from grace.families import check_pair, family_of
-from grace.objective import student_objective, teacher_outputs
+from grace.objective import student_objective, teacher_outputs, warmup_scale
 from grace.quantize import quantize_model
 
 
@@ -219,7 +219,6 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     bar = tqdm(range(start, total), initial=start, total=total, desc="GRACE", disable=not (progress and main))
     for step in bar:
         t0 = time.perf_counter()
-        kd_scale = min(1.0, (step + 1) / cfg.kd_warmup_steps) if cfg.kd_warmup_steps else 1.0
         sums = {"loss": 0.0, "ce": 0.0, "gdkd": 0.0, "rcka": 0.0, "gate": 0.0}
         tokens = 0
         for micro in range(cfg.grad_accum):
@@ -232,7 +231,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
             with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16 and dev.type == "cuda"):
                 t_out = teacher_outputs(teacher, family, batch, kd=cfg.kd, rcka=cfg.rcka)
                 parts = objective(family, batch, t_out, beta=controller.beta, omega=cfg.omega, kd=cfg.kd,
-                                  rcka=cfg.rcka, kd_scale=kd_scale, temperature=cfg.temperature,
+                                  rcka=cfg.rcka, gdkd_scale=warmup_scale(step, cfg.gdkd_warmup_steps),
+                                  rcka_scale=warmup_scale(step, cfg.rcka_warmup_steps), temperature=cfg.temperature,
                                   tckd_weight=cfg.tckd_weight, nckd_weight=cfg.nckd_weight, gate=cfg.gate,
                                   gate_temperature=cfg.gate_temperature, kd_type=cfg.kd_type)
             (parts.total / cfg.grad_accum).backward()

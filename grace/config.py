@@ -15,11 +15,16 @@ from grace_kernels.int4 import GROUP_SIZES
 # The LSQ scale initialisations grace_kernels.lsq_init_log_scale offers.
 INIT_METHODS = ("percentile", "mse")
 
-# The authors' released code (ForeverBlue816/GRACE, Qwen3-VL 8B -> 2B) departs from Table 6 here.
+# The authors' released code (ForeverBlue816/GRACE: qwen-vl-finetune/scripts/finetune_qwen3vl_2b_grace.slurm,
+# Qwen3-VL 8B -> 2B) departs from Table 6 here: IB controller (IB_TAU, IB_ETA, IB_BETA_*), RCKA_WEIGHT,
+# DKD_WARMUP_STEPS=0 and RCKA_WARMUP_STEPS=400, QAT_SCALE_LR, LEARNING_RATE 1e-5 and one epoch, a per-device
+# batch of 2 with 16 accumulation steps, MODEL_MAX_LENGTH 8192, gradient checkpointing, MSE scale init.
 PRESETS = {
     "paper": {},
     "released": {"tau": 3.0, "eta": 0.003, "beta_init": 0.5, "beta_min": 0.1, "beta_max": 1.0, "omega": 3.0,
-                 "kd_warmup_steps": 400, "scale_lr": 2e-4, "scale_weight_decay": 0.0, "init_method": "mse"},
+                 "gdkd_warmup_steps": 0, "rcka_warmup_steps": 400, "scale_lr": 2e-4, "scale_weight_decay": 0.0,
+                 "init_method": "mse", "lr": 1e-5, "epochs": 1, "batch_size": 2, "grad_accum": 16,
+                 "max_length": 8192, "gradient_checkpointing": True},
 }
 
 
@@ -60,7 +65,8 @@ class TrainConfig:
     nckd_weight: float = 4.0
     gate_temperature: float = 1.0
     omega: float = 1.0
-    kd_warmup_steps: int = 0           # distillation terms ramp linearly from 0 over these steps
+    gdkd_warmup_steps: int = 0         # each distillation term ramps as min(1, step / warmup) (objective.warmup_scale)
+    rcka_warmup_steps: int = 0
     # controller
     tau: float = 0.35
     eta: float = 0.0015
@@ -94,7 +100,8 @@ class TrainConfig:
         Ranges: lr, scale_lr, max_grad_norm, temperature, gate_temperature finite and > 0; weight decays,
         loss weights (tckd_weight, nckd_weight, omega), tau, eta finite and >= 0; 0 <= beta_min <=
         beta_init <= beta_max, finite; ema_decay and warmup_ratio in [0, 1); batch_size, grad_accum,
-        epochs, max_length, max_steps integers >= 1; save_every, kd_warmup_steps, seed integers >= 0.
+        epochs, max_length, max_steps integers >= 1; save_every, gdkd_warmup_steps, rcka_warmup_steps, seed,
+        num_workers integers >= 0.
         With ``check_paths``: the teacher's (when used) and student's config.json exist and parse, the data
         file exists, and output_dir is not under a regular file.
 
@@ -118,8 +125,8 @@ class TrainConfig:
         if self.resume and self.overwrite:
             problems.append("resume and overwrite exclude each other: continue the run or replace it")
         for name, low in (("batch_size", 1), ("grad_accum", 1), ("epochs", 1), ("max_length", 1),
-                          ("max_steps", 1), ("save_every", 0), ("kd_warmup_steps", 0), ("seed", 0),
-                          ("num_workers", 0)):
+                          ("max_steps", 1), ("save_every", 0), ("gdkd_warmup_steps", 0), ("rcka_warmup_steps", 0),
+                          ("seed", 0), ("num_workers", 0)):
             value = getattr(self, name)
             if name == "max_steps" and value is None:
                 continue

@@ -66,7 +66,7 @@ from grace.data import ConversationDataset, SampleStream, build_loader
 from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError
 from grace.families import check_pair, family_of
-from grace.objective import student_objective, teacher_outputs
+from grace.objective import student_objective, teacher_outputs, warmup_scale
 from grace.quantize import quantize_model
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final", "controller.png")
@@ -423,7 +423,6 @@ def train_step(run: Run) -> dict:
     """
     cfg, step = run.cfg, run.step
     t0 = time.perf_counter()
-    kd_scale = min(1.0, (step + 1) / cfg.kd_warmup_steps) if cfg.kd_warmup_steps else 1.0
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
     tokens = 0
     for micro in range(cfg.grad_accum):
@@ -435,7 +434,8 @@ def train_step(run: Run) -> dict:
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and run.device.type == "cuda"):
             t_out = teacher_outputs(run.teacher, run.family, batch, kd=cfg.kd, rcka=cfg.rcka)
             parts = run.objective(run.family, batch, t_out, beta=run.controller.beta, omega=cfg.omega, kd=cfg.kd,
-                                  rcka=cfg.rcka, kd_scale=kd_scale, temperature=cfg.temperature,
+                                  rcka=cfg.rcka, gdkd_scale=warmup_scale(step, cfg.gdkd_warmup_steps),
+                                  rcka_scale=warmup_scale(step, cfg.rcka_warmup_steps), temperature=cfg.temperature,
                                   tckd_weight=cfg.tckd_weight, nckd_weight=cfg.nckd_weight, gate=cfg.gate,
                                   gate_temperature=cfg.gate_temperature, kd_type=cfg.kd_type)
         (parts.total / cfg.grad_accum).backward()

@@ -279,8 +279,8 @@ BAD_VALUES = [("lr", -1e-3), ("lr", 0.0), ("lr", math.inf), ("scale_lr", 0.0), (
               ("scale_weight_decay", -0.1), ("tau", math.nan), ("tau", -0.1), ("eta", -1e-3), ("beta_min", -0.1),
               ("beta_max", 0.5), ("beta_init", math.nan), ("ema_decay", 1.0), ("ema_decay", -0.1),
               ("warmup_ratio", 1.0), ("batch_size", 0), ("grad_accum", 2.5), ("epochs", 0), ("max_steps", 0),
-              ("max_length", 0), ("save_every", -1), ("kd_warmup_steps", -1), ("seed", -1), ("init_method", "max"),
-              ("preset", "nope")]
+              ("max_length", 0), ("save_every", -1), ("gdkd_warmup_steps", -1), ("rcka_warmup_steps", -1),
+              ("seed", -1), ("init_method", "max"), ("preset", "nope"), ("num_workers", -1)]
 
 
 @pytest.mark.parametrize(("name", "value"), BAD_VALUES)

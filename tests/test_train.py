@@ -15,7 +15,7 @@ from PIL import Image
 from grace import TrainConfig, train
 from grace.data import ConversationDataset, SkipSample, load_records
 from grace.families import family_of
-from grace.objective import grace_objective
+from grace.objective import student_objective, teacher_outputs
 from grace.quantize import quantize_model
 from grace.tiny import build_processor, build_tiny_vlm
 
@@ -154,8 +154,9 @@ def models_and_batch(setup):
 
 def _parts(models_and_batch, **kw):
     student, teacher, family, batch = models_and_batch
-    args = dict(beta=0.7, omega=1.5, kd=True, rcka=True)
-    return grace_objective(student, teacher, family, batch, **{**args, **kw})
+    args = {**dict(beta=0.7, omega=1.5, kd=True, rcka=True), **kw}
+    t_out = teacher_outputs(teacher, family, batch, kd=args["kd"], rcka=args["rcka"])
+    return student_objective(student, family, batch, t_out, **args)
 
 
 def test_objective_gradients_reach_student_not_teacher(models_and_batch):

@@ -32,6 +32,13 @@ def device() -> str:
 
 
 @pytest.fixture
+def cuda_ext():
+    """Skips the test unless grace_kernels._C is built (the one place that says so)."""
+    if grace_kernels._ext.C is None:
+        pytest.skip(f"grace_kernels._C is not built: {grace_kernels._ext.error}")
+
+
+@pytest.fixture
 def reference_backend():
     """Run the test on the PyTorch references (for model-level tests, where the interpreter is too slow)."""
     with grace_kernels.use_backend("reference"):

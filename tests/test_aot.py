@@ -11,7 +11,7 @@ import sys
 
 import pytest
 
-from grace_kernels import _ext, aot
+from grace_kernels import aot
 
 
 def test_resource_parser_reads_cuobjdump_lines():
@@ -54,7 +54,7 @@ def test_kernels_do_not_import_the_compile_check():
     assert aot.KernelSpec is __import__("grace_kernels.kernel_spec").kernel_spec.KernelSpec
 
 
-@pytest.mark.skipif(_ext.C is None, reason="grace_kernels._C is not built")
+@pytest.mark.usefixtures("cuda_ext")
 def test_extension_kernels_are_reported_per_arch_without_spills():
     rows = aot.extension_usage()
     print("\n".join(f"{u.kernel} sm_{u.arch}: {u.registers} regs, {u.shared_bytes} B smem, {u.local_bytes} B local"

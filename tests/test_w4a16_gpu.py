@@ -6,19 +6,11 @@ import pytest
 import torch
 
 import grace_kernels as gk
-from grace_kernels import _ext
 from grace_kernels.dense_crossover import DENSE_ENV
 from grace_kernels.nn import W4A16Linear
 from grace_kernels.testing import assert_close_to_gold, make_weight
 
 pytestmark = pytest.mark.gpu
-
-
-@pytest.fixture
-def cuda_ext():
-    """Skips the test unless grace_kernels._C is built (the one place that says so)."""
-    if _ext.C is None:
-        pytest.skip(f"grace_kernels._C is not built: {_ext.error}")
 
 
 GPU_SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008), (1536, 1536), (8960, 1536), (1536, 8960), (256, 1536)]

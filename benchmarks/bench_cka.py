@@ -48,7 +48,7 @@ def test_rcka_fwd_bwd(b, n, ragged, ds, dt, backend, report):
     if backend == "gram-only":
         pad = torch.zeros(b, int(lens.max()), ds, device=dev, dtype=xs.dtype)
         pad_t = torch.zeros(b, int(lens.max()), dt, device=dev, dtype=xs.dtype)
-        fn = lambda: (torch.bmm(pad, pad.transpose(1, 2)), torch.bmm(pad_t, pad_t.transpose(1, 2)))  # noqa: E731
+        fn = lambda: (torch.bmm(pad, pad.transpose(1, 2)), torch.bmm(pad_t, pad_t.transpose(1, 2)))
     else:
         from grace_kernels.reference.cka import rcka_loss_ref
 

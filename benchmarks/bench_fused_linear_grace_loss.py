@@ -101,10 +101,10 @@ def test_gpu_memory_and_time(n, v, h, variant):
     if variant == "liger-jsd":
         liger = pytest.importorskip("liger_kernel.transformers", reason="liger-kernel is not installed")
         loss_mod = liger.LigerFusedLinearJSDLoss()
-        call = lambda: loss_mod(xs, ws, xt, wt, tgt)  # noqa: E731
+        call = lambda: loss_mod(xs, ws, xt, wt, tgt)
     else:
         fn = gk.fused_linear_grace_loss if variant == "fused" else fused_linear_grace_loss_ref
-        call = lambda: fn(xs, ws, xt, wt, tgt)[0]  # noqa: E731
+        call = lambda: fn(xs, ws, xt, wt, tgt)[0]
 
     def step():
         xs.grad = ws.grad = None

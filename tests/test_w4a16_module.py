@@ -71,7 +71,7 @@ def test_kernel_linear_holds_only_the_kernel_layout():
     assert names == {"kernel_packed", "kernel_scales", "weight_shape"}
     assert torch.equal(kernel.kernel_packed, w.kernel_packed) and torch.equal(kernel.kernel_scales, w.kernel_scales)
     # Converted once: the same number of bytes as the canonical buffers, no second copy.
-    nbytes = lambda m: sum(b.numel() * b.element_size() for b in m.buffers())  # noqa: E731
+    nbytes = lambda m: sum(b.numel() * b.element_size() for b in m.buffers())
     assert nbytes(kernel) == nbytes(canonical)
     assert kernel.to_kernel_layout() is kernel
     assert torch.equal(kernel.bias, canonical.bias) and kernel.bias.data_ptr() != canonical.bias.data_ptr()

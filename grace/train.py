@@ -210,14 +210,14 @@ def _set_dtypes(student, run: Run) -> None:
 def _load_sharded_student(run: Run):
     """Under torchrun: every rank builds the student on the meta device, quantizes and shards it, and only
     then allocates its own shards (float32) and the replicated vision tower; rank 0 alone loads the checkpoint
-    (in its stored dtype, LSQ scales initialised from those weights) and broadcasts it tensor by tensor, each
-    rank keeping its slice. Non-persistent buffers (rotary frequencies), which no state dict carries, are
+    (in its stored dtype, on its device, LSQ scales initialised from those weights) and broadcasts it tensor by
+    tensor, each rank keeping its slice. Non-persistent buffers (rotary frequencies), which no state dict carries, are
     broadcast from rank 0's loaded model too."""
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     full_state, buffers = {}, {}
     if run.main:
-        full = _load_model(run.cfg.student, "auto", torch.device("cpu"))
+        full = _load_model(run.cfg.student, "auto", run.device)   # on the GPU the scale init is fast
         _prepare_student(full, run, verbose=False)
         full_state, buffers = full.state_dict(), dict(full.named_buffers())
         del full
@@ -436,16 +436,17 @@ def build_data(run: Run) -> None:
 def build_student(run: Run) -> None:
     """The student, ready to train: vision tower frozen (``frozen_dtype``), the backbone's linear layers swapped
     for QuantLinear with LSQ log-scales initialised from the checkpoint's weights in their stored dtype,
-    trainable parameters float32, gradient checkpointing when asked for,
-    and sharded under torchrun (see :func:`_shard_student`).
+    trainable parameters float32, gradient checkpointing when asked for, and sharded under torchrun (see
+    :func:`_shard_student`).
 
-    Peak host memory for the weights, per rank, for N parameters stored in b bytes each (b = 2 for the bf16
-    checkpoints real models ship): single process, N * b for the loaded copy plus the float32 copy it is cast
-    into parameter by parameter, so about 4N + b * (largest tensor); under torchrun with P ranks, rank 0 holds
-    the loaded copy (N * b) plus its float32 shard (4N / P) and one broadcast tensor, every other rank only its
-    float32 shard, one broadcast tensor and the replicated vision tower. No rank ever holds the whole student in
-    float32. The checkpoint is read with the RNG state saved and restored, so every rank's RNG stays the same
-    whether it loaded the weights or not."""
+    Peak memory for the weights per rank, for N parameters stored in b bytes each (b = 2 for the bf16
+    checkpoints real models ship): single process, the loaded copy (b * N) cast to float32 parameter by
+    parameter, so about 4N + b * (largest tensor); under torchrun with P ranks, rank 0 holds the loaded copy
+    (b * N) plus its float32 shard (4N / P) and one broadcast tensor, every other rank only its float32 shard,
+    one broadcast tensor and the replicated vision tower. No rank holds the whole student in float32. On CUDA
+    the loaded copy lives on the GPU (the LSQ scale initialisation runs there); the host holds it only while
+    transformers reads it. The RNG state is saved and restored around the load, so every rank's RNG stays the
+    same whether it read the weights or not."""
     cfg = run.cfg
     with torch.random.fork_rng(devices=[]):
         if run.world > 1:

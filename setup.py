@@ -7,7 +7,10 @@ Environment switches:
     GRACE_KERNELS_BUILD_EXT=1   build it, and fail loudly if it cannot be built
     GRACE_KERNELS_BUILD_EXT=0   never build it
     (unset / "auto")            build it when possible
-    TORCH_CUDA_ARCH_LIST        defaults to "8.0;9.0" when no GPU is visible (CI, build hosts)
+    TORCH_CUDA_ARCH_LIST        defaults to "8.0;9.0+PTX" when no GPU is visible (CI, build hosts): machine
+                                code for Ampere and Hopper plus compute_90 PTX that the driver compiles for
+                                newer GPUs (Blackwell); with a GPU visible, torch builds for that GPU only
+    MAX_JOBS                    parallel nvcc jobs (torch's ninja build; defaults to the CPU count)
     CUDA_HOME                   honoured when set; otherwise asked of nvcc itself (see _find_cuda_home)
 """
 
@@ -20,6 +23,9 @@ import sys
 from setuptools import setup
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# sm_80 and sm_90 machine code; "+PTX" also embeds compute_90 PTX so that GPUs newer than Hopper run the
+# kernels after a driver JIT instead of failing with "no kernel image" (grace_kernels._ext checks which).
+DEFAULT_ARCH_LIST = "8.0;9.0+PTX"
 
 
 def _log(msg: str) -> None:
@@ -87,7 +93,7 @@ def _extensions():
     if torch.version.cuda is None:
         return skip(f"torch {torch.__version__} is a CPU-only build")
     if not os.environ.get("TORCH_CUDA_ARCH_LIST") and not torch.cuda.is_available():
-        os.environ["TORCH_CUDA_ARCH_LIST"] = "8.0;9.0"
+        os.environ["TORCH_CUDA_ARCH_LIST"] = DEFAULT_ARCH_LIST
     _log(f"building grace_kernels._C with CUDA_HOME={cuda_home}, "
          f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '(visible GPUs)')}")
     ext = CUDAExtension(
@@ -98,7 +104,10 @@ def _extensions():
             "cxx": ["-O3", "-std=c++20"],
             # -Xptxas -v prints registers and spills per kernel into the build log; the AOT check
             # (python -m grace_kernels.aot) reads the same numbers back from the built .so.
-            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Xptxas=-v",
+            # --expt-relaxed-constexpr: the kernels call constexpr helpers of csrc/w4a16/w4a16.h (the plan
+            # shared with the host and the CPU emulator, so they cannot be __device__-only). torch's
+            # CUDAExtension happens to pass it too; stated here so the build does not depend on that.
+            "nvcc": ["-O3", "-std=c++20", "--use_fast_math", "-lineinfo", "-Xptxas=-v", "--expt-relaxed-constexpr",
                      "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                      "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"],
         },

@@ -16,9 +16,12 @@ On a CPU machine only the reference path and torch's dequantize + matmul run, at
 the file exercised; their numbers say nothing about the kernels, and no results file is written.
 """
 
+import functools
+
 import pytest
 import torch
-from harness import Report, device, device_name, hardware_limits, time_ms
+from harness import QUICK, Report, device, device_name, hardware_limits, time_ms
+from peers import int4pack_mm, int4pack_weight
 from shapes import CPU_LINEAR_SHAPES, LINEAR_SHAPES
 
 import grace_kernels as gk
@@ -28,7 +31,7 @@ from grace_kernels.ops.w4a16 import cuda_kernel_unsupported
 from grace_kernels.testing import make_weight
 
 ON_GPU = torch.cuda.is_available()
-MS = [1, 4, 16, 32, 64, 128, 256, 1024, 4096] if ON_GPU else [1, 16]
+MS = ([1, 16, 64, 256, 4096] if QUICK else [1, 4, 16, 32, 64, 128, 256, 1024, 4096]) if ON_GPU else [1, 16]
 SHAPES = LINEAR_SHAPES if ON_GPU else CPU_LINEAR_SHAPES
 DTYPES = [torch.float16, torch.bfloat16] if ON_GPU else [torch.float32]
 OURS = (["cuda", "cuda-dense", "cuda-auto"] if ON_GPU and _ext.C is not None else []) + (
@@ -45,24 +48,13 @@ def report():
 
 
 def _int4pack_fn(weights, x):
-    """torch's tinygemm int4 GEMM on the same codes and scales, or (None, reason) where it does not run.
-
-    Its dequantization is (u - 8) * scale + zero with u the unsigned nibble, so zero = 0 reproduces
-    ours exactly. The packing input (uint8 [N, K / 2], even k in the high nibble) is the one torch's
-    own tests use; the first call is checked against our dequantized weight before it is timed.
-    """
+    """torch's int4 GEMM (benchmarks/peers.py) on the same codes and scales, or (None, reason) where it does not
+    run; the first call is checked against x @ dequant(W) before anything is timed."""
     if not ON_GPU or x.dtype != torch.bfloat16:
         return None, "runs on CUDA with bfloat16 only"
     try:
-        packs = []
-        for w in weights:
-            codes, scales = gk.unpack_int4(w)
-            u = (codes.to(torch.int32) + 8)
-            w_uint8 = (u[:, ::2] << 4 | u[:, 1::2]).to(torch.uint8)
-            packed = torch.ops.aten._convert_weight_to_int4pack(w_uint8, 8)
-            sz = torch.stack([scales.t().to(torch.bfloat16), torch.zeros_like(scales.t(), dtype=torch.bfloat16)], -1)
-            packs.append((packed, sz.contiguous()))
-        y = _int4pack_mm(x, packs[0], weights[0].group_size)
+        packs = [int4pack_weight(w, x.device) for w in weights]
+        y = int4pack_mm(x, packs[0], weights[0].group_size)
         gold = x.float() @ weights[0].dequantize().t()
         err = ((y.float() - gold).norm() / gold.norm()).item()
         if not err < 1e-2:
@@ -72,29 +64,41 @@ def _int4pack_fn(weights, x):
     return packs, None
 
 
+@functools.cache
+def _weights(n, k, dtype):
+    """COPIES of one RTN-quantized weight (canonical, kernel layout, dense in dtype), built once per shape and
+    dtype and shared by every M: the copies only need distinct addresses to rotate through L2."""
+    dev = device()
+    scale_dtype = dtype if dtype != torch.float32 else torch.float16
+    w = gk.quantize_rtn(make_weight(n, k, device=dev), scale_dtype=scale_dtype)
+    weights = [gk.Int4Weight(w.packed.clone(), w.scales.clone(), w.shape, w.group_size) for _ in range(COPIES)]
+    repacked = [gk.repack_for_kernel(c) for c in weights] if not cuda_kernel_unsupported(n, k, w.group_size, dtype) \
+        and ON_GPU else None
+    dense = [c.dequantize().to(dtype) for c in weights]
+    return weights, repacked, dense
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("m", MS)
 @pytest.mark.parametrize("name,n,k", SHAPES)
 def test_w4a16(name, n, k, m, dtype, report):
     dev = device()
-    scale_dtype = dtype if dtype != torch.float32 else torch.float16
-    weights = [gk.quantize_rtn(make_weight(n, k, seed=i), scale_dtype=scale_dtype).to(dev) for i in range(COPIES)]
+    weights, repacked, dense = _weights(n, k, dtype)
     x = torch.randn(m, k, device=dev, dtype=dtype)
     it = iter(range(10 ** 9))
     fns = {}
-    dense = [w.dequantize().to(dtype) for w in weights]
     fns[BASELINE] = lambda: x @ dense[next(it) % COPIES].t()
     for backend in OURS:
         if backend.startswith("cuda"):
-            if cuda_kernel_unsupported(n, k, weights[0].group_size, dtype):
+            if repacked is None:
                 continue
-            ws = [gk.repack_for_kernel(w) for w in weights]  # once, at load time, as a model would
+            ws = repacked  # repacked once, at load time, as a model would
         else:
             ws = weights
         fns[backend] = _ours(backend, x, ws, it)
     packs, why = _int4pack_fn(weights, x)
     if packs is not None:
-        fns["aten-int4pack"] = lambda: _int4pack_mm(x, packs[next(it) % COPIES], weights[0].group_size)
+        fns["aten-int4pack"] = lambda: int4pack_mm(x, packs[next(it) % COPIES], weights[0].group_size)
     elif ON_GPU:
         print(f"aten._weight_int4pack_mm skipped for {name} m={m} {dtype}: {why}")
 
@@ -109,11 +113,6 @@ def test_w4a16(name, n, k, m, dtype, report):
                    speedup_vs_cublas=times[BASELINE] / ms,
                    speedup_vs_int4pack=(times["aten-int4pack"] / ms) if "aten-int4pack" in times else None,
                    device=device_name())
-
-
-def _int4pack_mm(x, pack, group_size):
-    packed, scales_and_zeros = pack
-    return torch.ops.aten._weight_int4pack_mm(x, packed, group_size, scales_and_zeros)
 
 
 def _ours(backend, x, weights, it):
@@ -138,9 +137,8 @@ def _ours(backend, x, weights, it):
 def test_w4a16_dequantize(name, n, k, dtype, report):
     """The large-M path's dequantize kernel: bytes moved (int4 weights + scales in, dense weight out) per
     second against the DRAM peak, and against the eager PyTorch dequantization of the same weight."""
-    dev = device()
-    weights = [gk.repack_for_kernel(gk.quantize_rtn(make_weight(n, k, seed=i), scale_dtype=dtype)).to(dev)
-               for i in range(COPIES)]
+    canonical, repacked, _ = _weights(n, k, dtype)
+    weights = repacked or [gk.repack_for_kernel(w) for w in canonical]
     it = iter(range(10 ** 9))
     op = torch.ops.grace_kernels.w4a16_dequantize_repacked
 

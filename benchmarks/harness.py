@@ -20,7 +20,10 @@ import torch
 
 import grace_kernels
 
-RESULTS_DIR = os.path.join(os.path.dirname(__file__), "results")
+# GRACE_BENCH_RESULTS redirects the JSON files (gpu_acceptance.py collects them into one file).
+RESULTS_DIR = os.environ.get("GRACE_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
+# GRACE_BENCH_QUICK=1: the same GPU shapes, fewer points per sweep (what fits gpu_acceptance's budget).
+QUICK = os.environ.get("GRACE_BENCH_QUICK") == "1"
 
 # Peak DRAM bandwidth (GB/s) and dense bf16 tensor-core TFLOP/s from the vendors' data sheets.
 GPU_LIMITS = {
@@ -114,6 +117,8 @@ class Report:
 
     def add(self, **row) -> None:
         self.rows.append(row)
+        if torch.cuda.is_available():  # rewritten after every row: a run stopped midway keeps what it measured
+            self._write()
 
     def finish(self) -> str | None:
         if not self.rows:
@@ -125,12 +130,17 @@ class Report:
             print(" | ".join(_fmt(r.get(k)) for k in keys))
         if not torch.cuda.is_available():
             return None
+        return self._write()
+
+    def _write(self) -> str:
         os.makedirs(RESULTS_DIR, exist_ok=True)
         slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name()).strip("-")
         path = os.path.join(RESULTS_DIR, f"{self.op}-{slug}.json")
-        with open(path, "w") as f:
+        tmp = f"{path}.tmp"
+        with open(tmp, "w") as f:
             json.dump({"op": self.op, "device": device_name(), "env": grace_kernels.describe(),
                        "rows": self.rows}, f, indent=1)
+        os.replace(tmp, path)  # never a half-written file, even when the run is killed
         return path
 
 

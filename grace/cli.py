@@ -26,6 +26,7 @@ COMMAND_MODULES = [
     "grace.cli_train",
     "grace.cli_model",
     "grace.demo",
+    "grace.plan",
 ]
 
 

@@ -10,7 +10,6 @@ def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trained run as an INT4 compressed-tensors (pack-quantized) checkpoint")
     p.add_argument("run_dir", help="a finished `grace train` run (or its final/ directory)")
     p.add_argument("out_dir", help="the model directory to create")
-    p.add_argument("--format", default="pack-quantized", help="checkpoint format (default: pack-quantized)")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="dtype of the tensors kept in full precision (default: as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
@@ -49,7 +48,7 @@ def _load(model_dir: str, device: str):
 def _export(args) -> int:
     from grace.export import export_run
 
-    out = export_run(args.run_dir, args.out_dir, format=args.format, dtype=args.dtype, overwrite=args.overwrite)
+    out = export_run(args.run_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
     print(f"INT4 model written to {out}")
     return 0
 

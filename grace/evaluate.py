@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
-from grace.data import to_messages
+from grace.data import SkipSample, load_image, parse_record, to_messages
 
 _TRAILING_PUNCTUATION = ".,;:!?"
 
@@ -129,43 +129,14 @@ def _generate_batch(model, processor, messages: list[list[dict]], images: list |
     return [a.strip() for a in answers], n_tokens, seconds
 
 
-def _load_image(path: str) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
-
-
 def _prepare(rec, image_folder: str) -> tuple[list[dict], Image.Image | None, str]:
-    """(prompt messages, image or None, reference answer) of a record; raises _Skip with a reason."""
-    convs = rec.get("conversations") if isinstance(rec, dict) else None
-    if not isinstance(convs, list) or not convs:
-        raise _Skip("empty conversation")
-    try:
-        msgs = to_messages(convs)
-    except (ValueError, AttributeError) as e:
-        raise _Skip("malformed conversation") from e
-    k = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
-    if k is None:
-        raise _Skip("no assistant turn")
-    if k == 0:
-        raise _Skip("no user turn before the first assistant turn")
-    has_image_token = any(c["type"] == "image" for m in msgs[:k] for c in m["content"])
-    image = None
-    if rec.get("image"):
-        if not has_image_token:
-            raise _Skip("image without an <image> token")
-        try:
-            image = _load_image(os.path.join(image_folder, rec["image"]))
-        except (OSError, ValueError):
-            raise _Skip("missing or unreadable image") from None
-    elif has_image_token:
-        raise _Skip("<image> token without an image")
-    return msgs[:k], image, convs[k]["value"]
-
-
-class _Skip(Exception):
-    def __init__(self, reason: str):
-        super().__init__(reason)
-        self.reason = reason
+    """(prompt messages, image or None, reference answer) of a record; raises SkipSample with a reason."""
+    msgs, image_name = parse_record(rec)
+    k = next(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+    if image_name and not any(c["type"] == "image" for m in msgs[:k] for c in m["content"]):
+        raise SkipSample("<image> token after the first assistant turn")
+    image = load_image(os.path.join(image_folder, image_name)) if image_name else None
+    return msgs[:k], image, rec["conversations"][k]["value"]
 
 
 def evaluate(model, processor, records: list[dict], image_folder: str, *, max_new_tokens: int = 8,
@@ -201,7 +172,7 @@ def evaluate(model, processor, records: list[dict], image_folder: str, *, max_ne
     for i, rec in enumerate(records):
         try:
             items.append((i, *_prepare(rec, image_folder)))
-        except _Skip as s:
+        except SkipSample as s:
             skipped[s.reason] += 1
     if not items:
         reasons = ", ".join(f"{reason}: {n}" for reason, n in skipped.most_common())
@@ -273,8 +244,8 @@ def generate(model, processor, image_path: str | None, prompt: str, max_new_toke
     image = None
     if image_path is not None:
         try:
-            image = _load_image(image_path)
-        except (OSError, ValueError) as e:
+            image = load_image(image_path)
+        except SkipSample as e:
             raise ValueError(f"cannot read image {image_path}: {e}") from None
     text = prompt.replace("<image>", "").strip()
     msgs = to_messages([{"from": "human", "value": f"<image>\n{text}" if image is not None else text}])

@@ -58,7 +58,6 @@ from grace_kernels.nn import QuantLinear, W4A16Linear
 
 logger = logging.getLogger(__name__)
 
-FORMATS = ("pack-quantized",)
 # The compressed-tensors release whose on-disk schema this module writes (and the tests check).
 COMPRESSED_TENSORS_VERSION = "0.20.0"
 # Family-level ignore patterns (llm-compressor's VLM recipes write these): the vision tower, the
@@ -185,15 +184,13 @@ def _adopt_source_layout(model: nn.Module, run_dir: str, final: str) -> None:
                        "transformers' default tensor names", e)
 
 
-def export_run(run_dir: str, out_dir: str, *, format: str = "pack-quantized", dtype: str | None = None,
-               overwrite: bool = False) -> str:
+def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False) -> str:
     """Write the trained student of ``run_dir`` as an INT4 Hugging Face checkpoint in ``out_dir``.
 
     Args:
         run_dir: a finished training run (with ``final/``), or its ``final/`` directory.
         out_dir: the model directory to create: model.safetensors, config.json with the
             compressed-tensors ``quantization_config``, generation config, processor/tokenizer files.
-        format: "pack-quantized" (the only one so far).
         dtype: "bfloat16", "float16" or "float32" for the tensors kept in full precision (vision
             tower, projector, embeddings, norms, LM head, biases); None keeps the float32 master
             weights, so the export is exactly the trained student. The INT4 scales keep the scale
@@ -206,18 +203,16 @@ def export_run(run_dir: str, out_dir: str, *, format: str = "pack-quantized", dt
         student checkpoint the run trained from; ``ignore`` holds patterns (see the module docstring).
 
     Raises:
-        ValueError: no finished run, a run without 4-bit quantization, an unknown format or dtype,
+        ValueError: no finished run, a run without 4-bit quantization, an unknown dtype,
             a non-empty ``out_dir`` without ``overwrite``; a file of final/ missing, truncated or
             malformed (the message names it and what to do).
     """
-    if format not in FORMATS:
-        raise ValueError(f"unsupported export format {format!r}; supported: {', '.join(FORMATS)}")
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
     final = final_dir(run_dir)
     q = read_quantization(final)
     if q["bits"] != 4:
-        raise ValueError(f"the {format} export holds 4-bit weights; this run was trained with bits={q['bits']}")
+        raise ValueError(f"the pack-quantized export holds 4-bit weights; this run was trained with bits={q['bits']}")
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ValueError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")

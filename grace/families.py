@@ -1,14 +1,15 @@
 """Family adapters: where a VLM keeps its language backbone, vision tower, LM head and image tokens.
 
-Everything family-specific in the trainer goes through :func:`family_of`. LLaVA-1.5 and Qwen2-VL are
-tested on tiny models built from their configs; Qwen2.5-VL and Qwen3-VL share Qwen2-VL's layout in
-transformers 5 and are listed on that basis (not yet tested here).
+Everything family-specific in the trainer goes through :func:`family_of`. LLaVA-1.5, Qwen2-VL, Qwen2.5-VL
+and Qwen3-VL (the authors' released family) are each trained, exported, loaded and run on tiny models
+built from their configs (grace.tiny); the three Qwen families share one layout in transformers 5.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+import torch
 from torch import nn
 
 
@@ -38,6 +39,28 @@ class Family:
             if value is not None:
                 return int(value)
         raise ValueError(f"{config.model_type} config names no image token id")
+
+    def image_token_counts(self, config, batch: dict) -> torch.Tensor:
+        """Visual tokens of each image of ``batch``, int64 [num_images], in the order of ``pixel_values``
+        (sample by sample, the order in which the images' tokens appear in ``input_ids``).
+
+        Qwen families: ``image_grid_thw`` [num_images, 3] patches, merged ``spatial_merge_size``^2 to one
+        token. LLaVA-1.5: every image becomes the same number of tokens (576 at 336 px), so the image
+        tokens are split evenly over ``pixel_values`` [num_images, 3, H, W].
+
+        Raises:
+            ValueError: LLaVA image tokens that do not divide evenly among the images.
+        """
+        grid = batch.get("image_grid_thw")
+        if grid is not None:
+            merge = int(config.vision_config.spatial_merge_size)
+            return grid.to(torch.int64).prod(-1) // (merge * merge)
+        pixels = batch.get("pixel_values")
+        images = 0 if pixels is None else int(pixels.shape[0])
+        tokens = int((batch["input_ids"] == self.image_token_id(config)).sum())
+        if images == 0 or tokens % images:
+            raise ValueError(f"{tokens} image tokens cannot be split evenly over {images} images")
+        return torch.full((images,), tokens // images, dtype=torch.int64)
 
     def vocab_size(self, config) -> int:
         return int(getattr(config, "text_config", config).vocab_size)

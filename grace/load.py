@@ -427,9 +427,11 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
         _load_strict(model, tensors, model_dir)
     model = model.to(device).eval()
     if kernel_layout is None:
-        from grace_kernels._backend import cuda_ext_available
+        from grace_kernels._backend import cuda_ext_available, cuda_ext_unsupported
 
-        kernel_layout = torch.device(device).type == "cuda" and cuda_ext_available()
+        device = torch.device(device)
+        # A GPU the extension has no kernel image for runs Triton on the canonical layout.
+        kernel_layout = device.type == "cuda" and cuda_ext_available() and cuda_ext_unsupported(device) is None
     if kernel_layout:
         _use_kernel_layout(model, dtype)
     return model, processor_or_none(model_dir)

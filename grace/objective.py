@@ -1,8 +1,25 @@
-"""GRACE's objective for one batch: L = CE + beta * GDKD + omega * RCKA.
+"""GRACE's objective for one batch: L = CE + beta * s_GDKD(step) * GDKD + omega * s_RCKA(step) * RCKA.
 
 Neither model's full logits are formed: the backbones return hidden states, and
 grace_kernels.fused_linear_grace_loss applies both LM heads chunk by chunk inside the loss.
 RCKA compares the penultimate-layer (hidden_states[-2]) features at the visual-token positions.
+
+Choices, against the paper (Eq. 7-9) and the authors' release (ForeverBlue816/GRACE,
+qwen-vl-finetune/qwenvl/train/grace_modules.py and train_qwen_grace.py):
+
+* RCKA is computed per image: one Gram matrix over each image's visual tokens, then the mean over
+  images of 1 - CKA. The paper defines the relational term on one image's token features; the release
+  splits the visual tokens by ``image_grid_thw`` the same way. A sample holding two images therefore
+  contributes two terms, never one Gram matrix that mixes both images' tokens.
+* Images that carry no relational signal are left out of the mean, as the release does: an image with
+  fewer than :data:`RCKA_MIN_TOKENS` visual tokens, and a degenerate one (all its tokens identical after
+  normalisation, so a centered Gram matrix of zero and CKA undefined). Counting such an image as loss 1
+  with zero gradient would only shrink the other images' gradients. The degenerate test is
+  grace_kernels' (``RCKAOutput.num_degenerate``: a centered-feature trace below its tolerance), the
+  release's is HSIC(K, K) < 1e-8; both catch collapsed images, they may disagree on nearly collapsed ones.
+* The warm-up ramps (:func:`warmup_scale`) are the release's: ``min(1, step / warmup_steps)`` of the
+  optimizer steps completed, separately for GDKD and RCKA. The paper states no ramp (preset "paper":
+  none); the release ramps RCKA only, over 400 steps (preset "released").
 """
 
 from __future__ import annotations
@@ -33,14 +50,58 @@ def _hidden(family: Family, model, batch, need_penultimate: bool):
     return out.last_hidden_state, (out.hidden_states[-2] if need_penultimate else None)
 
 
-def visual_features(feats: torch.Tensor, input_ids: torch.Tensor, image_token_id: int):
-    """Packed visual-token features [total, d] and cu_seqlens [B' + 1] over samples that have images."""
+# The release skips images with fewer visual tokens than this (grace_modules.rcka_loss, min_tokens=4).
+RCKA_MIN_TOKENS = 4
+
+
+def warmup_scale(step: int, warmup_steps: int) -> float:
+    """Weight of a ramped loss term at optimizer step ``step`` (0 for the first step: the number of steps
+    completed before it): ``min(1, step / warmup_steps)``, or 1 when ``warmup_steps`` is 0. So with 400
+    steps the term is off at step 0, 1/400 at step 1, 399/400 at step 399 and whole from step 400.
+
+    Raises:
+        ValueError: a negative ``step`` or ``warmup_steps``.
+    """
+    if step < 0 or warmup_steps < 0:
+        raise ValueError(f"step and warmup_steps must be >= 0, got step={step}, warmup_steps={warmup_steps}")
+    return 1.0 if warmup_steps == 0 else min(1.0, step / warmup_steps)
+
+
+def image_segments(input_ids: torch.Tensor, image_token_id: int, tokens_per_image: torch.Tensor):
+    """Where each image's visual tokens lie among the packed visual tokens.
+
+    ``input_ids`` [B, L]; ``tokens_per_image`` int [num_images], in the order the images' tokens appear
+    (sample by sample, left to right: the order of ``pixel_values`` / ``image_grid_thw``).
+    Returns (mask [B, L] bool of the visual positions, keep [num_images] bool of the images with at least
+    :data:`RCKA_MIN_TOKENS` tokens, cu_seqlens int64 [kept + 1] over the kept images' tokens, gather
+    int64 [sum of kept counts]: the packed rows that belong to kept images, in order).
+
+    Raises:
+        ValueError: the counts do not add up to the number of image tokens in ``input_ids``.
+    """
     mask = input_ids == image_token_id
-    counts = mask.sum(1)
-    keep = counts > 0
-    cu = torch.zeros(int(keep.sum()) + 1, dtype=torch.int64, device=feats.device)
+    counts = tokens_per_image.to(device=input_ids.device, dtype=torch.int64)
+    if int(counts.sum()) != int(mask.sum()):
+        raise ValueError(f"the images hold {int(counts.sum())} visual tokens ({counts.tolist()}) but input_ids "
+                         f"has {int(mask.sum())} image tokens: the batch's images and placeholders disagree")
+    keep = counts >= RCKA_MIN_TOKENS
+    cu = torch.zeros(int(keep.sum()) + 1, dtype=torch.int64, device=input_ids.device)
     cu[1:] = counts[keep].cumsum(0)
-    return feats[mask], cu, counts
+    gather = torch.repeat_interleave(keep, counts).nonzero().squeeze(1)
+    return mask, keep, cu, gather
+
+
+def rcka_per_image(student_feats: torch.Tensor, teacher_feats: torch.Tensor, cu_seqlens: torch.Tensor):
+    """Mean over the non-degenerate images of 1 - CKA (float32 scalar, differentiable w.r.t. the student)
+    and the number of images left out as degenerate. Packed features [total, d_S] / [total, d_T], one
+    segment of ``cu_seqlens`` per image. With no usable image the loss is a zero with no gradient."""
+    out = gk.rcka_loss(student_feats, teacher_feats.to(student_feats.dtype), cu_seqlens=cu_seqlens,
+                       return_stats=True)
+    images, dropped = cu_seqlens.numel() - 1, int(out.num_degenerate)
+    if images == dropped:
+        return torch.zeros((), device=student_feats.device), dropped
+    # A degenerate image enters out.loss as exactly 1 - 0 with zero gradient: take it back out of the mean.
+    return (out.loss * images - dropped) / (images - dropped), dropped
 
 
 @dataclasses.dataclass
@@ -60,11 +121,20 @@ def teacher_outputs(teacher, family: Family, batch: dict, *, kd: bool, rcka: boo
 
 
 def student_objective(student, family: Family, batch: dict, teacher: TeacherOutputs, *, beta: float, omega: float,
-                      kd: bool, rcka: bool, kd_scale: float = 1.0, temperature: float = 2.0,
+                      kd: bool, rcka: bool, gdkd_scale: float = 1.0, rcka_scale: float = 1.0,
+                      temperature: float = 2.0,
                       tckd_weight: float = 1.0, nckd_weight: float = 4.0, gate: bool = True,
                       gate_temperature: float = 1.0, kd_type: str = "dkd") -> LossParts:
-    """The student's forward and the loss. Under FSDP the trainer registers this as a forward method of
-    the sharded student (it reads the LM head's weight directly, outside any submodule's forward)."""
+    """The student's forward and the loss for one micro-batch (module docstring for the terms).
+
+    ``gdkd_scale`` and ``rcka_scale`` are the warm-up weights of the two distillation terms
+    (:func:`warmup_scale`). Under FSDP the trainer registers this as a forward method of the sharded
+    student (it reads the LM head's weight directly, outside any submodule's forward).
+
+    Raises:
+        ValueError: teacher and student hidden states of different sequence shapes; images whose token
+            counts do not match the image tokens of ``input_ids``.
+    """
     labels = batch["labels"]
     hs, hs_pen = _hidden(family, student, batch, rcka)
     ht = teacher.hidden
@@ -73,7 +143,7 @@ def student_objective(student, family: Family, batch: dict, teacher: TeacherOutp
                          f"{tuple(hs.shape[:2])}: they must see the same tokens (one processor)")
     target = labels[:, 1:].reshape(-1)
     head_s = family.lm_head(student)
-    kd_weight = beta * kd_scale if (kd and ht is not None) else 0.0
+    kd_weight = beta * gdkd_scale if (kd and ht is not None) else 0.0
     head_t = teacher.lm_head
     lm = gk.fused_linear_grace_loss(
         hs[:, :-1].reshape(-1, hs.shape[-1]), head_s.weight, target=target, student_bias=head_s.bias,
@@ -85,19 +155,9 @@ def student_objective(student, family: Family, batch: dict, teacher: TeacherOutp
     rcka_value = torch.zeros((), device=hs.device)
     if rcka and teacher.penultimate is not None:
         token_id = family.image_token_id(student.config)
-        vs, cu, counts_s = visual_features(hs_pen, batch["input_ids"], token_id)
-        vt, _, counts_t = visual_features(teacher.penultimate, batch["input_ids"], token_id)
-        if not torch.equal(counts_s, counts_t):
-            raise ValueError(f"visual token counts differ between teacher {counts_t.tolist()} and student "
-                             f"{counts_s.tolist()}")
+        per_image = family.image_token_counts(student.config, batch)
+        mask, _, cu, rows = image_segments(batch["input_ids"], token_id, per_image)
         if cu.numel() > 1:
-            rcka_value = gk.rcka_loss(vs, vt.to(vs.dtype), cu_seqlens=cu)
-            total = total + omega * kd_scale * rcka_value
+            rcka_value, _ = rcka_per_image(hs_pen[mask][rows], teacher.penultimate[mask][rows], cu)
+            total = total + omega * rcka_scale * rcka_value
     return LossParts(total, lm.ce, lm.gdkd, rcka_value.detach(), lm.gate_mean, int(lm.num_valid))
-
-
-def grace_objective(student, teacher, family: Family, batch: dict, *, kd: bool, rcka: bool, **kwargs) -> LossParts:
-    """The loss and its parts (detached) for one micro-batch: the teacher's pass, then the student's.
-    ``kd_scale`` ramps the distillation terms during a warmup (the released code's 400 steps)."""
-    t = teacher_outputs(teacher, family, batch, kd=kd, rcka=rcka)
-    return student_objective(student, family, batch, t, kd=kd, rcka=rcka, **kwargs)

@@ -27,6 +27,10 @@ from transformers import (
     Qwen2VLImageProcessor,
     Qwen2VLProcessor,
     Qwen2VLVideoProcessor,
+    Qwen3VLConfig,
+    Qwen3VLForConditionalGeneration,
+    Qwen3VLProcessor,
+    Qwen3VLVideoProcessor,
 )
 
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:"]
@@ -46,7 +50,9 @@ SIZES = {  # (hidden, intermediate, layers, heads)
 IMAGE_SIZE, PATCH = 28, 14   # LLaVA: 2 x 2 patches, 4 image tokens per image
 QWEN_IMAGE_SIZE = 56          # Qwen2-VL: 4 x 4 patches of 14, merged 2 x 2: 4 image tokens per image
 QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|> <|image_pad|> <|vision_end|> ")
-FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl")
+QWEN3_PATCH = 16              # Qwen3-VL: 4 x 4 patches of 16 (64 px), merged 2 x 2: 4 image tokens per image
+QWEN3_IMAGE_SIZE = 64
+FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
 
 
 def _tokenizer(vocab_words, extra_special: list[str]) -> PreTrainedTokenizerFast:
@@ -61,6 +67,8 @@ def _tokenizer(vocab_words, extra_special: list[str]) -> PreTrainedTokenizerFast
 
 def build_processor(vocab_words=None, family: str = "llava"):
     """A processor for the tiny checkpoints: a word-level tokenizer over ``vocab_words``."""
+    if family == "qwen3_vl":
+        return _qwen3_vl_processor(vocab_words)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         fast = _tokenizer(vocab_words, QWEN_SPECIAL)
         fast.image_token, fast.video_token = "<|image_pad|>", "<|video_pad|>"
@@ -93,6 +101,8 @@ def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student"
     torch.manual_seed(seed)
     if family in ("qwen2_vl", "qwen2_5_vl"):
         model = _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab, v2_5=family == "qwen2_5_vl")
+    elif family == "qwen3_vl":
+        model = _tiny_qwen3_vl(tok, hidden, inter, layers, heads, vocab)
     else:
         model = _tiny_llava(tok, hidden, inter, layers, heads, vocab)
     os.makedirs(out_dir, exist_ok=True)
@@ -135,3 +145,38 @@ def _tiny_llava(tok, hidden, inter, layers, heads, vocab):
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
     return LlavaForConditionalGeneration(config)
+
+
+def _qwen3_vl_processor(vocab_words):
+    """Qwen3-VL's processor over the word-level tokenizer: Qwen2-VL's image processor with 16-pixel patches
+    (Qwen3-VL's), every image resized to 64 x 64 px, so 4 x 4 patches merged into 4 image tokens."""
+    fast = _tokenizer(vocab_words, QWEN_SPECIAL)
+    fast.image_token, fast.video_token = "<|image_pad|>", "<|video_pad|>"
+    pixels = QWEN3_IMAGE_SIZE * QWEN3_IMAGE_SIZE
+    image_processor = Qwen2VLImageProcessor(min_pixels=pixels, max_pixels=pixels, patch_size=QWEN3_PATCH,
+                                            temporal_patch_size=2, merge_size=2)
+    # The video processor is unused (image data only) but the processor class requires one.
+    return Qwen3VLProcessor(image_processor=image_processor, tokenizer=fast, chat_template=QWEN_CHAT_TEMPLATE,
+                            video_processor=Qwen3VLVideoProcessor(patch_size=QWEN3_PATCH))
+
+
+def _tiny_qwen3_vl(tok, hidden, inter, layers, heads, vocab):
+    """Qwen3-VL at toy width: a Qwen3 text model (QK-norm, interleaved M-RoPE) and a 2-block ViT with
+    learned position embeddings on a 4 x 4 grid and one DeepStack merger (block 0 feeds decoder layer 0)."""
+    head_dim = hidden // heads
+    half_head = head_dim // 2
+    section = [half_head - 2 * (half_head * 3 // 8), half_head * 3 // 8, half_head * 3 // 8]
+    text = {"hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": heads, "head_dim": head_dim, "vocab_size": vocab,
+            "max_position_embeddings": 256, "tie_word_embeddings": False,
+            "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": section,
+                                "mrope_interleaved": True},
+            "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id, "pad_token_id": tok.pad_token_id}
+    vision = {"depth": 2, "hidden_size": 64, "intermediate_size": 128, "num_heads": 2, "out_hidden_size": hidden,
+              "patch_size": QWEN3_PATCH, "spatial_merge_size": 2, "temporal_patch_size": 2,
+              "num_position_embeddings": 16, "deepstack_visual_indexes": [0]}
+    ids = tok.convert_tokens_to_ids
+    config = Qwen3VLConfig(text_config=text, vision_config=vision, image_token_id=ids("<|image_pad|>"),
+                           video_token_id=ids("<|video_pad|>"), vision_start_token_id=ids("<|vision_start|>"),
+                           vision_end_token_id=ids("<|vision_end|>"), tie_word_embeddings=False)
+    return Qwen3VLForConditionalGeneration(config)

@@ -62,21 +62,23 @@ from tqdm.auto import tqdm
 
 from grace.config import TrainConfig, read_json
 from grace.controller import AdaptiveIBController
-from grace.data import ConversationDataset, collate, load_records
+from grace.data import ConversationDataset, SampleStream, build_loader
 from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError
 from grace.families import check_pair, family_of
-from grace.objective import student_objective, teacher_outputs
+from grace.objective import student_objective, teacher_outputs, warmup_scale
 from grace.quantize import quantize_model
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final", "controller.png")
 TRAINER_STATE = "trainer_state.pt"   # inside checkpoint/, beside the DCP shards
 TRAINER_STATE_KEYS = ("scheduler", "controller", "data_position", "rng_cpu", "step", "world_size", "config")
 # Options that may differ between a checkpoint and the run resuming it: where files live, which device runs,
-# and how often to save; every other option changes the trajectory, so a difference is refused. batch_size
+# how often to save and how many worker processes encode samples (the stream does not depend on it); every
+# other option changes the trajectory, so a difference is refused. batch_size
 # is compared as batch_size x world size, the global batch, so a run may resume on another number of ranks.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "device", "save_every", "teacher", "student",
-                               "data", "image_folder", "gradient_checkpointing", "batch_size"})
+                               "data", "image_folder", "gradient_checkpointing", "batch_size",
+                               "num_workers"})
 LOSS_KEYS = ("loss", "ce", "gdkd", "rcka", "gate")
 
 
@@ -112,7 +114,8 @@ class Run:
     scheduler: Any = None
     params: list[torch.nn.Parameter] = dataclasses.field(default_factory=list)   # the clipped ones
     controller: AdaptiveIBController | None = None
-    batches: _Batches | None = None
+    batches: SampleStream | None = None
+    data_state: dict | None = None              # the stream position a checkpoint recorded, None: the start
     total_steps: int = 0
     step: int = 0                               # optimizer steps done
     last_checkpoint: int | None = None          # the step checkpoint/ holds, None before the first
@@ -261,26 +264,6 @@ def _save_atomic(obj, path: str) -> None:
     os.replace(tmp, path)
 
 
-class _Batches:
-    """Deterministic micro-batch order: a permutation per epoch seeded by (seed, epoch); the position
-    (epoch, offset) is all a checkpoint needs to continue exactly."""
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int = 0, offset: int = 0):
-        self.n, self.bs, self.seed, self.epoch, self.offset = n, batch_size, seed, epoch, offset
-        self._order = self._perm()
-
-    def _perm(self):
-        return torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 1000003 + self.epoch))
-
-    def next(self) -> list[int]:
-        if self.offset >= self.n:
-            self.epoch, self.offset = self.epoch + 1, 0
-            self._order = self._perm()
-        idx = self._order[self.offset:self.offset + self.bs].tolist()
-        self.offset += self.bs
-        return idx
-
-
 # --- stage 1: the run directory ---
 
 def check_run_dir(cfg: TrainConfig, world: int = 1) -> dict | None:
@@ -421,16 +404,10 @@ def build_data(run: Run) -> None:
 
     cfg = run.cfg
     run.processor = AutoProcessor.from_pretrained(cfg.student)
-    try:
-        records = load_records(cfg.data)
-    except json.JSONDecodeError as e:
-        raise GraceError(f"{cfg.data}: the data file is not valid JSON ({e})") from None
-    run.dataset = ConversationDataset(records, run.processor, cfg.image_folder, cfg.max_length)
-    skipped = run.dataset.skipped
-    if skipped and run.main:
-        print(f"data: kept {len(run.dataset)} samples, skipped {sum(skipped.values())}: {dict(skipped)}")
+    # Records are indexed here and encoded when drawn: bad ones are skipped and counted by the stream.
+    run.dataset = ConversationDataset.from_json(cfg.data, run.processor, cfg.image_folder, cfg.max_length)
     if len(run.dataset) == 0:
-        raise GraceError(f"no usable sample in {cfg.data}: {dict(skipped)}")
+        raise GraceError(f"no record in {cfg.data}")
 
 
 def build_student(run: Run) -> None:
@@ -486,7 +463,6 @@ def build_optimizer(run: Run) -> None:
     run.scheduler = torch.optim.lr_scheduler.LambdaLR(run.optimizer, _schedule(run.total_steps, cfg.warmup_ratio))
     run.controller = AdaptiveIBController(cfg.tau, cfg.eta, cfg.beta_init, cfg.beta_min, cfg.beta_max,
                                           cfg.ema_decay, adaptive=cfg.adaptive_beta)
-    run.batches = _Batches(len(run.dataset), cfg.batch_size * run.world, cfg.seed)
 
 
 # --- stage 3: resume ---
@@ -509,7 +485,7 @@ def resume(run: Run, state: dict | None) -> None:
                    optim_state_dict=shards["optimizer"])
     run.scheduler.load_state_dict(state["scheduler"])
     run.controller.load_state_dict(state["controller"])
-    run.batches = _Batches(len(run.dataset), run.cfg.batch_size * run.world, run.cfg.seed, *state["data_position"])
+    run.data_state = state["data_position"]
     torch.set_rng_state(state["rng_cpu"])
     if run.device.type == "cuda" and state.get("rng_cuda") is not None:
         torch.cuda.set_rng_state(state["rng_cuda"])
@@ -530,13 +506,10 @@ def train_step(run: Run) -> dict:
     """
     cfg, step = run.cfg, run.step
     t0 = time.perf_counter()
-    kd_scale = min(1.0, (step + 1) / cfg.kd_warmup_steps) if cfg.kd_warmup_steps else 1.0
     sums = dict.fromkeys(LOSS_KEYS, 0.0)
     tokens = 0
     for micro in range(cfg.grad_accum):
-        ids = run.batches.next()[run.rank * cfg.batch_size:(run.rank + 1) * cfg.batch_size]
-        batch = {k: v.to(run.device) for k, v in
-                 collate([run.dataset[i] for i in ids], run.processor.tokenizer.pad_token_id).items()}
+        batch = {k: v.to(run.device) for k, v in next(run.batches).items()}
         if "pixel_values" in batch:
             batch["pixel_values"] = batch["pixel_values"].to(run.frozen_dtype)
         if run.world > 1:   # reduce-scatter gradients once per optimizer step, not per micro-batch
@@ -544,7 +517,8 @@ def train_step(run: Run) -> dict:
         with torch.autocast(run.device.type, dtype=run.compute_dtype, enabled=run.compute_dtype != torch.float32):
             t_out = teacher_outputs(run.teacher, run.family, batch, kd=cfg.kd, rcka=cfg.rcka)
             parts = run.objective(run.family, batch, t_out, beta=run.controller.beta, omega=cfg.omega, kd=cfg.kd,
-                                  rcka=cfg.rcka, kd_scale=kd_scale, temperature=cfg.temperature,
+                                  rcka=cfg.rcka, gdkd_scale=warmup_scale(step, cfg.gdkd_warmup_steps),
+                                  rcka_scale=warmup_scale(step, cfg.rcka_warmup_steps), temperature=cfg.temperature,
                                   tckd_weight=cfg.tckd_weight, nckd_weight=cfg.nckd_weight, gate=cfg.gate,
                                   gate_temperature=cfg.gate_temperature, kd_type=cfg.kd_type)
         (parts.total / cfg.grad_accum).backward()
@@ -597,7 +571,7 @@ def save_checkpoint(run: Run) -> None:
         dcp.save({"student": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=run.world == 1)
     if run.main:
         torch.save({"scheduler": run.scheduler.state_dict(), "controller": run.controller.state_dict(),
-                    "data_position": (run.batches.epoch, run.batches.offset), "rng_cpu": torch.get_rng_state(),
+                    "data_position": run.batches.state_dict(), "rng_cpu": torch.get_rng_state(),
                     "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
                     "step": run.step, "world_size": run.world, "config": dataclasses.asdict(run.cfg)},
                    os.path.join(tmp, TRAINER_STATE))
@@ -724,6 +698,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     build_optimizer(run)
     resume(run, state)
     del state
+    run.batches = build_loader(cfg, run.dataset, run.rank, run.world, run.data_state)
     run.student.train()
     bar = tqdm(range(run.step, run.total_steps), initial=run.step, total=run.total_steps, desc="GRACE",
                disable=not (progress and run.main))
@@ -735,8 +710,11 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
                         tok_s=f"{row['tokens_per_s']:.0f}")
         if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total_steps:
             save_checkpoint(run)   # the last step's checkpoint is written once, by save_final
+    run.batches.close()
+    if run.batches.skipped and run.main:
+        print(f"data: skipped {sum(run.batches.skipped.values())} bad records: {dict(run.batches.skipped)}")
     final_dir = save_final(run)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return TrainResult(cfg.output_dir, final_dir, run.total_steps, run.history, dict(run.dataset.skipped))
+    return TrainResult(cfg.output_dir, final_dir, run.total_steps, run.history, dict(run.batches.skipped))

@@ -8,7 +8,8 @@ Three backends exist:
 
 Automatic choice:
 
-* CUDA tensors: ``cuda`` if the op has a CUDA implementation and the extension loaded, else
+* CUDA tensors: ``cuda`` if the op has a CUDA implementation and the extension loaded with a kernel
+  image for the device's architecture (else a warning naming the missing architecture), else
   ``triton``, else ``reference``;
 * CPU tensors: ``triton`` when ``TRITON_INTERPRET=1`` (how CI runs the Triton kernels), else
   ``reference``.
@@ -25,6 +26,7 @@ import functools
 import importlib.util
 import os
 import threading
+import warnings
 from collections.abc import Iterator
 
 import torch
@@ -73,6 +75,19 @@ def cuda_ext_available() -> bool:
     return _ext.C is not None
 
 
+_warned_devices: set[str] = set()
+
+
+def cuda_ext_unsupported(device: torch.device) -> str | None:
+    """Why the loaded extension has no kernel image for this CUDA device, or None (see ``_ext.unsupported_reason``).
+
+    Automatic choice then falls back to Triton and warns once per device with this reason.
+    """
+    from grace_kernels import _ext
+
+    return _ext.unsupported_reason(device)
+
+
 def select_backend(op: str, device: torch.device | str, *, has_cuda_impl: bool = False,
                    cuda_unsupported: str | None = None) -> str:
     """Return the backend that runs ``op`` for tensors on ``device``.
@@ -96,6 +111,8 @@ def select_backend(op: str, device: torch.device | str, *, has_cuda_impl: bool =
             raise RuntimeError(f"backend 'cuda' was forced but {op} {why}")
         if forced == "cuda" and cuda_unsupported is not None:
             raise RuntimeError(f"backend 'cuda' was forced but {op} cannot run these inputs there: {cuda_unsupported}")
+        if forced == "cuda" and (why := cuda_ext_unsupported(device)) is not None:
+            raise RuntimeError(f"backend 'cuda' was forced for {op} but {why}")
         if forced == "triton":
             if not triton_available():
                 raise RuntimeError(f"backend 'triton' was forced for {op} but triton is not installed")
@@ -107,7 +124,12 @@ def select_backend(op: str, device: torch.device | str, *, has_cuda_impl: bool =
         return forced
     if device.type == "cuda":
         if has_cuda_impl and cuda_unsupported is None and cuda_ext_available():
-            return "cuda"
+            why = cuda_ext_unsupported(device)
+            if why is None:
+                return "cuda"
+            if str(device) not in _warned_devices:
+                _warned_devices.add(str(device))
+                warnings.warn(f"{why}: running the Triton kernels instead", RuntimeWarning, stacklevel=2)
         return "triton" if triton_available() else "reference"
     if triton_interpret() and triton_available():
         return "triton"
@@ -126,6 +148,9 @@ def describe() -> dict[str, object]:
         "triton_interpret": triton_interpret(),
         "cuda_extension": _ext.C is not None,
         "cuda_extension_error": _ext.error,
+        "cuda_extension_archs": None if (archs := _ext.embedded_archs()) is None else
+        {"sass": sorted(archs[0]), "ptx": sorted(archs[1])},
+        "cuda_extension_unsupported": _ext.unsupported_reason("cuda") if torch.cuda.is_available() else None,
         "forced_backend": _forced(),
     }
 

@@ -66,3 +66,84 @@ def test_cuda_unsupported_inputs_skip_cuda_or_raise_when_forced(monkeypatch):
         _backend.select_backend("op", "cuda", has_cuda_impl=True, cuda_unsupported=rule)
     with grace_kernels.use_backend("triton"):
         assert _backend.select_backend("op", "cuda", has_cuda_impl=True, cuda_unsupported=rule) == "triton"
+
+
+def _fatbin(entries):
+    """A fat binary as nvcc embeds it: header, then (kind, arch) entries with small payloads."""
+    import struct
+
+    body = b""
+    for kind, arch in entries:
+        payload = b"\0" * 24
+        body += struct.pack("<HHIQ", kind, 0x101, 64, len(payload)) + struct.pack("<4I", 0, 0, 65544, arch)
+        body += b"\0" * (64 - 32) + payload
+    return struct.pack("<IHHQ", 0xBA55ED50, 1, 16, len(body)) + body
+
+
+def test_fatbin_archs_are_read_from_the_binary():
+    from grace_kernels import _ext
+
+    data = b"ELF junk" + _fatbin([(2, 80), (2, 90)]) + b"more" + _fatbin([(2, 80), (1, 90)])
+    assert _ext.parse_fatbin_archs(data) == ({80, 90}, {90})
+    assert _ext.parse_fatbin_archs(b"no fat binary here") == (set(), set())
+
+
+@pytest.mark.parametrize("capability,sass,ptx,runs", [
+    ((8, 0), {80, 90}, set(), True),
+    ((8, 6), {80, 90}, set(), True),      # same major, newer minor: the sm_80 cubin runs
+    ((8, 9), {90}, set(), False),         # no sm_8x cubin and no PTX old enough
+    ((9, 0), {80, 90}, set(), True),
+    ((10, 0), {80, 90}, set(), False),    # Blackwell: "no kernel image" without PTX
+    ((10, 0), {80, 90}, {90}, True),      # compute_90 PTX is JIT-compiled by the driver
+    ((12, 0), {80}, {90}, True),
+    ((7, 5), {80, 90}, {80}, False),      # below the kernels' minimum, whatever is embedded
+])
+def test_kernel_image_rule(capability, sass, ptx, runs):
+    from grace_kernels import _ext
+
+    why = _ext.image_unsupported(capability, frozenset(sass), frozenset(ptx))
+    assert (why is None) == runs
+    if not runs:
+        assert f"sm_{10 * capability[0] + capability[1]}" in why
+
+
+def test_cuda_falls_back_to_triton_without_a_kernel_image(monkeypatch):
+    from grace_kernels import _ext
+
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(_backend, "cuda_ext_available", lambda: True)
+    monkeypatch.setattr(_ext, "C", object())  # a loaded extension whose binary has sm_80/sm_90 code only
+    monkeypatch.setattr(_ext, "embedded_archs", lambda: (frozenset({80, 90}), frozenset()))
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (12, 0))
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    _ext._device_reason.cache_clear()
+    monkeypatch.setattr(_backend, "_warned_devices", set())
+    try:
+        with pytest.warns(RuntimeWarning, match="no kernel image for sm_120"):
+            assert _backend.select_backend("w4a16_matmul", "cuda:0", has_cuda_impl=True) == "triton"
+        with grace_kernels.use_backend("cuda"), pytest.raises(RuntimeError, match="no kernel image for sm_120"):
+            _backend.select_backend("w4a16_matmul", "cuda:0", has_cuda_impl=True)
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index=None: (9, 0))
+        _ext._device_reason.cache_clear()
+        assert _backend.select_backend("w4a16_matmul", "cuda:0", has_cuda_impl=True) == "cuda"
+    finally:
+        _ext._device_reason.cache_clear()
+
+
+def test_capability_check_reads_a_real_nvcc_object(tmp_path):
+    """nvcc's own fat binary (when a CUDA toolkit is here): SASS for sm_80/sm_90 and compute_90 PTX."""
+    import shutil
+    import subprocess
+
+    from grace_kernels import _ext
+
+    if shutil.which("nvcc") is None:
+        pytest.skip("no nvcc on PATH: the synthetic fat binary test covers the parser")
+    src = tmp_path / "k.cu"
+    src.write_text("__global__ void k(float* x) { x[threadIdx.x] += 1.f; }\n")
+    obj = tmp_path / "k.o"
+    subprocess.run(["nvcc", "-c", str(src), "-o", str(obj), "-gencode", "arch=compute_80,code=sm_80",
+                    "-gencode", "arch=compute_90,code=[sm_90,compute_90]"], check=True, capture_output=True,
+                   timeout=300)
+    assert _ext.parse_fatbin_archs(obj.read_bytes()) == ({80, 90}, {90})

@@ -493,8 +493,6 @@ def test_export_rejects_bad_inputs(llava_run, tmp_path):
     run = llava_run
     with pytest.raises(ValueError, match="not a finished training run"):
         export_run(str(tmp_path), str(tmp_path / "out"))
-    with pytest.raises(ValueError, match="supported: pack-quantized"):
-        export_run(run["run"], str(tmp_path / "out"), format="gptq")
     with pytest.raises(ValueError, match="dtype"):
         export_run(run["run"], str(tmp_path / "out"), dtype="int8")
     _make_run(run["base"], tmp_path / "run8", bits=8)

@@ -50,7 +50,12 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
         if DOT_F32:
             # Only under TRITON_INTERPRET=1: its bf16 tl.dot multiplies raw bit patterns. The operands
             # are already rounded to bf16, so upcasting them computes the same products.
-            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+            acc = tl.dot(x.to(tl.float32), tl.trans(w.to(tl.float32)), acc, input_precision="ieee")
+        elif x.dtype == tl.float32:
+            # A float32 tl.dot defaults to TF32 on tensor-core GPUs (10-bit mantissas, about 1e-3 relative
+            # error); float32 callers ask for float32 accuracy, so keep full-precision products (the
+            # interpreter ignores this argument: the GPU test and the AOT IR check cover it).
+            acc = tl.dot(x, tl.trans(w), acc, input_precision="ieee")
         else:
             acc = tl.dot(x, tl.trans(w), acc)
     tl.store(out_ptr + pid_k.to(tl.int64) * M * N + rm[:, None].to(tl.int64) * N + rn[None, :], acc,
@@ -58,6 +63,15 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
 
 
 BLOCK_K = 32
+# float32 (IEEE) dots run on the FMA units with the operand tiles in registers: BLOCK_K 32 over 4 warps
+# spilled (255 registers plus stack frames); BLOCK_K 16 (Triton 3.6's smallest dot K) over 8 warps with one
+# stage fits on sm_80 and sm_90 (python -m grace_kernels.aot). It is the accuracy fallback, not a fast path.
+FP32_LAUNCH = {"BLOCK_K": 16, "num_warps": 8, "num_stages": 1}
+HALF_LAUNCH = {"BLOCK_K": BLOCK_K, "num_warps": 4, "num_stages": 3}
+
+
+def _launch(dtype) -> dict:
+    return FP32_LAUNCH if dtype in (torch.float32, "fp32") else HALF_LAUNCH
 
 
 def _config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int]:
@@ -80,17 +94,19 @@ def w4a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     split = triton.cdiv(k, k_per_split)
     part = torch.empty(split, m, n, device=x2d.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
+    launch = _launch(x2d.dtype)
     _w4a16_kernel[grid](x2d, packed, scales, part, m, n, k, k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
-                        BLOCK_K=min(BLOCK_K, group_size), GROUP=group_size,
-                        DOT_F32=triton_interpret() and x2d.dtype == torch.bfloat16, num_warps=4, num_stages=3)
+                        BLOCK_K=min(launch["BLOCK_K"], group_size), GROUP=group_size,
+                        DOT_F32=triton_interpret() and x2d.dtype == torch.bfloat16, num_warps=launch["num_warps"],
+                        num_stages=launch["num_stages"])
     return part.sum(0) if split > 1 else part[0]
 
 
 AOT_SPECS = [
     KernelSpec(_w4a16_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "out_ptr": "*fp32", "M": "i32",
                                "N": "i32", "K": "i32", "k_per_split": "i32"},
-               {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": BLOCK_K, "GROUP": 128, "DOT_F32": False}, num_warps=4,
-               num_stages=3,
+               {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": _launch(dt)["BLOCK_K"], "GROUP": 128, "DOT_F32": False},
+               num_warps=_launch(dt)["num_warps"], num_stages=_launch(dt)["num_stages"],
                label=f"{dt},m{bm}")
-    for dt in ("fp16", "bf16") for bm in (16, 64)
+    for dt in ("fp16", "bf16", "fp32") for bm in (16, 64)
 ]

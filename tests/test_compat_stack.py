@@ -1,0 +1,218 @@
+"""Compatibility with the GPU image's stack (torch 2.11, Triton 3.6, transformers 5.17), checked on CPU.
+
+The lent GPU machine has no network: the project must install and import against what its image holds.
+The first test that needs it builds a side environment under .compat/site (ignored by git, reused when
+its stamp matches): exactly those three releases, with ``pip install --no-deps --target``, layered before
+this environment on PYTHONPATH (their own small dependencies that this environment lacks are listed
+below; everything else, such as numpy and the CUDA libraries torch links, comes from this environment).
+About 750 MB to download and 2.5 GB on disk; two to four minutes on a fresh CI machine.
+
+In that environment: the package imports and two CPU test files pass (backend choice, the decode
+benchmark's three paths and its decoder against transformers' LlamaForCausalLM), the project installs with pip, the
+minimum versions in pyproject.toml are the ones tested here, and every Triton kernel compiles ahead of
+time for sm_90 with Triton 3.6 (``python -m grace_kernels.aot --arch 90``).
+
+Also here, for the Triton installed in this environment and in the side one: the float32 W4A16 kernel
+is compiled with IEEE float32 products, not TF32 (the interpreter ignores ``input_precision``, so only
+the compiled IR shows it), and on a GPU its result has float32 accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIDE = os.path.join(ROOT, ".compat", "site")
+STACK = {"torch": "2.11", "triton": "3.6", "transformers": "5.17"}
+SIDE_PACKAGES = [
+    "torch==2.11.*", "torchvision==0.26.*",  # torchvision: transformers imports it, and it must match torch
+    "triton==3.6.*", "transformers==5.17.*",
+    # transformers 5.17 wants huggingface-hub 1.x, which needs httpx (newer hubs, in this environment, do not)
+    "huggingface-hub>=1.5,<2", "httpx", "httpcore", "h11", "anyio", "certifi", "idna",
+]
+
+# Compiles the float32 W4A16 kernel for sm_90 with whatever Triton is importable, plus a control kernel
+# whose float32 dot keeps Triton's default precision, and reports what the IR says about TF32.
+IR_CHECK = r"""
+import json, re
+import triton, triton.language as tl
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from grace_kernels.triton import w4a16
+
+@triton.jit
+def _default_precision_kernel(a_ptr, b_ptr, c_ptr):
+    r = tl.arange(0, 16)
+    a = tl.load(a_ptr + r[:, None] * 16 + r[None, :])
+    b = tl.load(b_ptr + r[:, None] * 16 + r[None, :])
+    tl.store(c_ptr + r[:, None] * 16 + r[None, :], tl.dot(a, b))
+
+def compile_(fn, sig, constexprs, num_warps=4, num_stages=3):
+    sig = dict(sig); sig.update({k: "constexpr" for k in constexprs})
+    return triton.compile(ASTSource(fn=fn, signature=sig, constexprs=dict(constexprs)),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": num_warps, "num_stages": num_stages})
+
+def report(c):
+    dots = [line.strip() for line in c.asm["ttir"].splitlines() if "tt.dot" in line]
+    return {"ttir_dots": dots, "ptx_tf32": ".tf32" in c.asm["ptx"],
+            "ptx_mma": sorted(set(re.findall(r"\b(?:wgmma|mma)\.[\w.]+", c.asm["ptx"])))}
+
+out = {"triton": triton.__version__, "fp32": [], "control": None}
+for spec in w4a16.AOT_SPECS:
+    if spec.signature["x_ptr"] == "*fp32":
+        out["fp32"].append({"label": spec.label, **report(compile_(spec.kernel, spec.signature, spec.constexprs,
+                                                                    spec.num_warps, spec.num_stages))})
+out["control"] = report(compile_(_default_precision_kernel, {"a_ptr": "*fp32", "b_ptr": "*fp32", "c_ptr": "*fp32"},
+                                 {}))
+print("IR_JSON " + json.dumps(out))
+"""
+
+
+def _env(side: bool) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join(([SIDE] if side else []) + [ROOT] + (
+        [env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+    return env
+
+
+def _ir_check(side: bool, tmp_path) -> dict:
+    script = tmp_path / "ir_check.py"  # @triton.jit reads its function's source: a file, not python -c
+    script.write_text(IR_CHECK)
+    proc = _run([sys.executable, str(script)], side=side)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return _json_line(proc.stdout, "IR_JSON")
+
+
+def _run(argv: list[str], side: bool, timeout: int = 1200, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env or _env(side))
+
+
+def _json_line(text: str, tag: str) -> dict:
+    line = next(line for line in reversed(text.splitlines()) if line.startswith(tag + " "))
+    return json.loads(line[len(tag) + 1:])
+
+
+def _check_ieee(out: dict) -> None:
+    assert out["fp32"], "no float32 spec of the W4A16 kernel in AOT_SPECS"
+    for kernel in out["fp32"]:
+        assert kernel["ttir_dots"], kernel
+        assert not any("tf32" in dot for dot in kernel["ttir_dots"]), kernel  # ieee is the attribute-free default
+        assert not kernel["ptx_tf32"], kernel
+    # the detector sees TF32 where Triton's default applies: a check that cannot fail would prove nothing
+    assert any("tf32" in dot for dot in out["control"]["ttir_dots"]) and out["control"]["ptx_tf32"], out["control"]
+
+
+@pytest.mark.slow
+def test_fp32_w4a16_kernel_compiles_without_tf32_for_sm90(tmp_path):
+    _check_ieee(_ir_check(False, tmp_path))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("m", [1, 16, 64])
+def test_gpu_fp32_w4a16_has_float32_accuracy(m):
+    """Float32 x on CUDA runs the Triton kernel (the CUDA one takes half precision): IEEE products give
+    about 1e-6 relative error against a float64 product of the same weights; TF32 would give about 1e-3."""
+    import grace_kernels as gk
+    from grace_kernels.testing import make_weight
+
+    w = gk.quantize_rtn(make_weight(4096, 4096, device="cuda"), scale_dtype=torch.float16)
+    x = torch.randn(m, 4096, device="cuda", dtype=torch.float32)
+    y = gk.w4a16_matmul(x, w)
+    gold = x.double() @ w.dequantize().double().t()
+    err = ((y.double() - gold).norm() / gold.norm()).item()
+    assert y.dtype == torch.float32 and err < 1e-5, err
+
+
+# ---------------------------------------------------------------------------------------- the side stack
+
+
+def _stamp() -> str:
+    return json.dumps({"packages": SIDE_PACKAGES, "python": sys.version_info[:2]})
+
+
+@pytest.fixture(scope="module")
+def side_env():
+    """.compat/site with the GPU image's torch, Triton and transformers (built once, reused while the stamp holds)."""
+    stamp = os.path.join(SIDE, ".grace-compat-stamp")
+    if not (os.path.exists(stamp) and open(stamp).read() == _stamp()):
+        shutil.rmtree(SIDE, ignore_errors=True)
+        proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", SIDE,
+                     *SIDE_PACKAGES], side=False, timeout=1800)
+        assert proc.returncode == 0, f"pip could not build the side environment:\n{proc.stdout[-3000:]}" \
+                                     f"{proc.stderr[-3000:]}"
+        with open(stamp, "w") as f:
+            f.write(_stamp())
+    return SIDE
+
+
+_VERSIONS = r"""
+import json, torch, triton, transformers, grace_kernels, grace, grace.cli
+from transformers import LlamaForCausalLM, LlavaForConditionalGeneration, Qwen2VLForConditionalGeneration
+print("VERSIONS " + json.dumps({"torch": torch.__version__, "triton": triton.__version__,
+                                "transformers": transformers.__version__, "torch_file": torch.__file__,
+                                "grace_kernels_file": grace_kernels.__file__}))
+"""
+
+
+@pytest.mark.slow
+def test_side_stack_imports_the_project(side_env):
+    proc = _run([sys.executable, "-c", _VERSIONS], side=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = _json_line(proc.stdout, "VERSIONS")
+    for name, version in STACK.items():
+        assert got[name].startswith(version + "."), (name, got[name])
+    assert got["torch_file"].startswith(side_env) and got["grace_kernels_file"].startswith(ROOT)
+
+
+@pytest.mark.slow
+def test_side_stack_passes_cpu_tests(side_env):
+    """The backend chooser and the decode benchmark's CPU checks (its decoder against transformers 5.17's
+    LlamaForCausalLM and generate, torch 2.11's CPU int4 GEMM) under the image's releases."""
+    proc = _run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider", "tests/test_backend.py",
+                 "tests/test_decode.py"], side=True, env={**_env(True), "TRITON_INTERPRET": "1"})
+    print(proc.stdout[-3000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert re.search(r"\d+ passed", proc.stdout) and "failed" not in proc.stdout.splitlines()[-1]
+
+
+@pytest.mark.slow
+def test_side_stack_installs_the_project_and_minimums_are_the_tested_versions(side_env, tmp_path):
+    target = tmp_path / "installed"
+    proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation", "--no-index",
+                 "--target", str(target), "."], side=True, env={**_env(True), "GRACE_KERNELS_BUILD_EXT": "0"})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    probe = "import grace_kernels, grace, torch; print('INSTALLED', grace_kernels.__file__, torch.__version__)"
+    env = {**_env(True), "PYTHONPATH": os.pathsep.join([str(target), side_env])}
+    run = subprocess.run([sys.executable, "-c", probe], cwd=str(tmp_path), capture_output=True, text=True,
+                         timeout=600, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert str(target) in run.stdout and f" {STACK['torch']}." in run.stdout
+    # pyproject.toml's minimum for each of these is the release tested here, no older untested one
+    tomllib = pytest.importorskip("tomllib", reason="Python 3.11+ reads pyproject.toml with tomllib")
+
+    with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+    for name, version in STACK.items():
+        (spec,) = [d for d in deps if re.match(rf"{name}\b", d)]
+        assert re.search(rf">={re.escape(version)}\b", spec), spec
+
+
+@pytest.mark.slow
+def test_triton_36_compiles_every_kernel_for_sm90_with_ieee_fp32(side_env, tmp_path):
+    out = tmp_path / "aot.json"
+    proc = _run([sys.executable, "-m", "grace_kernels.aot", "--arch", "90", "--json", str(out)], side=True)
+    print(proc.stdout[-5000:])
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    rows = [r for r in json.loads(out.read_text()) if not r["kernel"].startswith("_C:")]
+    assert rows and {r["arch"] for r in rows} == {90} and all(r["error"] is None for r in rows)
+    result = _ir_check(True, tmp_path)
+    assert result["triton"].startswith(STACK["triton"] + ".")
+    _check_ieee(result)

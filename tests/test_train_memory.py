@@ -26,17 +26,32 @@ def reference_kernels(monkeypatch):
     monkeypatch.setenv("GRACE_KERNELS_BACKEND", "reference")
 
 
-@pytest.fixture(scope="module")
-def bf16_setup(tmp_path_factory):
-    """A tiny LLaVA teacher (float32) and a student stored in bfloat16, as real checkpoints are."""
+def _bf16_setup(root, family, tie=False):
+    """A tiny teacher (float32) and a student stored in bfloat16, as real checkpoints are; ``tie``: the
+    student's LM head shares the embedding matrix (as in Qwen2-VL-2B)."""
     from transformers import AutoModelForImageTextToText
 
-    root = tmp_path_factory.mktemp("memory")
-    teacher = build_tiny_vlm(str(root / "teacher"), family="llava", size="teacher", seed=1)
-    student = build_tiny_vlm(str(root / "student"), family="llava", size="student", seed=2)
-    AutoModelForImageTextToText.from_pretrained(student, dtype=torch.bfloat16).save_pretrained(student)
+    teacher = build_tiny_vlm(str(root / "teacher"), family=family, size="teacher", seed=1)
+    student = build_tiny_vlm(str(root / "student"), family=family, size="student", seed=2)
+    model = AutoModelForImageTextToText.from_pretrained(student, dtype=torch.bfloat16)
+    if tie:
+        model.lm_head.weight = model.get_input_embeddings().weight
+        for config in (model.config, getattr(model.config, "text_config", None)):
+            if config is not None:
+                config.tie_word_embeddings = True
+    model.save_pretrained(student)
     data, images = write_dataset(root)
     return {"teacher": teacher, "student": student, "data": data, "images": images}
+
+
+@pytest.fixture(scope="module")
+def bf16_setup(tmp_path_factory):
+    return _bf16_setup(tmp_path_factory.mktemp("memory"), "llava")
+
+
+@pytest.fixture(scope="module")
+def bf16_tied_qwen(tmp_path_factory):
+    return _bf16_setup(tmp_path_factory.mktemp("memory_qwen"), "qwen2_vl", tie=True)
 
 
 def _run(setup, **kw):
@@ -109,11 +124,13 @@ def test_bf16_autocast_trains_on_cpu(bf16_setup, tmp_path):
 
 
 @pytest.mark.slow
-def test_two_ranks_load_shards_mixed_precision_and_checkpointing(bf16_setup, tmp_path):
+@pytest.mark.parametrize("models", ["bf16_setup", "bf16_tied_qwen"])
+def test_two_ranks_load_shards_mixed_precision_and_checkpointing(models, request, tmp_path):
     """torchrun, 2 gloo ranks: rank 1 never reads the checkpoint whole, rank 0 reads it in bf16; each rank
     holds half of the float32 trainable parameters; the sharded student equals the single-process one
     exactly; a bf16-autocast forward and backward on 2 + 2 samples matches the single process on 4; gradient
-    checkpointing gives the same loss and gradients."""
+    checkpointing gives the same loss and gradients. LLaVA, and Qwen2-VL with tied embeddings."""
+    bf16_setup = request.getfixturevalue(models)
     worker = os.path.join(os.path.dirname(__file__), "train_memory_worker.py")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # this checkout's grace, not an install
     env = {**os.environ, "OMP_NUM_THREADS": "1", "GRACE_KERNELS_BACKEND": "reference",
@@ -132,6 +149,7 @@ def test_two_ranks_load_shards_mixed_precision_and_checkpointing(bf16_setup, tmp
         assert r["log_scale_dtypes"] == ["torch.float32"]
         assert r["state_keys_equal"] and r["state_max_abs_diff"] == 0.0 and r["buffers_equal"]
         assert r["grad_keys_equal"] and r["checkpointing_on"] == [False, True]
+        assert r["tied_embeddings"] == [models == "bf16_tied_qwen"] * 2   # sharding keeps a tied LM head tied
         assert r["loss_sharded"] == pytest.approx(r["loss_single"], rel=1e-2)
         assert r["loss_sharded"] != r["loss_fp32"]   # bf16 compute happened
         assert r["grad_rel_sharded_vs_single"] < 5e-2

@@ -107,6 +107,8 @@ def main(teacher_dir, student_dir, data, images, out_dir):
         "grad_rel_sharded_vs_single": rel(grads_d, grads_s),
         "grad_rel_checkpointed_vs_plain": rel(grads_c, grads_d),
         "grad_keys_equal": grads_d.keys() == grads_s.keys() == grads_c.keys(),
+        "tied_embeddings": [r.student.get_output_embeddings().weight is r.student.get_input_embeddings().weight
+                            for r in (sharded, single)],
         "checkpointing_on": [bool(getattr(r.student, "is_gradient_checkpointing", False))
                              for r in (sharded, checkpointed)],
     }

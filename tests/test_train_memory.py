@@ -81,8 +81,7 @@ def test_single_process_loads_stored_dtype_and_initialises_scales_from_it(bf16_s
     assert loaded == [{torch.bfloat16}]   # read as stored: no float32 copy before quantization
     trainable = {n: p for n, p in run.student.named_parameters() if p.requires_grad}
     assert {p.dtype for p in trainable.values()} == {torch.float32}   # master weights
-    # The scales see the checkpoint's own bf16 values: the same as quantizing the bf16 model directly,
-    # and unlike quantizing a copy whose weights were rounded differently.
+    # The scales are initialised from the checkpoint's own values: the same as quantizing the stored model.
     ref = AutoModelForImageTextToText.from_pretrained(bf16_setup["student"], dtype=torch.bfloat16)
     quantize_model(ref, bits=4, group_size=128, verbose=False)
     ref_state = ref.state_dict()

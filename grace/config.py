@@ -9,11 +9,15 @@ import math
 import os
 import sys
 
+import torch
+
 from grace.errors import GraceError
 from grace_kernels.int4 import GROUP_SIZES
 
 # The LSQ scale initialisations grace_kernels.lsq_init_log_scale offers.
 INIT_METHODS = ("percentile", "mse")
+
+MIXED_PRECISION = ("auto", "bf16", "none")
 
 # The authors' released code (ForeverBlue816/GRACE: qwen-vl-finetune/scripts/finetune_qwen3vl_2b_grace.slurm,
 # Qwen3-VL 8B -> 2B) departs from Table 6 here: IB controller (IB_TAU, IB_ETA, IB_BETA_*), RCKA_WEIGHT,
@@ -56,7 +60,8 @@ class TrainConfig:
     # Linux. The samples and their order do not depend on it.
     num_workers: int = min(4, os.cpu_count() or 1) if sys.platform.startswith("linux") else 0
     group_by_length: bool = False      # micro-batches of one modality and similar length (less padding)
-    bf16: bool = True                  # autocast for the student, bf16 teacher weights
+    bf16: bool = True                  # on CUDA: bf16 teacher and vision tower weights, and mixed_precision "auto"
+    mixed_precision: str = "auto"      # autocast of the forward passes: "bf16", "none", "auto" (see compute_dtype)
     gradient_checkpointing: bool = False
     freeze_vision: bool = True         # the paper's setup; False trains the vision tower too (pretraining)
     # objective
@@ -94,6 +99,15 @@ class TrainConfig:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[preset], **overrides, "preset": preset})
 
+    def compute_dtype(self, device_type: str) -> torch.dtype:
+        """The autocast dtype of the forward passes on ``device_type``: bfloat16 for ``mixed_precision`` "bf16";
+        float32 (no autocast) for "none"; for "auto", bfloat16 on CUDA when ``bf16`` is set (the paper trains
+        in bf16) and float32 elsewhere (CPU bf16 matmuls are slower than float32 ones). Master weights,
+        gradients, their reduction across ranks and the optimizer states stay float32 in every case."""
+        if self.mixed_precision == "bf16" or (self.mixed_precision == "auto" and self.bf16 and device_type == "cuda"):
+            return torch.bfloat16
+        return torch.float32
+
     def validate(self, *, check_paths: bool = True) -> None:
         """Check every option before anything is loaded.
 
@@ -101,7 +115,7 @@ class TrainConfig:
         loss weights (tckd_weight, nckd_weight, omega), tau, eta finite and >= 0; 0 <= beta_min <=
         beta_init <= beta_max, finite; ema_decay and warmup_ratio in [0, 1); batch_size, grad_accum,
         epochs, max_length, max_steps integers >= 1; save_every, gdkd_warmup_steps, rcka_warmup_steps, seed,
-        num_workers integers >= 0.
+        num_workers integers >= 0; mixed_precision one of "auto", "bf16", "none".
         With ``check_paths``: the teacher's (when used) and student's config.json exist and parse, the data
         file exists, and output_dir is not under a regular file.
 
@@ -118,6 +132,9 @@ class TrainConfig:
             problems.append(f"kd_type must be 'dkd' or 'kl', got {self.kd_type!r}")
         if self.scale_dtype not in (None, "bfloat16", "float16"):
             problems.append(f"scale_dtype must be bfloat16, float16 or None, got {self.scale_dtype!r}")
+        if self.mixed_precision not in MIXED_PRECISION:
+            problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
+                            f"got {self.mixed_precision!r}")
         if self.init_method not in INIT_METHODS:
             problems.append(f"init_method must be one of {', '.join(INIT_METHODS)}, got {self.init_method!r}")
         if self.preset not in PRESETS:

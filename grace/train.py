@@ -94,7 +94,9 @@ class TrainResult:
 @dataclasses.dataclass
 class Run:
     """What the stages of one training run share. ``frozen_dtype`` is the dtype of the frozen parts (the
-    teacher and the student's vision tower): bfloat16 when ``cfg.bf16`` on CUDA, else float32."""
+    teacher and the student's vision tower): bfloat16 when ``cfg.bf16`` on CUDA, else float32.
+    ``compute_dtype`` is the autocast dtype of the forward passes (see :meth:`TrainConfig.compute_dtype`);
+    the student's trainable parameters, their gradients and the optimizer states are float32 whatever it is."""
 
     cfg: TrainConfig
     device: torch.device
@@ -102,6 +104,7 @@ class Run:
     world: int
     family: Any
     frozen_dtype: torch.dtype
+    compute_dtype: torch.dtype = torch.float32
     processor: Any = None
     dataset: ConversationDataset | None = None
     student: torch.nn.Module | None = None
@@ -149,20 +152,91 @@ def _shard_student(student, family) -> None:
     gradients to reduce, its dtype differs from the backbone's, and transformers' hidden-state capture
     inside it does not survive FSDP's module wrapping). The loss is computed by ``student_objective``
     registered as a forward method of the root, so FSDP gathers the root's parameters (embeddings, LM
-    head) around it and reduces their gradients after its backward."""
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    head) around it and reduces their gradients after its backward.
 
+    Parameters stay float32 in every unit (``MixedPrecisionPolicy`` with ``param_dtype`` left unset,
+    ``reduce_dtype`` float32); bf16 compute comes from autocast in :func:`train_step`. A bf16 ``param_dtype``
+    would round the LSQ log-scales to bf16 in the forward: near |log s| = 4..8 its spacing is 2^-6..2^-5, a
+    1.6-3% step of the scale, while an update at lr 2e-5 moves a log-scale by about 1e-5, so the forward would
+    not see the scales learn for hundreds of steps. FSDP2 casts a whole unit to one ``param_dtype`` and
+    reduce-scatters one gradient dtype per unit, and the log-scales live in the same modules as the weights,
+    so they cannot stay float32 inside a bf16 unit. The cost of float32 params: all-gathers move 4 bytes per
+    parameter instead of 2, and the unsharded unit (one decoder block at a time) is twice as large."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    policy = MixedPrecisionPolicy(reduce_dtype=torch.float32)
     for layer in family.decoder_layers(student):
-        fully_shard(layer)
-    fully_shard(student, ignored_params=set(family.vision_tower(student).parameters()))
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(student, ignored_params=set(family.vision_tower(student).parameters()), mp_policy=policy)
     student.grace_objective = types.MethodType(student_objective, student)
     register_fsdp_forward_method(student, "grace_objective")
 
 
-def _load_model(path: str, dtype: torch.dtype, device: torch.device):
+def _load_model(path: str, dtype: torch.dtype | str, device: torch.device):
+    """The checkpoint at ``path`` in ``dtype`` ("auto": the dtype its weights are stored in) on ``device``."""
     from transformers import AutoModelForImageTextToText
 
     return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+
+
+def _student_skeleton(path: str):
+    """The student's architecture on the meta device, float32: shapes and dtypes, no storage."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    with torch.device("meta"):
+        return AutoModelForImageTextToText.from_config(AutoConfig.from_pretrained(path), dtype=torch.float32)
+
+
+def _prepare_student(student, run: Run, *, verbose: bool) -> None:
+    """Freeze the vision tower, swap the backbone's linear layers for QuantLinear and turn on gradient
+    checkpointing (non-reentrant: the variant FSDP supports) when asked, in place. The LSQ log-scales
+    (float32) are initialised from ``student``'s weights as they are, so from the checkpoint's own values when
+    it is loaded in its stored dtype."""
+    cfg = run.cfg
+    if cfg.freeze_vision:
+        run.family.vision_tower(student).requires_grad_(False)
+    if cfg.bits is not None:
+        quantize_model(student, bits=cfg.bits, group_size=cfg.group_size, method=cfg.init_method,
+                       scale_dtype=getattr(torch, cfg.scale_dtype) if cfg.scale_dtype else None,
+                       verbose=verbose)
+    if cfg.gradient_checkpointing:
+        student.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def _set_dtypes(student, run: Run) -> None:
+    """Trainable parameters float32 (the optimizer's master weights), the frozen vision tower ``frozen_dtype``."""
+    student.to(torch.float32)
+    if run.cfg.freeze_vision:
+        run.family.vision_tower(student).to(run.frozen_dtype)
+
+
+def _load_sharded_student(run: Run):
+    """Under torchrun: every rank builds the student on the meta device, quantizes and shards it, and only
+    then allocates its own shards (float32) and the replicated vision tower; rank 0 alone loads the checkpoint
+    (in its stored dtype, on its device, LSQ scales initialised from those weights) and broadcasts it tensor by
+    tensor, each rank keeping its slice. Non-persistent buffers (rotary frequencies), which no state dict carries, are
+    broadcast from rank 0's loaded model too."""
+    from torch.distributed.checkpoint.state_dict import set_model_state_dict
+
+    full_state, buffers = {}, {}
+    if run.main:
+        full = _load_model(run.cfg.student, "auto", run.device)   # on the GPU the scale init is fast
+        _prepare_student(full, run, verbose=False)
+        full_state, buffers = full.state_dict(), dict(full.named_buffers())
+        del full
+    student = _student_skeleton(run.cfg.student)
+    _prepare_student(student, run, verbose=run.main)
+    _set_dtypes(student, run)
+    _shard_student(student, run.family)
+    student.to_empty(device=run.device)
+    set_model_state_dict(student, full_state, options=StateDictOptions(full_state_dict=True,
+                                                                       broadcast_from_rank0=True))
+    del full_state
+    for name, buf in student.named_buffers():
+        value = buffers[name].to(run.device, buf.dtype) if run.main else torch.empty_like(buf)
+        dist.broadcast(value, src=0)
+        buf.copy_(value)
+    return student
 
 
 def _schedule(total: int, warmup_ratio: float):
@@ -337,27 +411,36 @@ def build_data(run: Run) -> None:
 
 
 def build_student(run: Run) -> None:
-    """Load the student in float32, freeze (and cast to ``frozen_dtype``) its vision tower, swap the
-    backbone's linear layers for QuantLinear, enable gradient checkpointing, and shard it under torchrun."""
+    """The student, ready to train: vision tower frozen (``frozen_dtype``), the backbone's linear layers swapped
+    for QuantLinear with LSQ log-scales initialised from the checkpoint's weights in their stored dtype,
+    trainable parameters float32, gradient checkpointing when asked for, and sharded under torchrun (see
+    :func:`_shard_student`).
+
+    Peak memory for the weights per rank, for N parameters stored in b bytes each (b = 2 for the bf16
+    checkpoints real models ship): single process, the loaded copy (b * N) cast to float32 parameter by
+    parameter, so about 4N + b * (largest tensor); under torchrun with P ranks, rank 0 holds the loaded copy
+    (b * N) plus its float32 shard (4N / P) and one broadcast tensor, every other rank only its float32 shard,
+    one broadcast tensor and the replicated vision tower. No rank holds the whole student in float32. On CUDA
+    the loaded copy lives on the GPU (the LSQ scale initialisation runs there); the host holds it only while
+    transformers reads it. The RNG state is saved and restored around the load, so every rank's RNG stays the
+    same whether it read the weights or not."""
     cfg = run.cfg
-    student = _load_model(cfg.student, torch.float32, run.device)
-    if cfg.freeze_vision:
-        run.family.vision_tower(student).requires_grad_(False).to(run.frozen_dtype)
-    if cfg.bits is not None:
-        quantize_model(student, bits=cfg.bits, group_size=cfg.group_size, method=cfg.init_method,
-                       scale_dtype=getattr(torch, cfg.scale_dtype) if cfg.scale_dtype else None)
-    if cfg.gradient_checkpointing:
-        student.gradient_checkpointing_enable()
-    if run.world > 1:
-        _shard_student(student, run.family)
-        run.objective = student.grace_objective
-    else:
-        run.objective = types.MethodType(student_objective, student)
+    with torch.random.fork_rng(devices=[]):
+        if run.world > 1:
+            student = _load_sharded_student(run)
+            run.objective = student.grace_objective
+        else:
+            student = _load_model(cfg.student, "auto", run.device)
+            _prepare_student(student, run, verbose=True)
+            _set_dtypes(student, run)
+            run.objective = types.MethodType(student_objective, student)
     run.student = student
 
 
 def build_teacher(run: Run) -> None:
-    """The frozen teacher in ``frozen_dtype``, replicated on every rank; None when neither KD nor RCKA."""
+    """The frozen teacher in ``frozen_dtype`` (bf16 on CUDA with ``cfg.bf16``; float32 on CPU, where bf16
+    matmuls are slow), loaded directly in that dtype and replicated on every rank; None when neither KD nor
+    RCKA."""
     if run.cfg.kd or run.cfg.rcka:
         run.teacher = _load_model(run.cfg.teacher, run.frozen_dtype, run.device).eval().requires_grad_(False)
 
@@ -431,7 +514,7 @@ def train_step(run: Run) -> dict:
             batch["pixel_values"] = batch["pixel_values"].to(run.frozen_dtype)
         if run.world > 1:   # reduce-scatter gradients once per optimizer step, not per micro-batch
             run.student.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=cfg.bf16 and run.device.type == "cuda"):
+        with torch.autocast(run.device.type, dtype=run.compute_dtype, enabled=run.compute_dtype != torch.float32):
             t_out = teacher_outputs(run.teacher, run.family, batch, kd=cfg.kd, rcka=cfg.rcka)
             parts = run.objective(run.family, batch, t_out, beta=run.controller.beta, omega=cfg.omega, kd=cfg.kd,
                                   rcka=cfg.rcka, gdkd_scale=warmup_scale(step, cfg.gdkd_warmup_steps),
@@ -601,7 +684,8 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         torch.cuda.set_device(dev)   # NCCL's object collectives use the current device
     rank, world = _init_distributed(dev.type)
     run = Run(cfg, dev, rank, world, family,
-              frozen_dtype=torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32)
+              frozen_dtype=torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32,
+              compute_dtype=cfg.compute_dtype(dev.type))
     state = check_run_dir(cfg, world)
     _barrier(run)   # every rank has looked at the directory before rank 0 changes it
     if run.main:

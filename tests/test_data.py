@@ -221,7 +221,7 @@ def test_stream_rejects_bad_arguments_and_unusable_data(image_data, tmp_path):
         next(SampleStream(only_bad, batch_size=1, seed=0))
     with pytest.raises(ValueError, match="max_length"):
         ConversationDataset([], build_processor(WORDS), "", 0)
-    with pytest.raises(ValueError, match="num_workers must be >= 0"):
+    with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):
         TrainConfig(num_workers=-1).validate(check_paths=False)
 
 

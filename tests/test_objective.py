@@ -60,7 +60,7 @@ def test_released_preset_ramps_rcka_only():
     assert [warmup_scale(s, cfg.rcka_warmup_steps) for s in (0, 1, 399, 400)] == [0.0, 1 / 400, 399 / 400, 1.0]
     paper = TrainConfig.from_preset("paper")
     assert (paper.gdkd_warmup_steps, paper.rcka_warmup_steps) == (0, 0)
-    with pytest.raises(ValueError, match="rcka_warmup_steps must be >= 0"):
+    with pytest.raises(ValueError, match="rcka_warmup_steps must be an integer >= 0"):
         TrainConfig.from_preset("paper", rcka_warmup_steps=-1).validate(check_paths=False)
 
 

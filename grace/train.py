@@ -130,7 +130,8 @@ class _Batches:
         return idx
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
+def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE") -> TrainResult:
+    """Run ``cfg`` to its last step (see the module docstring); ``desc`` labels the progress bar."""
     cfg.validate()
     from transformers import AutoConfig, AutoProcessor
 
@@ -216,7 +217,7 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
 
     student.train()
     history = _read_metrics(metrics_path) if main else []
-    bar = tqdm(range(start, total), initial=start, total=total, desc="GRACE", disable=not (progress and main))
+    bar = tqdm(range(start, total), initial=start, total=total, desc=desc, disable=not (progress and main))
     for step in bar:
         t0 = time.perf_counter()
         kd_scale = min(1.0, (step + 1) / cfg.kd_warmup_steps) if cfg.kd_warmup_steps else 1.0
@@ -261,9 +262,12 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
         if main:
             with open(metrics_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
-        bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", gdkd=f"{sums['gdkd']:.3f}",
-                        rcka=f"{sums['rcka']:.3f}", beta=f"{controller.beta:.3f}", gate=f"{sums['gate']:.2f}",
-                        tok_s=f"{tokens / dt:.0f}")
+        if use_teacher:
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", ce=f"{sums['ce']:.3f}", gdkd=f"{sums['gdkd']:.3f}",
+                            rcka=f"{sums['rcka']:.3f}", beta=f"{controller.beta:.3f}", gate=f"{sums['gate']:.2f}",
+                            tok_s=f"{tokens / dt:.0f}")
+        else:   # no teacher: beta, gate and the distillation terms do not take part, showing them would mislead
+            bar.set_postfix(loss=f"{sums['loss']:.3f}", tok_s=f"{tokens / dt:.0f}")
         if cfg.save_every and (step + 1) % cfg.save_every == 0 and step + 1 < total:
             checkpoint(step + 1)   # the last step's checkpoint is written once, below
     final_state = checkpoint(total)

@@ -71,7 +71,7 @@ QUICK = DemoSettings(n_train=48, n_qat_train=48, n_eval_per_type=3, teacher_step
 
 # Seconds per unit of work on an idle 2-core x86 machine (2 threads), for the time-left estimate only:
 # one optimizer step of each kind, one evaluated question. Measured stages rescale them as the demo runs.
-_COST = {"task": 0.003, "teacher": 0.15, "student": 0.045, "int4": 0.15, "eval": 0.004, "load": 6.0}
+_COST = {"task": 0.003, "teacher": 0.22, "student": 0.045, "int4": 0.15, "eval": 0.004, "load": 6.0}
 
 
 def _log(msg: str) -> None:
@@ -344,13 +344,17 @@ def _run(out: str, s: DemoSettings, progress: bool) -> dict:
 
 # Two-sided 95% quantiles of Student's t by degrees of freedom; the normal 1.96 beyond the table.
 _T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042}
+        15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
 
 
 def _t95(df: int) -> float:
+    """The 97.5% quantile of Student's t with ``df`` degrees of freedom; between tabulated values the one of
+    the next smaller df (a slightly wider interval, never a narrower one); NaN for df < 1."""
     if df < 1:
         return math.nan
-    return _T95.get(df) or next((v for d, v in sorted(_T95.items()) if d >= df), 1.96)
+    if df > max(_T95):
+        return 1.96
+    return _T95[max(d for d in _T95 if d <= df)]
 
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:

@@ -82,6 +82,7 @@ def test_second_run_reuses_every_trained_stage(first_run, monkeypatch, capsys):
 
 def test_interval_and_conclusion_follow_the_numbers():
     assert _t95(2) == pytest.approx(4.303) and _t95(1000) == pytest.approx(1.96)
+    assert _t95(12) == _t95(10) > _t95(15)   # between tabulated values: the wider interval
     c = _interval([0.10, 0.12, 0.14])
     half = 4.303 * 0.02 / 3 ** 0.5
     assert c["mean"] == pytest.approx(0.12) and c["lo"] == pytest.approx(0.12 - half) and c["n"] == 3

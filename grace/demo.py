@@ -440,8 +440,8 @@ def _conclusion(rows: list[dict], comparisons: dict, ctl: dict, quick: bool) -> 
             f"{p * by['student']['average']:.1f}% for the FP32 student ({p * vs_fp['mean']:+.1f} points, "
             f"[{p * vs_fp['lo']:+.1f}, {p * vs_fp['hi']:+.1f}] over {vs_fp['n']} questions: {_verdict(vs_fp)}).")
     if vs_qat["lo"] <= 0:
-        text += (f" GRACE did not beat QAT only here: its controller moved beta from {ctl['beta_first']:.2f} to "
-                 f"{ctl['beta_last']:.2f} (EMA of GDKD {ctl['ema_gdkd_last']:.3f} against tau {ctl['tau']}), the gate "
+        text += (f" GRACE did not beat QAT only here: its controller moved beta from {ctl['beta_first']:.3f} to "
+                 f"{ctl['beta_last']:.3f} (EMA of GDKD {ctl['ema_gdkd_last']:.3f} against tau {ctl['tau']}), the gate "
                  f"kept {ctl['gate_mean']:.2f} of the tokens' distillation weight on average, and at the last step "
                  f"RCKA was {ctl['rcka_last']:.3f} next to CE {ctl['ce_last']:.3f} and GDKD {ctl['gdkd_last']:.3f} "
                  f"(controller.png).")

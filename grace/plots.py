@@ -20,6 +20,7 @@ def plot_controller(history: list[dict], path: str) -> str:
     ax1.plot(steps, [r["beta"] for r in history], label="beta (IB weight)", color="tab:blue")
     ax1.set_xlabel("optimizer step")
     ax1.set_ylabel("beta", color="tab:blue")
+    ax1.ticklabel_format(axis="y", useOffset=False)   # "1.0005", not "+1" above the axis and "0.0005" on it
     ax1b = ax1.twinx()
     ax1b.plot(steps, [r["ema_gdkd"] for r in history], label="EMA of GDKD", color="tab:orange")
     if history:

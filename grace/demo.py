@@ -51,7 +51,7 @@ class DemoSettings:
     n_train: int = 4000
     n_qat_train: int = 1000
     n_eval_per_type: int = 200
-    teacher_steps: int = 600
+    teacher_steps: int = 1000
     student_steps: int = 600
     qat_steps: int = 100
     batch_size: int = 32

@@ -51,7 +51,7 @@ class DemoSettings:
     n_train: int = 4000
     n_qat_train: int = 1000
     n_eval_per_type: int = 200
-    teacher_steps: int = 1000
+    teacher_steps: int = 800
     student_steps: int = 600
     qat_steps: int = 100
     batch_size: int = 32
@@ -71,7 +71,7 @@ QUICK = DemoSettings(n_train=48, n_qat_train=48, n_eval_per_type=3, teacher_step
 
 # Seconds per unit of work on an idle 2-core x86 machine (2 threads), for the time-left estimate only:
 # one optimizer step of each kind, one evaluated question. Measured stages rescale them as the demo runs.
-_COST = {"task": 0.003, "teacher": 0.22, "student": 0.045, "int4": 0.15, "eval": 0.004, "load": 6.0}
+_COST = {"task": 0.003, "teacher": 0.25, "student": 0.045, "int4": 0.15, "eval": 0.004, "load": 6.0}
 
 
 def _log(msg: str) -> None:

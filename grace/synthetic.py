@@ -19,14 +19,16 @@ objects to each other, and so that a larger model learns it faster than a smalle
                                                        colors drawn independently          yellow
   shape       what is the shape of the <color> object  three shapes of three colors        circle, square,
               ?                                                                            triangle
-  count       how many <color> objects are there ?     1 to 4 shapes of that color among   one, two, three,
-                                                       1 to 3 of other colors              four
+  count       how many <shape> objects are there ?     1 to 4 shapes of that kind among    one, two, three,
+                                                       1 to 3 of other kinds, colors       four
+                                                       drawn independently
   position    where is the <color> object ?            two shapes of two colors in the     left, right, top,
                                                        same row or column, any distance    bottom
   ==========  =======================================  ==================================  ======================
 
   color and shape need an attribute of a named object (the other objects are distractors); position
-  needs two objects' places relative to each other; count needs every cell and the named color.
+  needs two objects' places relative to each other; count needs every cell and the named kind
+  (a shape's kind is the hard attribute for a tiny model: color is one mean over a patch, kind is not).
 * Every word of every question and answer is in ``grace.tiny.DEFAULT_WORDS`` (``VOCAB`` lists them),
   lower case and separated by spaces, so the tiny word-level tokenizer never sees an unknown word.
 
@@ -61,13 +63,13 @@ QUESTION_TYPES = ("color", "shape", "count", "position")
 QUESTIONS = {
     "color": "what is the color of the {shape} ?",
     "shape": "what is the shape of the {color} object ?",
-    "count": "how many {color} objects are there ?",
+    "count": "how many {shape} objects are there ?",
     "position": "where is the {color} object ?",
 }
 GRID = 3                     # cells per side; cells are numbered row-major, 0 top left .. 8 bottom right
 IMAGE_SIZE = GRID * PATCH    # one cell per vision patch: 9 image tokens for the tiny LLaVA
 MIN_IMAGE_SIZE = 24          # 8 px cells: the smallest shape (two thirds of a cell) still keeps a border
-_FORMAT = 2   # bump when the drawing or the question set changes, so cached directories are regenerated
+_FORMAT = 3   # bump when the drawing or the question set changes, so cached directories are regenerated
 
 
 def _vocab() -> tuple[str, ...]:
@@ -147,7 +149,8 @@ def make_sample(rng: np.random.Generator, question_type: str,
 
     color: three shapes, one of each kind, colors drawn independently; asks the color of a named kind.
     shape: three shapes of three different colors, kinds drawn independently; asks the kind of a named color.
-    count: one to four shapes of one color among one to three of other colors; asks how many of that color.
+    count: one to four shapes of one kind among one to three of other kinds (any colors); asks how many of that
+    kind.
     position: two shapes of two colors sharing a row or a column; asks where one lies relative to the other.
     """
     if question_type == "color":
@@ -162,11 +165,11 @@ def make_sample(rng: np.random.Generator, question_type: str,
         return shapes, QUESTIONS["shape"].format(color=target.color), target.shape
     if question_type == "count":
         n = int(rng.integers(1, len(COUNT_WORDS) + 1))
-        color = str(rng.choice(list(COLORS)))
-        others = [str(c) for c in rng.choice([c for c in COLORS if c != color], size=int(rng.integers(1, 4)))]
-        colors = [str(c) for c in rng.permutation([color] * n + others)]
-        shapes = [_place(rng, image_size, c, color=k) for c, k in zip(_cells(rng, len(colors)), colors, strict=True)]
-        return shapes, QUESTIONS["count"].format(color=color), COUNT_WORDS[n - 1]
+        kind = str(rng.choice(SHAPES))
+        others = [str(k) for k in rng.choice([k for k in SHAPES if k != kind], size=int(rng.integers(1, 4)))]
+        kinds = [str(k) for k in rng.permutation([kind] * n + others)]
+        shapes = [_place(rng, image_size, c, shape=k) for c, k in zip(_cells(rng, len(kinds)), kinds, strict=True)]
+        return shapes, QUESTIONS["count"].format(shape=kind), COUNT_WORDS[n - 1]
     if question_type == "position":
         pair = _LINE_PAIRS[int(rng.integers(len(_LINE_PAIRS)))]
         colors = [str(c) for c in rng.choice(list(COLORS), size=2, replace=False)]

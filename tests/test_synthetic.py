@@ -108,9 +108,9 @@ def _answer_from_pixels(img: np.ndarray, rec: dict) -> str:
     comps = _components(img)
     qtype = rec["question_type"]
     words = rec["conversations"][0]["value"].split()
-    if qtype == "count":   # "<image>\nhow many <color> objects are there ?": other colors present too
-        assert 2 <= len(comps) <= 7 and len({c["color"] for c in comps}) >= 2
-        return ("one", "two", "three", "four")[sum(c["color"] == words[3] for c in comps) - 1]
+    if qtype == "count":   # "<image>\nhow many <shape> objects are there ?": other kinds present too
+        assert 2 <= len(comps) <= 7 and len({_shape_of(c) for c in comps}) >= 2
+        return ("one", "two", "three", "four")[sum(_shape_of(c) == words[3] for c in comps) - 1]
     if qtype == "color":   # "<image>\nwhat is the color of the <shape> ?": one shape of each kind
         assert len(comps) == 3 and sorted(_shape_of(c) for c in comps) == ["circle", "square", "triangle"]
         (target,) = [c for c in comps if _shape_of(c) == words[7]]

@@ -1,8 +1,8 @@
 """``grace demo``: the whole GRACE method, end to end, on a synthetic task small enough for a laptop CPU.
 
 1. Writes a synthetic visual question-answering task (``grace.synthetic``: colored shapes in a 3 x 3
-   grid; the color of a named shape, the shape of a named color, how many objects, where one object
-   lies relative to another) in the LLaVA conversation format.
+   grid; the color of a named shape, the shape of a named color, how many objects of a named kind, where
+   one object lies relative to another) in the LLaVA conversation format.
 2. Trains, from scratch and in full precision, a tiny LLaVA-1.5 teacher and a smaller student
    (``grace.tiny.SIZES["demo-teacher"]`` and ``["demo-student"]``) on it, their random vision towers
    frozen. Both are trained once and cached: a second run reuses them.

@@ -1,40 +1,40 @@
 """A small synthetic visual question-answering task, drawn with numpy and written in the LLaVA
 conversation format, so the demo and the tests exercise the real data path with no download.
 
-The task, kept small enough for a tiny VLM to learn from a few thousand samples on a CPU:
+The task is built so that a tiny VLM must read the image, bind attributes to objects and relate
+objects to each other, and so that a larger model learns it faster than a smaller one:
 
-* Images are ``image_size`` x ``image_size`` RGB on a white background, divided into a 2 x 2 grid of
-  cells (with the default 28 px and the tiny LLaVA's 14 px patches, one cell is one image token).
-  A cell holds at most one flat-colored shape: a circle, square or triangle (apex up) in red, green,
-  blue or yellow, of random size (two thirds of the cell up to the cell less a 1 px white border on
-  each side, so shapes in different cells never touch) at a random offset in its cell. Pixels
-  are exactly white or exactly one palette color: no anti-aliasing, PNG is lossless.
+* Images are ``image_size`` x ``image_size`` RGB (default 42 px) on a white background, divided into a
+  3 x 3 grid of cells (with the tiny LLaVA's 14 px patches, one cell is one of 9 image tokens). A cell
+  holds at most one flat-colored shape: a circle, square or triangle (apex up) in red, green, blue or
+  yellow, of random size (two thirds of the cell up to the cell less a 1 px white border on each side,
+  so shapes in different cells never touch) at a random offset in its cell. Pixels are exactly white
+  or exactly one palette color: no anti-aliasing, PNG is lossless.
 * One question per image, the four types in turn (sample i has type ``QUESTION_TYPES[i % 4]``):
 
-  ==========  ====================================  ==========================  ================================
-  type        question                              image                       answers
-  ==========  ====================================  ==========================  ================================
-  color       what is the color of the object ?     one shape                   red, green, blue, yellow
-  shape       what is the shape of the object ?     one shape                   circle, square, triangle
-  count       how many are there ?                  1 to 4 shapes               one, two, three, four
-  position    where is the <color> object ?         two shapes of two colors    left, right, top, bottom
-              in the same row or the same column
-  ==========  ====================================  ==========================  ================================
+  ==========  =======================================  ==================================  ======================
+  type        question                                 image                               answers
+  ==========  =======================================  ==================================  ======================
+  color       what is the color of the <shape> ?       three shapes, one of each kind,     red, green, blue,
+                                                       colors drawn independently          yellow
+  shape       what is the shape of the <color> object  three shapes of three colors        circle, square,
+              ?                                                                            triangle
+  count       how many <shape> objects are there ?     1 to 4 shapes of that kind among    one, two, three,
+                                                       1 to 3 of other kinds, colors       four
+                                                       drawn independently
+  position    where is the <color> object ?            two shapes of two colors in the     left, right, top,
+                                                       same row or column, any distance    bottom
+  ==========  =======================================  ==================================  ======================
 
-  For position the two shapes share a row (the answer is left or right) or a column (top or bottom),
-  so one word names the place of the asked-for shape relative to the other.
+  color and shape need an attribute of a named object (the other objects are distractors); position
+  needs two objects' places relative to each other; count needs every cell and the named kind
+  (a shape's kind is the hard attribute for a tiny model: color is one mean over a patch, kind is not).
 * Every word of every question and answer is in ``grace.tiny.DEFAULT_WORDS`` (``VOCAB`` lists them),
   lower case and separated by spaces, so the tiny word-level tokenizer never sees an unknown word.
 
 Splits are drawn from independent random streams of one seed, so the eval split does not depend on
-n_train. The layout space is small (672 single-shape layouts at 28 px), so an eval image can repeat
-a training layout: the eval split is held out in the sense of separately drawn samples, not of
-unseen layouts.
-
-Learnability, measured on a 2-core CPU: the tiny LLaVA student of :mod:`grace.tiny` trained from
-scratch with plain cross-entropy (vision tower frozen, AdamW lr 1e-3 one-cycle, 2000 steps of 32
-samples from 3000, about 80 s) scored color 1.00, count 1.00, shape 1.00, position 0.72 on 200 eval
-samples; with lr 2e-3 and the vision tower trained, shape stayed near chance after 2000 steps.
+n_train. An eval image can repeat a training layout by chance: the eval split is held out in the sense
+of separately drawn samples.
 
 Files written by :func:`write_task`::
 
@@ -54,22 +54,22 @@ import os
 import numpy as np
 from PIL import Image
 
-from grace.tiny import IMAGE_SIZE
+from grace.tiny import PATCH
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
 COUNT_WORDS = ("one", "two", "three", "four")
 QUESTION_TYPES = ("color", "shape", "count", "position")
 QUESTIONS = {
-    "color": "what is the color of the object ?",
-    "shape": "what is the shape of the object ?",
-    "count": "how many are there ?",
+    "color": "what is the color of the {shape} ?",
+    "shape": "what is the shape of the {color} object ?",
+    "count": "how many {shape} objects are there ?",
     "position": "where is the {color} object ?",
 }
-# Cells in row-major order: 0 top left, 1 top right, 2 bottom left, 3 bottom right.
-_ROW_PAIRS, _COLUMN_PAIRS = ((0, 1), (2, 3)), ((0, 2), (1, 3))
-MIN_IMAGE_SIZE = 16
-_FORMAT = 1   # bump when the drawing or the question set changes, so cached directories are regenerated
+GRID = 3                     # cells per side; cells are numbered row-major, 0 top left .. 8 bottom right
+IMAGE_SIZE = GRID * PATCH    # one cell per vision patch: 9 image tokens for the tiny LLaVA
+MIN_IMAGE_SIZE = 24          # 8 px cells: the smallest shape (two thirds of a cell) still keeps a border
+_FORMAT = 3   # bump when the drawing or the question set changes, so cached directories are regenerated
 
 
 def _vocab() -> tuple[str, ...]:
@@ -83,8 +83,8 @@ VOCAB = _vocab()
 
 @dataclasses.dataclass(frozen=True)
 class PlacedShape:
-    """One shape: its kind, color, grid cell (0..3, row-major), side of its bounding box in pixels and
-    the offset of that box from the cell's top-left corner."""
+    """One shape: its kind, color, grid cell (0..8, row-major in the 3 x 3 grid), side of its bounding box
+    in pixels and the offset of that box from the cell's top-left corner."""
     shape: str
     color: str
     cell: int
@@ -94,7 +94,7 @@ class PlacedShape:
 
 
 def _cell_side(image_size: int) -> int:
-    return image_size // 2   # an odd image size leaves its last row and column white
+    return image_size // GRID   # an image size that GRID does not divide leaves its last rows and columns white
 
 
 def shape_mask(shape: str, size: int) -> np.ndarray:
@@ -116,15 +116,18 @@ def render(shapes: list[PlacedShape], image_size: int = IMAGE_SIZE) -> np.ndarra
     cell = _cell_side(image_size)
     img = np.full((image_size, image_size, 3), 255, dtype=np.uint8)
     for s in shapes:
+        if not 0 <= s.cell < GRID * GRID:
+            raise ValueError(f"{s} has no cell {s.cell} in a {GRID} x {GRID} grid")
         if not (1 <= s.dy and s.dy + s.size <= cell - 1 and 1 <= s.dx and s.dx + s.size <= cell - 1):
             raise ValueError(f"{s} does not fit a {cell} px cell with a 1 px border")
-        top, left = (s.cell // 2) * cell + s.dy, (s.cell % 2) * cell + s.dx
+        top, left = (s.cell // GRID) * cell + s.dy, (s.cell % GRID) * cell + s.dx
         region = img[top:top + s.size, left:left + s.size]
         region[shape_mask(s.shape, s.size)] = COLORS[s.color]
     return img
 
 
-def _place(rng: np.random.Generator, image_size: int, cell_index: int, color: str | None = None) -> PlacedShape:
+def _place(rng: np.random.Generator, image_size: int, cell_index: int, color: str | None = None,
+           shape: str | None = None) -> PlacedShape:
     cell = _cell_side(image_size)
     # From two thirds of the cell up to the cell less its border: varied, yet large enough that a one-patch
     # shape keeps its form (smaller shapes made circle / square / triangle hard for the tiny vision tower).
@@ -132,23 +135,43 @@ def _place(rng: np.random.Generator, image_size: int, cell_index: int, color: st
     free = cell - size                                         # >= 2: one white pixel each side at least
     dy, dx = (int(v) for v in rng.integers(1, free, size=2))   # offsets in [1, free - 1]
     color = color or str(rng.choice(list(COLORS)))
-    return PlacedShape(str(rng.choice(SHAPES)), color, cell_index, size, dy, dx)
+    shape = shape or str(rng.choice(SHAPES))
+    return PlacedShape(shape, color, cell_index, size, dy, dx)
+
+
+def _cells(rng: np.random.Generator, n: int) -> list[int]:
+    return sorted(int(c) for c in rng.choice(GRID * GRID, size=n, replace=False))
 
 
 def make_sample(rng: np.random.Generator, question_type: str,
                 image_size: int = IMAGE_SIZE) -> tuple[list[PlacedShape], str, str]:
-    """Draw one (shapes, question, answer) of ``question_type``; the answer follows from the shapes."""
-    if question_type in ("color", "shape"):
-        shape = _place(rng, image_size, int(rng.integers(4)))
-        answer = shape.color if question_type == "color" else shape.shape
-        return [shape], QUESTIONS[question_type], answer
+    """Draw one (shapes, question, answer) of ``question_type``; the answer follows from the shapes.
+
+    color: three shapes, one of each kind, colors drawn independently; asks the color of a named kind.
+    shape: three shapes of three different colors, kinds drawn independently; asks the kind of a named color.
+    count: one to four shapes of one kind among one to three of other kinds (any colors); asks how many of that
+    kind.
+    position: two shapes of two colors sharing a row or a column; asks where one lies relative to the other.
+    """
+    if question_type == "color":
+        kinds = [str(k) for k in rng.permutation(SHAPES)]
+        shapes = [_place(rng, image_size, c, shape=k) for c, k in zip(_cells(rng, 3), kinds, strict=True)]
+        target = shapes[int(rng.integers(3))]
+        return shapes, QUESTIONS["color"].format(shape=target.shape), target.color
+    if question_type == "shape":
+        colors = [str(c) for c in rng.choice(list(COLORS), size=3, replace=False)]
+        shapes = [_place(rng, image_size, c, color=k) for c, k in zip(_cells(rng, 3), colors, strict=True)]
+        target = shapes[int(rng.integers(3))]
+        return shapes, QUESTIONS["shape"].format(color=target.color), target.shape
     if question_type == "count":
-        n = int(rng.integers(1, 5))
-        cells = sorted(int(c) for c in rng.choice(4, size=n, replace=False))
-        return [_place(rng, image_size, c) for c in cells], QUESTIONS["count"], COUNT_WORDS[n - 1]
+        n = int(rng.integers(1, len(COUNT_WORDS) + 1))
+        kind = str(rng.choice(SHAPES))
+        others = [str(k) for k in rng.choice([k for k in SHAPES if k != kind], size=int(rng.integers(1, 4)))]
+        kinds = [str(k) for k in rng.permutation([kind] * n + others)]
+        shapes = [_place(rng, image_size, c, shape=k) for c, k in zip(_cells(rng, len(kinds)), kinds, strict=True)]
+        return shapes, QUESTIONS["count"].format(shape=kind), COUNT_WORDS[n - 1]
     if question_type == "position":
-        pairs = _ROW_PAIRS + _COLUMN_PAIRS
-        pair = pairs[int(rng.integers(len(pairs)))]
+        pair = _LINE_PAIRS[int(rng.integers(len(_LINE_PAIRS)))]
         colors = [str(c) for c in rng.choice(list(COLORS), size=2, replace=False)]
         shapes = [_place(rng, image_size, cell, color) for cell, color in zip(pair, colors, strict=True)]
         target = int(rng.integers(2))
@@ -156,13 +179,20 @@ def make_sample(rng: np.random.Generator, question_type: str,
     raise ValueError(f"unknown question type {question_type!r}; expected one of {QUESTION_TYPES}")
 
 
+# Every unordered pair of cells sharing a row or a column, adjacent or not.
+_LINE_PAIRS = tuple((a, b) for a in range(GRID * GRID) for b in range(a + 1, GRID * GRID)
+                    if a // GRID == b // GRID or a % GRID == b % GRID)
+
+
 def position_answer(shapes: list[PlacedShape], target: int) -> str:
     """Where ``shapes[target]`` lies relative to the other of two shapes sharing a row or a column."""
     a, b = shapes[target].cell, shapes[1 - target].cell
-    if a // 2 == b // 2:
-        return "left" if a % 2 < b % 2 else "right"
-    if a % 2 == b % 2:
-        return "top" if a // 2 < b // 2 else "bottom"
+    if a == b:
+        raise ValueError(f"both shapes are in cell {a}")
+    if a // GRID == b // GRID:
+        return "left" if a % GRID < b % GRID else "right"
+    if a % GRID == b % GRID:
+        return "top" if a // GRID < b // GRID else "bottom"
     raise ValueError(f"cells {a} and {b} share neither a row nor a column")
 
 
@@ -213,7 +243,8 @@ def write_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, image_siz
 
     Deterministic: the same (n_train, n_eval, seed, image_size) give byte-identical files. When
     ``out_dir`` already holds a complete task with the same parameters nothing is rewritten.
-    Raises ValueError for negative counts, a non-integer seed or an image smaller than 16 px.
+    Raises ValueError for negative counts, a non-integer seed or an image smaller than
+    ``MIN_IMAGE_SIZE`` (24 px).
     """
     for name, v in (("n_train", n_train), ("n_eval", n_eval), ("seed", seed), ("image_size", image_size)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):

@@ -36,7 +36,7 @@ from transformers import (
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>", "<image>", "USER:", "ASSISTANT:"]
 QWEN_SPECIAL = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
 DEFAULT_WORDS = ("what is the color shape of this object in image how many are there where red green blue yellow "
-                 "circle square triangle top bottom left right middle one two three four yes no ? . ,").split()
+                 "circle square triangle top bottom left right middle one two three four yes no ? . , objects").split()
 CHAT_TEMPLATE = (
     "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
@@ -46,6 +46,10 @@ CHAT_TEMPLATE = (
 SIZES = {  # (hidden, intermediate, layers, heads)
     "student": (128, 256, 2, 4),
     "teacher": (256, 512, 3, 4),
+    # The demo's pair (grace.demo): a student whose depth and width are the bottleneck on its task, a teacher
+    # with room to spare.
+    "demo-student": (128, 256, 2, 4),
+    "demo-teacher": (256, 768, 4, 4),
 }
 IMAGE_SIZE, PATCH = 28, 14   # LLaVA: 2 x 2 patches, 4 image tokens per image
 QWEN_IMAGE_SIZE = 56          # Qwen2-VL: 4 x 4 patches of 14, merged 2 x 2: 4 image tokens per image
@@ -65,8 +69,12 @@ def _tokenizer(vocab_words, extra_special: list[str]) -> PreTrainedTokenizerFast
     return fast
 
 
-def build_processor(vocab_words=None, family: str = "llava"):
-    """A processor for the tiny checkpoints: a word-level tokenizer over ``vocab_words``."""
+def build_processor(vocab_words=None, family: str = "llava", image_size: int = IMAGE_SIZE):
+    """A processor for the tiny checkpoints: a word-level tokenizer over ``vocab_words``. ``image_size``
+    (LLaVA only; a multiple of the 14 px patch) is the side images are resized to: (image_size / 14)^2 image
+    tokens per image. Raises ValueError for a size that is not a positive multiple of the patch."""
+    if isinstance(image_size, bool) or not isinstance(image_size, int) or image_size < PATCH or image_size % PATCH:
+        raise ValueError(f"image_size must be a positive multiple of {PATCH}, got {image_size!r}")
     if family == "qwen3_vl":
         return _qwen3_vl_processor(vocab_words)
     if family in ("qwen2_vl", "qwen2_5_vl"):
@@ -80,21 +88,24 @@ def build_processor(vocab_words=None, family: str = "llava"):
         return cls(image_processor=image_processor, tokenizer=fast, chat_template=QWEN_CHAT_TEMPLATE,
                    video_processor=Qwen2VLVideoProcessor())
     fast = _tokenizer(vocab_words, [])
-    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
-                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
     return LlavaProcessor(image_processor=image_processor, tokenizer=fast, patch_size=PATCH,
                           vision_feature_select_strategy="default", num_additional_image_tokens=1,
                           chat_template=CHAT_TEMPLATE, image_token="<image>")
 
 
 def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student", vocab_words=None,
-                   seed: int = 0) -> str:
-    """Write a complete local checkpoint (config, random weights, tokenizer, processor) to ``out_dir``."""
+                   seed: int = 0, image_size: int = IMAGE_SIZE) -> str:
+    """Write a complete local checkpoint (config, random weights, tokenizer, processor) to ``out_dir``.
+
+    size: a key of ``SIZES``; image_size: LLaVA's input side (see :func:`build_processor`), ignored for
+    the Qwen families. Raises ValueError for an unknown family or size or a bad image_size."""
     if family not in FAMILIES:
         raise ValueError(f"tiny checkpoints exist for {FAMILIES}, not {family!r}")
     if size not in SIZES:
         raise ValueError(f"size must be one of {sorted(SIZES)}, got {size!r}")
-    processor = build_processor(vocab_words, family)
+    processor = build_processor(vocab_words, family, image_size)
     tok = processor.tokenizer
     hidden, inter, layers, heads = SIZES[size]
     vocab = -(-len(tok) // 64) * 64   # padded like real checkpoints: rows past the tokenizer are never targets
@@ -104,7 +115,7 @@ def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student"
     elif family == "qwen3_vl":
         model = _tiny_qwen3_vl(tok, hidden, inter, layers, heads, vocab)
     else:
-        model = _tiny_llava(tok, hidden, inter, layers, heads, vocab)
+        model = _tiny_llava(tok, hidden, inter, layers, heads, vocab, image_size)
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
@@ -135,13 +146,13 @@ def _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab, v2_5: bool = False)
     return model_cls(config)
 
 
-def _tiny_llava(tok, hidden, inter, layers, heads, vocab):
+def _tiny_llava(tok, hidden, inter, layers, heads, vocab, image_size=IMAGE_SIZE):
     text = LlamaConfig(hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
                        num_attention_heads=heads, num_key_value_heads=heads, vocab_size=vocab,
                        max_position_embeddings=256, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
                        eos_token_id=tok.eos_token_id, tie_word_embeddings=False)
     vision = CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=2,
-                              image_size=IMAGE_SIZE, patch_size=PATCH)
+                              image_size=image_size, patch_size=PATCH)
     config = LlavaConfig(vision_config=vision, text_config=text, image_token_index=tok.convert_tokens_to_ids("<image>"),
                          vision_feature_select_strategy="default", pad_token_id=tok.pad_token_id)
     return LlavaForConditionalGeneration(config)

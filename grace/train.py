@@ -668,8 +668,9 @@ def _model_family(cfg: TrainConfig):
     return family_of(s_conf)
 
 
-def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
-    """Run GRACE training as ``cfg`` says (see the module docstring); returns the metrics and final/.
+def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE") -> TrainResult:
+    """Run GRACE training as ``cfg`` says (see the module docstring); returns the metrics and final/. ``desc``
+    labels the progress bar.
 
     Raises:
         ValueError: a bad option (:meth:`TrainConfig.validate`), before anything is loaded.
@@ -700,14 +701,17 @@ def train(cfg: TrainConfig, *, progress: bool = True) -> TrainResult:
     del state
     run.batches = build_loader(cfg, run.dataset, run.rank, run.world, run.data_state)
     run.student.train()
-    bar = tqdm(range(run.step, run.total_steps), initial=run.step, total=run.total_steps, desc="GRACE",
+    bar = tqdm(range(run.step, run.total_steps), initial=run.step, total=run.total_steps, desc=desc,
                disable=not (progress and run.main))
     for _ in bar:
         row = train_step(run)
         log_step(run, row)
-        bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", gdkd=f"{row['gdkd']:.3f}",
-                        rcka=f"{row['rcka']:.3f}", beta=f"{row['beta']:.3f}", gate=f"{row['gate']:.2f}",
-                        tok_s=f"{row['tokens_per_s']:.0f}")
+        if cfg.kd or cfg.rcka:
+            bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", gdkd=f"{row['gdkd']:.3f}",
+                            rcka=f"{row['rcka']:.3f}", beta=f"{row['beta']:.3f}", gate=f"{row['gate']:.2f}",
+                            tok_s=f"{row['tokens_per_s']:.0f}")
+        else:   # no teacher: beta, gate and the distillation terms take no part, showing them would mislead
+            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total_steps:
             save_checkpoint(run)   # the last step's checkpoint is written once, by save_final
     run.batches.close()

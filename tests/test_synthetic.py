@@ -107,21 +107,29 @@ def _shape_of(comp: dict) -> str:
 def _answer_from_pixels(img: np.ndarray, rec: dict) -> str:
     comps = _components(img)
     qtype = rec["question_type"]
-    if qtype == "count":
-        return ("one", "two", "three", "four")[len(comps) - 1]
-    if qtype in ("color", "shape"):
-        assert len(comps) == 1
-        return comps[0]["color"] if qtype == "color" else _shape_of(comps[0])
+    words = rec["conversations"][0]["value"].split()
+    if qtype == "count":   # "<image>\nhow many <shape> objects are there ?": other kinds present too
+        assert 2 <= len(comps) <= 7 and len({_shape_of(c) for c in comps}) >= 2
+        return ("one", "two", "three", "four")[sum(_shape_of(c) == words[3] for c in comps) - 1]
+    if qtype == "color":   # "<image>\nwhat is the color of the <shape> ?": one shape of each kind
+        assert len(comps) == 3 and sorted(_shape_of(c) for c in comps) == ["circle", "square", "triangle"]
+        (target,) = [c for c in comps if _shape_of(c) == words[7]]
+        return target["color"]
+    if qtype == "shape":   # "<image>\nwhat is the shape of the <color> object ?": three colors
+        assert len(comps) == 3 and len({c["color"] for c in comps}) == 3
+        (target,) = [c for c in comps if c["color"] == words[7]]
+        return _shape_of(target)
     assert qtype == "position" and len(comps) == 2
-    asked = rec["conversations"][0]["value"].split()[4]   # "<image>\nwhere is the <color> object ?"
+    asked = words[4]   # "<image>\nwhere is the <color> object ?"
     (target,), (other,) = [c for c in comps if c["color"] == asked], [c for c in comps if c["color"] != asked]
     dy, dx = target["cy"] - other["cy"], target["cx"] - other["cx"]
+    assert min(abs(dx), abs(dy)) < 0.5 * img.shape[0] / 3, "the two shapes share no row and no column"
     if abs(dx) > abs(dy):
         return "left" if dx < 0 else "right"
     return "top" if dy < 0 else "bottom"
 
 
-@pytest.mark.parametrize("image_size", [28, 16, 45])
+@pytest.mark.parametrize("image_size", [42, 24, 50])
 def test_answers_follow_from_the_pixels(tmp_path, image_size):
     paths = write_task(str(tmp_path), 60, 20, seed=1, image_size=image_size)
     records = json.load(open(paths["train"])) + json.load(open(paths["eval"]))
@@ -136,10 +144,20 @@ def test_answers_follow_from_the_pixels(tmp_path, image_size):
     assert {t: types.count(t) for t in QUESTION_TYPES} == {t: 20 for t in QUESTION_TYPES}
 
 
+def test_answers_are_spread_over_their_choices(tmp_path):
+    """No answer word dominates its question type, so guessing the commonest answer stays near chance."""
+    records = json.load(open(write_task(str(tmp_path), 800, 0, seed=2)["train"]))
+    for qtype, n_choices in (("color", 4), ("shape", 3), ("count", 4), ("position", 4)):
+        answers = [r["answer"] for r in records if r["question_type"] == qtype]
+        counts = {a: answers.count(a) for a in set(answers)}
+        assert len(counts) == n_choices, (qtype, counts)
+        assert max(counts.values()) / len(answers) < 1.6 / n_choices, (qtype, counts)
+
+
 # --- hand-checked layouts ----------------------------------------------------------------------------------
 
 def test_hand_checked_red_square_top_left():
-    img = render([PlacedShape("square", "red", cell=0, size=7, dy=1, dx=2)], 28)
+    img = render([PlacedShape("square", "red", cell=0, size=7, dy=1, dx=2)], 42)
     red = np.all(img == COLORS["red"], axis=-1)
     assert red.sum() == 49 and red[1:8, 2:9].all()
     assert not red[0].any() and not red[:, 1].any() and not red[8].any()
@@ -147,10 +165,10 @@ def test_hand_checked_red_square_top_left():
 
 
 def test_hand_checked_triangle_and_circle():
-    img = render([PlacedShape("triangle", "blue", cell=3, size=7, dy=1, dx=1),
-                  PlacedShape("circle", "yellow", cell=1, size=12, dy=1, dx=1)], 28)
+    img = render([PlacedShape("triangle", "blue", cell=4, size=7, dy=1, dx=1),
+                  PlacedShape("circle", "yellow", cell=1, size=12, dy=1, dx=1)], 42)
     blue = np.all(img == COLORS["blue"], axis=-1)
-    # Bottom-right cell starts at (14, 14): apex one pixel at the center column, base seven pixels wide.
+    # The center cell starts at (14, 14): apex one pixel at the center column, base seven pixels wide.
     assert blue[15].nonzero()[0].tolist() == [18]
     assert blue[21].nonzero()[0].tolist() == list(range(15, 22))
     assert blue.sum(axis=1)[15:22].tolist() == [1, 1, 3, 3, 5, 5, 7] and blue.sum() == 25
@@ -164,18 +182,24 @@ def test_hand_checked_positions():
     def two(a, b):
         return [PlacedShape("square", "red", a, 7, 1, 1), PlacedShape("circle", "blue", b, 7, 1, 1)]
 
+    # 3 x 3 grid, row-major: 0 1 2 / 3 4 5 / 6 7 8
     assert position_answer(two(1, 0), 0) == "right"
     assert position_answer(two(1, 0), 1) == "left"
-    assert position_answer(two(0, 2), 0) == "top"
-    assert position_answer(two(0, 2), 1) == "bottom"
-    assert position_answer(two(3, 2), 0) == "right"
+    assert position_answer(two(0, 2), 0) == "left"     # same row, one cell between them
+    assert position_answer(two(0, 6), 0) == "top"
+    assert position_answer(two(0, 6), 1) == "bottom"
+    assert position_answer(two(8, 5), 0) == "bottom"
     with pytest.raises(ValueError, match="neither a row nor a column"):
-        position_answer(two(0, 3), 0)
+        position_answer(two(0, 4), 0)
+    with pytest.raises(ValueError, match="both shapes"):
+        position_answer(two(3, 3), 0)
 
 
 def test_render_refuses_a_shape_that_leaves_its_cell():
     with pytest.raises(ValueError, match="does not fit"):
-        render([PlacedShape("square", "red", cell=0, size=13, dy=1, dx=1)], 28)
+        render([PlacedShape("square", "red", cell=0, size=13, dy=1, dx=1)], 42)
+    with pytest.raises(ValueError, match="no cell 9"):
+        render([PlacedShape("square", "red", cell=9, size=7, dy=1, dx=1)], 42)
 
 
 # --- vocabulary and inputs ---------------------------------------------------------------------------------
@@ -195,7 +219,7 @@ def test_questions_and_answers_use_only_the_tiny_vocabulary(tmp_path):
     ({"n_train": 2, "n_eval": 2.5}, "n_eval must be an integer"),
     ({"n_train": 2, "n_eval": 2, "seed": "x"}, "seed must be an integer"),
     ({"n_train": 2, "n_eval": 2, "seed": -1}, "seed must be >= 0"),
-    ({"n_train": 2, "n_eval": 2, "image_size": 12}, "image_size must be at least 16"),
+    ({"n_train": 2, "n_eval": 2, "image_size": 23}, "image_size must be at least 24"),
 ])
 def test_bad_arguments_raise(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):

@@ -74,8 +74,8 @@ TRAINER_STATE = "trainer_state.pt"   # inside checkpoint/, beside the DCP shards
 TRAINER_STATE_KEYS = ("scheduler", "controller", "data_position", "rng_cpu", "step", "world_size", "config")
 # Options that may differ between a checkpoint and the run resuming it: where files live, which device runs,
 # how often to save and how many worker processes encode samples (the stream does not depend on it); every
-# other option changes the trajectory, so a difference is refused. batch_size
-# is compared as batch_size x world size, the global batch, so a run may resume on another number of ranks.
+# other option changes the trajectory, so a difference is refused. batch_size is compared as batch_size x
+# world size, the global batch, so a run may resume on another number of ranks.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "device", "save_every", "teacher", "student",
                                "data", "image_folder", "gradient_checkpointing", "batch_size",
                                "num_workers"})

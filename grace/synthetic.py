@@ -1,15 +1,15 @@
 """A small synthetic visual question-answering task, drawn with numpy and written in the LLaVA
 conversation format, so the demo and the tests exercise the real data path with no download.
 
-The task is built so that a tiny VLM must read the image, bind attributes to objects and relate
-objects to each other, and so that a larger model learns it faster than a smaller one:
+The task is built so that what an image holds is never in doubt and the difficulty lies in the
+language model: binding an attribute to a named object, counting past a few, relating two objects.
 
 * Images are ``image_size`` x ``image_size`` RGB (default 42 px) on a white background, divided into a
   3 x 3 grid of cells (with the tiny LLaVA's 14 px patches, one cell is one of 9 image tokens). A cell
   holds at most one flat-colored shape: a circle, square or triangle (apex up) in red, green, blue or
-  yellow, of random size (two thirds of the cell up to the cell less a 1 px white border on each side,
-  so shapes in different cells never touch) at a random offset in its cell. Pixels are exactly white
-  or exactly one palette color: no anti-aliasing, PNG is lossless.
+  yellow, filling the cell less a 1 px white border on each side (so shapes never touch, and each cell
+  is one of 13 fixed pixel patterns: the frozen random vision tower tells them apart exactly). Pixels
+  are exactly white or exactly one palette color: no anti-aliasing, PNG is lossless.
 * One question per image, the four types in turn (sample i has type ``QUESTION_TYPES[i % 4]``):
 
   ==========  =======================================  ==================================  ======================
@@ -19,16 +19,15 @@ objects to each other, and so that a larger model learns it faster than a smalle
                                                        colors drawn independently          yellow
   shape       what is the shape of the <color> object  three shapes of three colors        circle, square,
               ?                                                                            triangle
-  count       how many <shape> objects are there ?     1 to 4 shapes of that kind among    one, two, three,
-                                                       1 to 3 of other kinds, colors       four
+  count       how many <color> objects are there ?     1 to 6 shapes of that color among   one, two, three,
+                                                       0 to 3 of other colors, kinds       four, five, six
                                                        drawn independently
   position    where is the <color> object ?            two shapes of two colors in the     left, right, top,
                                                        same row or column, any distance    bottom
   ==========  =======================================  ==================================  ======================
 
-  color and shape need an attribute of a named object (the other objects are distractors); position
-  needs two objects' places relative to each other; count needs every cell and the named kind
-  (a shape's kind is the hard attribute for a tiny model: color is one mean over a patch, kind is not).
+  color and shape need an attribute of a named object (the other objects are distractors); count needs
+  every cell and tells five from six; position needs two objects' places relative to each other.
 * Every word of every question and answer is in ``grace.tiny.DEFAULT_WORDS`` (``VOCAB`` lists them),
   lower case and separated by spaces, so the tiny word-level tokenizer never sees an unknown word.
 
@@ -58,23 +57,24 @@ from grace.tiny import PATCH
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
-COUNT_WORDS = ("one", "two", "three", "four")
+COUNT_WORDS = ("one", "two", "three", "four", "five", "six")
 QUESTION_TYPES = ("color", "shape", "count", "position")
 QUESTIONS = {
     "color": "what is the color of the {shape} ?",
     "shape": "what is the shape of the {color} object ?",
-    "count": "how many {shape} objects are there ?",
+    "count": "how many {color} objects are there ?",
     "position": "where is the {color} object ?",
 }
 GRID = 3                     # cells per side; cells are numbered row-major, 0 top left .. 8 bottom right
 IMAGE_SIZE = GRID * PATCH    # one cell per vision patch: 9 image tokens for the tiny LLaVA
 MIN_IMAGE_SIZE = 24          # 8 px cells: the smallest shape (two thirds of a cell) still keeps a border
-_FORMAT = 3   # bump when the drawing or the question set changes, so cached directories are regenerated
+ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")   # "where is": row and column
+_FORMAT = 5   # bump when the drawing or the question set changes, so cached directories are regenerated
 
 
 def _vocab() -> tuple[str, ...]:
     words = [w for q in QUESTIONS.values() for w in q.split() if not w.startswith("{")]
-    words += list(COLORS) + list(SHAPES) + list(COUNT_WORDS) + ["left", "right", "top", "bottom"]
+    words += list(COLORS) + list(SHAPES) + list(COUNT_WORDS) + list(ROWS) + list(COLUMNS)
     return tuple(dict.fromkeys(words))
 
 
@@ -129,11 +129,9 @@ def render(shapes: list[PlacedShape], image_size: int = IMAGE_SIZE) -> np.ndarra
 def _place(rng: np.random.Generator, image_size: int, cell_index: int, color: str | None = None,
            shape: str | None = None) -> PlacedShape:
     cell = _cell_side(image_size)
-    # From two thirds of the cell up to the cell less its border: varied, yet large enough that a one-patch
-    # shape keeps its form (smaller shapes made circle / square / triangle hard for the tiny vision tower).
-    size = int(rng.integers((2 * cell + 2) // 3, cell - 2 + 1))
-    free = cell - size                                         # >= 2: one white pixel each side at least
-    dy, dx = (int(v) for v in rng.integers(1, free, size=2))   # offsets in [1, free - 1]
+    # Every shape fills its cell less a 1 px white border: a cell's pixels are one of 13 fixed patterns (empty or
+    # a kind in a color), so what an image holds is never in doubt and the task measures the language model.
+    size, dy, dx = cell - 2, 1, 1
     color = color or str(rng.choice(list(COLORS)))
     shape = shape or str(rng.choice(SHAPES))
     return PlacedShape(shape, color, cell_index, size, dy, dx)
@@ -149,9 +147,9 @@ def make_sample(rng: np.random.Generator, question_type: str,
 
     color: three shapes, one of each kind, colors drawn independently; asks the color of a named kind.
     shape: three shapes of three different colors, kinds drawn independently; asks the kind of a named color.
-    count: one to four shapes of one kind among one to three of other kinds (any colors); asks how many of that
-    kind.
-    position: two shapes of two colors sharing a row or a column; asks where one lies relative to the other.
+    count: one to six shapes of one color among zero to three of other colors (any kinds); asks how many of that
+    color.
+    position: three shapes of three different colors; asks the cell (row and column) of a named color.
     """
     if question_type == "color":
         kinds = [str(k) for k in rng.permutation(SHAPES)]
@@ -165,35 +163,25 @@ def make_sample(rng: np.random.Generator, question_type: str,
         return shapes, QUESTIONS["shape"].format(color=target.color), target.shape
     if question_type == "count":
         n = int(rng.integers(1, len(COUNT_WORDS) + 1))
-        kind = str(rng.choice(SHAPES))
-        others = [str(k) for k in rng.choice([k for k in SHAPES if k != kind], size=int(rng.integers(1, 4)))]
-        kinds = [str(k) for k in rng.permutation([kind] * n + others)]
-        shapes = [_place(rng, image_size, c, shape=k) for c, k in zip(_cells(rng, len(kinds)), kinds, strict=True)]
-        return shapes, QUESTIONS["count"].format(shape=kind), COUNT_WORDS[n - 1]
+        color = str(rng.choice(list(COLORS)))
+        m = int(rng.integers(0, min(3, GRID * GRID - n) + 1))
+        others = [str(c) for c in rng.choice([c for c in COLORS if c != color], size=m)]
+        colors = [str(c) for c in rng.permutation([color] * n + others)]
+        shapes = [_place(rng, image_size, c, color=k) for c, k in zip(_cells(rng, len(colors)), colors, strict=True)]
+        return shapes, QUESTIONS["count"].format(color=color), COUNT_WORDS[n - 1]
     if question_type == "position":
-        pair = _LINE_PAIRS[int(rng.integers(len(_LINE_PAIRS)))]
-        colors = [str(c) for c in rng.choice(list(COLORS), size=2, replace=False)]
-        shapes = [_place(rng, image_size, cell, color) for cell, color in zip(pair, colors, strict=True)]
-        target = int(rng.integers(2))
-        return shapes, QUESTIONS["position"].format(color=colors[target]), position_answer(shapes, target)
+        colors = [str(c) for c in rng.choice(list(COLORS), size=3, replace=False)]
+        shapes = [_place(rng, image_size, c, color=k) for c, k in zip(_cells(rng, 3), colors, strict=True)]
+        target = shapes[int(rng.integers(3))]
+        return shapes, QUESTIONS["position"].format(color=target.color), cell_name(target.cell)
     raise ValueError(f"unknown question type {question_type!r}; expected one of {QUESTION_TYPES}")
 
 
-# Every unordered pair of cells sharing a row or a column, adjacent or not.
-_LINE_PAIRS = tuple((a, b) for a in range(GRID * GRID) for b in range(a + 1, GRID * GRID)
-                    if a // GRID == b // GRID or a % GRID == b % GRID)
-
-
-def position_answer(shapes: list[PlacedShape], target: int) -> str:
-    """Where ``shapes[target]`` lies relative to the other of two shapes sharing a row or a column."""
-    a, b = shapes[target].cell, shapes[1 - target].cell
-    if a == b:
-        raise ValueError(f"both shapes are in cell {a}")
-    if a // GRID == b // GRID:
-        return "left" if a % GRID < b % GRID else "right"
-    if a % GRID == b % GRID:
-        return "top" if a // GRID < b // GRID else "bottom"
-    raise ValueError(f"cells {a} and {b} share neither a row nor a column")
+def cell_name(cell: int) -> str:
+    """The answer to "where is ...": the cell's row and column, "top left" .. "bottom right"."""
+    if not 0 <= cell < GRID * GRID:
+        raise ValueError(f"no cell {cell} in a {GRID} x {GRID} grid")
+    return f"{ROWS[cell // GRID]} {COLUMNS[cell % GRID]}"
 
 
 def _record(split: str, i: int, question_type: str, question: str, answer: str) -> dict:

@@ -85,7 +85,8 @@ def test_scoring_right_wrong_and_half(tiny, task, monkeypatch, batch_size):
     res = evaluate(model, processor, records, folder, batch_size=batch_size, progress=False)
     assert res.accuracy == 1.0 and res.correct == len(records)
     assert all(t["accuracy"] == 1.0 for t in res.per_type.values())
-    assert res.generated_tokens == 3 * len(records)   # answer, ".", EOS; the padding after EOS is not counted
+    # the answer's words ("top left" is two), ".", EOS; the padding after EOS is not counted
+    assert res.generated_tokens == sum(len(a.split()) + 2 for a in answers)
 
     # An answer that is wrong for every record (no answer is "no"): accuracy 0.
     monkeypatch.setattr(model, "generate", _scripted_generate(model, processor, ["no"] * len(records)))

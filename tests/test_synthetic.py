@@ -13,7 +13,7 @@ from grace.synthetic import (
     QUESTION_TYPES,
     VOCAB,
     PlacedShape,
-    position_answer,
+    cell_name,
     render,
     write_task,
 )
@@ -108,9 +108,10 @@ def _answer_from_pixels(img: np.ndarray, rec: dict) -> str:
     comps = _components(img)
     qtype = rec["question_type"]
     words = rec["conversations"][0]["value"].split()
-    if qtype == "count":   # "<image>\nhow many <shape> objects are there ?": other kinds present too
-        assert 2 <= len(comps) <= 7 and len({_shape_of(c) for c in comps}) >= 2
-        return ("one", "two", "three", "four")[sum(_shape_of(c) == words[3] for c in comps) - 1]
+    if qtype == "count":   # "<image>\nhow many <color> objects are there ?": up to three of other colors too
+        n = sum(c["color"] == words[3] for c in comps)
+        assert 1 <= n <= 6 and len(comps) - n <= 3
+        return ("one", "two", "three", "four", "five", "six")[n - 1]
     if qtype == "color":   # "<image>\nwhat is the color of the <shape> ?": one shape of each kind
         assert len(comps) == 3 and sorted(_shape_of(c) for c in comps) == ["circle", "square", "triangle"]
         (target,) = [c for c in comps if _shape_of(c) == words[7]]
@@ -119,14 +120,11 @@ def _answer_from_pixels(img: np.ndarray, rec: dict) -> str:
         assert len(comps) == 3 and len({c["color"] for c in comps}) == 3
         (target,) = [c for c in comps if c["color"] == words[7]]
         return _shape_of(target)
-    assert qtype == "position" and len(comps) == 2
-    asked = words[4]   # "<image>\nwhere is the <color> object ?"
-    (target,), (other,) = [c for c in comps if c["color"] == asked], [c for c in comps if c["color"] != asked]
-    dy, dx = target["cy"] - other["cy"], target["cx"] - other["cx"]
-    assert min(abs(dx), abs(dy)) < 0.5 * img.shape[0] / 3, "the two shapes share no row and no column"
-    if abs(dx) > abs(dy):
-        return "left" if dx < 0 else "right"
-    return "top" if dy < 0 else "bottom"
+    assert qtype == "position" and len(comps) == 3 and len({c["color"] for c in comps}) == 3
+    (target,) = [c for c in comps if c["color"] == words[4]]   # "<image>\nwhere is the <color> object ?"
+    third = img.shape[0] // 3
+    row, col = int(target["cy"] // third), int(target["cx"] // third)
+    return f"{('top', 'middle', 'bottom')[row]} {('left', 'center', 'right')[col]}"
 
 
 @pytest.mark.parametrize("image_size", [42, 24, 50])
@@ -147,7 +145,7 @@ def test_answers_follow_from_the_pixels(tmp_path, image_size):
 def test_answers_are_spread_over_their_choices(tmp_path):
     """No answer word dominates its question type, so guessing the commonest answer stays near chance."""
     records = json.load(open(write_task(str(tmp_path), 800, 0, seed=2)["train"]))
-    for qtype, n_choices in (("color", 4), ("shape", 3), ("count", 4), ("position", 4)):
+    for qtype, n_choices in (("color", 4), ("shape", 3), ("count", 6), ("position", 9)):
         answers = [r["answer"] for r in records if r["question_type"] == qtype]
         counts = {a: answers.count(a) for a in set(answers)}
         assert len(counts) == n_choices, (qtype, counts)
@@ -179,20 +177,23 @@ def test_hand_checked_triangle_and_circle():
 
 
 def test_hand_checked_positions():
-    def two(a, b):
-        return [PlacedShape("square", "red", a, 7, 1, 1), PlacedShape("circle", "blue", b, 7, 1, 1)]
-
     # 3 x 3 grid, row-major: 0 1 2 / 3 4 5 / 6 7 8
-    assert position_answer(two(1, 0), 0) == "right"
-    assert position_answer(two(1, 0), 1) == "left"
-    assert position_answer(two(0, 2), 0) == "left"     # same row, one cell between them
-    assert position_answer(two(0, 6), 0) == "top"
-    assert position_answer(two(0, 6), 1) == "bottom"
-    assert position_answer(two(8, 5), 0) == "bottom"
-    with pytest.raises(ValueError, match="neither a row nor a column"):
-        position_answer(two(0, 4), 0)
-    with pytest.raises(ValueError, match="both shapes"):
-        position_answer(two(3, 3), 0)
+    assert [cell_name(c) for c in (0, 1, 2, 4, 6, 8)] == ["top left", "top center", "top right", "middle center",
+                                                          "bottom left", "bottom right"]
+    assert cell_name(3) == "middle left" and cell_name(5) == "middle right" and cell_name(7) == "bottom center"
+    with pytest.raises(ValueError, match="no cell 9"):
+        cell_name(9)
+
+
+def test_every_cell_is_one_of_thirteen_patterns(tmp_path):
+    """Shapes fill their cell less a 1 px border: a cell is empty or one (kind, color) pattern, nothing else, so
+    the image content is exact and the task's difficulty is in the language model."""
+    paths = write_task(str(tmp_path), 80, 0, seed=5)
+    patches = set()
+    for rec in json.load(open(paths["train"])):
+        img = np.asarray(Image.open(os.path.join(paths["image_folder"], rec["image"])))
+        patches |= {img[r:r + 14, c:c + 14].tobytes() for r in (0, 14, 28) for c in (0, 14, 28)}
+    assert len(patches) == 13
 
 
 def test_render_refuses_a_shape_that_leaves_its_cell():

@@ -70,9 +70,11 @@ FULL = DemoSettings()
 QUICK = DemoSettings(n_train=48, n_qat_train=48, n_eval_per_type=3, teacher_steps=3, student_steps=3, qat_steps=2,
                      batch_size=8, eval_batch_size=12, seeds=(0, 1), quick=True)
 
-# Seconds per unit of work on an idle 2-core x86 machine (2 threads), for the time-left estimate only:
-# one optimizer step of each kind, one evaluated question. Measured stages rescale them as the demo runs.
-_COST = {"task": 0.003, "teacher": 0.2, "student": 0.1, "int4": 0.15, "eval": 0.004, "load": 6.0}
+# Seconds per unit of work on an idle 2-core x86 machine (2 threads), for the time-left estimate only: one
+# sample written, one optimizer step of each kind, one INT4 run's export, one evaluated question, one model
+# loaded (measured in a full run: results.json's timing.stages). Measured stages rescale them as the demo runs.
+_COST = {"task": 0.001, "teacher": 0.23, "student": 0.19, "int4": 0.22, "export": 4.5, "eval": 0.0012, "load": 0.3,
+         "report": 1.0}
 
 
 def _log(msg: str) -> None:
@@ -241,9 +243,9 @@ def _run(out: str, s: DemoSettings, progress: bool) -> dict:
         ("teacher pretraining (FP32)", _COST["teacher"] * s.teacher_steps),
         ("student pretraining (FP32)", _COST["student"] * s.student_steps),
         (f"INT4 students: {len(INT4_METHODS)} methods x {k} seeds",
-         len(INT4_METHODS) * k * (_COST["int4"] * s.qat_steps + _COST["load"])),
+         len(INT4_METHODS) * k * (_COST["int4"] * s.qat_steps + _COST["export"])),
         (f"evaluation: {n_models} models x {n_eval} questions", n_models * (_COST["eval"] * n_eval + _COST["load"])),
-        ("report", _COST["load"]),
+        ("report", _COST["report"]),
     ])
     if s.quick:
         _log("--quick: a pipeline check with a few training steps per stage; its accuracies mean nothing")
@@ -496,7 +498,7 @@ def _machine() -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end GRACE on a synthetic VQA task: teacher, student, four INT4 students "
-                                    "over 3 seeds, evaluation table with intervals (about 10 minutes on 2 CPU cores)")
+                                    "over 3 seeds, evaluation table with intervals (about 9 minutes on 2 CPU cores)")
     p.add_argument("--out", default="grace-demo", help="output directory (default: grace-demo)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, not the method")
     p.add_argument("--seed", type=int, default=0, help="seed of the task and the FP32 pretraining (default 0)")

@@ -57,6 +57,10 @@ def test_quick_demo_writes_table_plot_and_int4_model(first_run, capsys):
     config = json.loads((out / "int4" / "grace-seed0" / "config.json").read_text())
     assert config["quantization_config"]["format"] == "pack-quantized"
     assert result["sample"]["truth"]
+    stages = result["timing"]["stages"]   # each stage's wall time, in the order the counter shows them
+    assert list(stages)[:3] == ["task", "teacher pretraining (FP32)", "student pretraining (FP32)"]
+    assert len(stages) == 6 and all(v >= 0 for v in stages.values())
+    assert sum(stages.values()) <= result["timing"]["seconds"] + 0.1 * len(stages)
 
 
 def test_two_fresh_runs_give_the_same_results(first_run, tmp_path, monkeypatch, capsys):

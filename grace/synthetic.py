@@ -2,7 +2,7 @@
 conversation format, so the demo and the tests exercise the real data path with no download.
 
 The task is built so that what an image holds is never in doubt and the difficulty lies in the
-language model: binding an attribute to a named object, counting past a few, relating two objects.
+language model: binding an attribute to a named object, counting past a few, locating a named object.
 
 * Images are ``image_size`` x ``image_size`` RGB (default 42 px) on a white background, divided into a
   3 x 3 grid of cells (with the tiny LLaVA's 14 px patches, one cell is one of 9 image tokens). A cell
@@ -22,12 +22,12 @@ language model: binding an attribute to a named object, counting past a few, rel
   count       how many <color> objects are there ?     1 to 6 shapes of that color among   one, two, three,
                                                        0 to 3 of other colors, kinds       four, five, six
                                                        drawn independently
-  position    where is the <color> object ?            two shapes of two colors in the     left, right, top,
-                                                       same row or column, any distance    bottom
+  position    where is the <color> object ?            three shapes of three colors        top left, top center,
+                                                                                           ... bottom right (9)
   ==========  =======================================  ==================================  ======================
 
   color and shape need an attribute of a named object (the other objects are distractors); count needs
-  every cell and tells five from six; position needs two objects' places relative to each other.
+  every cell and tells five from six; position needs the row and the column of a named object.
 * Every word of every question and answer is in ``grace.tiny.DEFAULT_WORDS`` (``VOCAB`` lists them),
   lower case and separated by spaces, so the tiny word-level tokenizer never sees an unknown word.
 
@@ -67,7 +67,7 @@ QUESTIONS = {
 }
 GRID = 3                     # cells per side; cells are numbered row-major, 0 top left .. 8 bottom right
 IMAGE_SIZE = GRID * PATCH    # one cell per vision patch: 9 image tokens for the tiny LLaVA
-MIN_IMAGE_SIZE = 24          # 8 px cells: the smallest shape (two thirds of a cell) still keeps a border
+MIN_IMAGE_SIZE = 24          # 8 px cells: a 6 px shape inside its 1 px border still has a recognisable form
 ROWS, COLUMNS = ("top", "middle", "bottom"), ("left", "center", "right")   # "where is": row and column
 _FORMAT = 5   # bump when the drawing or the question set changes, so cached directories are regenerated
 

@@ -8,7 +8,7 @@ language model: binding an attribute to a named object, counting past a few, loc
   3 x 3 grid of cells (with the tiny LLaVA's 14 px patches, one cell is one of 9 image tokens). A cell
   holds at most one flat-colored shape: a circle, square or triangle (apex up) in red, green, blue or
   yellow, filling the cell less a 1 px white border on each side (so shapes never touch, and each cell
-  is one of 13 fixed pixel patterns: the frozen random vision tower tells them apart exactly). Pixels
+  is one of 13 fixed pixel patterns, which the frozen random vision tower maps to distinct features). Pixels
   are exactly white or exactly one palette color: no anti-aliasing, PNG is lossless.
 * One question per image, the four types in turn (sample i has type ``QUESTION_TYPES[i % 4]``):
 

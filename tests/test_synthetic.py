@@ -225,3 +225,24 @@ def test_questions_and_answers_use_only_the_tiny_vocabulary(tmp_path):
 def test_bad_arguments_raise(tmp_path, kwargs, match):
     with pytest.raises(ValueError, match=match):
         write_task(str(tmp_path), **kwargs)
+
+
+def test_the_random_vision_tower_tells_the_thirteen_patterns_apart(tmp_path):
+    """The demo's premise: the frozen, random vision tower gives each cell pattern its own feature vector, so the
+    image content reaches the language model intact (nothing about it has to be learned by the vision side)."""
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from grace.tiny import build_tiny_vlm
+
+    path = build_tiny_vlm(str(tmp_path / "m"), size="demo-student", vocab_words=VOCAB, seed=1, image_size=42,
+                          init="fan_in")
+    model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
+    images = [render([], 42)] + [render([PlacedShape(s, c, cell=4, size=12, dy=1, dx=1)], 42)
+                                 for s in ("circle", "square", "triangle") for c in COLORS]
+    pixels = processor.image_processor([Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():   # the features LLaVA takes ("default": the penultimate layer, CLS dropped)
+        states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]
+    center = states[:, 4]   # the center cell's token
+    dist = torch.cdist(center, center) + torch.eye(len(images)) * 1e9
+    assert dist.min() > 0.05 * center.norm(dim=-1).mean()

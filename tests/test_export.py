@@ -233,15 +233,42 @@ def test_plain_transformers_loads_and_generates_like_grace(run, dtype, tmp_path,
     image = tmp_path / "image.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(image)
     prompt = "what color is the circle ?"
-    assert generate(model, processor, str(image), prompt, max_new_tokens=8) == \
-        generate(ours, processor, str(image), prompt, max_new_tokens=8)
+    plain_text = generate(model, processor, str(image), prompt, max_new_tokens=8)
+    grace_text = generate(ours, processor, str(image), prompt, max_new_tokens=8)
+    if dtype is None:   # float32: both paths compute the same products exactly
+        assert plain_text == grace_text
+        from grace.data import to_messages
+
+        msgs = [to_messages([{"from": "human", "value": "<image>\n" + prompt}])]
+        img = [Image.open(image).convert("RGB")]
+        plain = _generate_batch(model, processor, msgs, img, 8, torch.device("cpu"))
+        grace = _generate_batch(ours, processor, msgs, img, 8, torch.device("cpu"))
+        assert plain[:2] == grace[:2]
+        return
+    # bf16: both hold the same codes and scales, but transformers + compressed-tensors dequantize the weight to
+    # bf16 (code x scale, rounded) while ours multiplies in float32, so logits differ by bf16 rounding (measured:
+    # under 1% of the largest logit). Greedy decoding may then part only where the top two logits are that close,
+    # as an untrained tiny model's sometimes are: step by step, the logits agree to rounding until the tokens
+    # differ, and where they first differ it is such a near-tie.
     from grace.data import to_messages
 
-    msgs = [to_messages([{"from": "human", "value": "<image>\n" + prompt}])]
-    img = [Image.open(image).convert("RGB")]
-    plain = _generate_batch(model, processor, msgs, img, 8, torch.device("cpu"))
-    grace = _generate_batch(ours, processor, msgs, img, 8, torch.device("cpu"))
-    assert plain[:2] == grace[:2]
+    msgs = [{"from": "human", "value": "<image>\n" + prompt}]
+    text = processor.apply_chat_template(to_messages(msgs), tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+    n_prompt = enc["input_ids"].shape[1]
+    runs = [m.generate(**enc, max_new_tokens=8, do_sample=False, num_beams=1, output_logits=True,
+                       return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+            for m in (model, ours)]
+    assert processor.tokenizer.decode(runs[1].sequences[0, n_prompt:], skip_special_tokens=True).strip() == grace_text
+    plain_tokens, grace_tokens = (r.sequences[0, n_prompt:].tolist() for r in runs)
+    for step, (tp, tg) in enumerate(zip(plain_tokens, grace_tokens, strict=False)):   # EOS may end one first
+        lp, lg = runs[0].logits[step][0].float(), runs[1].logits[step][0].float()
+        diff = (lp - lg).abs().max().item()
+        assert diff < 0.03 * lg.abs().max().item(), (step, diff)   # rounding, not a different model
+        if tp != tg:
+            top2 = lg.topk(2).values
+            assert (top2[0] - top2[1]).item() <= 2 * diff, (step, diff, plain_text, grace_text)
+            break
 
 
 def test_export_keeps_the_source_checkpoints_names(run):

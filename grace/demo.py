@@ -102,11 +102,12 @@ class _Stages:
         _log(f"stage {self.index + 1}/{len(self.names)}: {name} (about {_minutes(left)} left)")
 
     def done(self, cached: bool = False) -> None:
-        self.seconds[self.names[self.index]] = round(time.perf_counter() - self.started, 1)
+        elapsed = time.perf_counter() - self.started
+        self.seconds[self.names[self.index]] = round(elapsed, 1)
         # Only stages long enough to measure the machine rescale the estimate: the task's few seconds of PNG
         # writing say little about training speed.
         if not cached and self.predicted[self.index] >= 30:
-            self.measured += time.perf_counter() - self.started
+            self.measured += elapsed
             self.expected += self.predicted[self.index]
 
 

@@ -235,14 +235,14 @@ def test_plain_transformers_loads_and_generates_like_grace(run, dtype, tmp_path,
     prompt = "what color is the circle ?"
     plain_text = generate(model, processor, str(image), prompt, max_new_tokens=8)
     grace_text = generate(ours, processor, str(image), prompt, max_new_tokens=8)
+    from grace.data import to_messages
+
+    turns = to_messages([{"from": "human", "value": "<image>\n" + prompt}])
+    img = Image.open(image).convert("RGB")
     if dtype is None:   # float32: both paths compute the same products exactly
         assert plain_text == grace_text
-        from grace.data import to_messages
-
-        msgs = [to_messages([{"from": "human", "value": "<image>\n" + prompt}])]
-        img = [Image.open(image).convert("RGB")]
-        plain = _generate_batch(model, processor, msgs, img, 8, torch.device("cpu"))
-        grace = _generate_batch(ours, processor, msgs, img, 8, torch.device("cpu"))
+        plain = _generate_batch(model, processor, [turns], [img], 8, torch.device("cpu"))
+        grace = _generate_batch(ours, processor, [turns], [img], 8, torch.device("cpu"))
         assert plain[:2] == grace[:2]
         return
     # bf16: both hold the same codes and scales, but transformers + compressed-tensors dequantize the weight to
@@ -250,11 +250,8 @@ def test_plain_transformers_loads_and_generates_like_grace(run, dtype, tmp_path,
     # under 1% of the largest logit). Greedy decoding may then part only where the top two logits are that close,
     # as an untrained tiny model's sometimes are: step by step, the logits agree to rounding until the tokens
     # differ, and where they first differ it is such a near-tie.
-    from grace.data import to_messages
-
-    msgs = [{"from": "human", "value": "<image>\n" + prompt}]
-    text = processor.apply_chat_template(to_messages(msgs), tokenize=False, add_generation_prompt=True)
-    enc = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+    text = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[img], return_tensors="pt")
     n_prompt = enc["input_ids"].shape[1]
     runs = [m.generate(**enc, max_new_tokens=8, do_sample=False, num_beams=1, output_logits=True,
                        return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)

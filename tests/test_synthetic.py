@@ -11,6 +11,7 @@ from PIL import Image
 from grace.synthetic import (
     COLORS,
     QUESTION_TYPES,
+    SHAPES,
     VOCAB,
     PlacedShape,
     cell_name,
@@ -239,7 +240,7 @@ def test_the_random_vision_tower_tells_the_thirteen_patterns_apart(tmp_path):
                           init="fan_in")
     model, processor = AutoModelForImageTextToText.from_pretrained(path).eval(), AutoProcessor.from_pretrained(path)
     images = [render([], 42)] + [render([PlacedShape(s, c, cell=4, size=12, dy=1, dx=1)], 42)
-                                 for s in ("circle", "square", "triangle") for c in COLORS]
+                                 for s in SHAPES for c in COLORS]
     pixels = processor.image_processor([Image.fromarray(i) for i in images], return_tensors="pt")["pixel_values"]
     with torch.no_grad():   # the features LLaVA takes ("default": the penultimate layer, CLS dropped)
         states = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-2][:, 1:]

@@ -60,6 +60,7 @@ class TrainConfig:
     # Linux. The samples and their order do not depend on it.
     num_workers: int = min(4, os.cpu_count() or 1) if sys.platform.startswith("linux") else 0
     group_by_length: bool = False      # micro-batches of one modality and similar length (less padding)
+    cache_samples: bool = False        # keep encoded samples in memory (small data, many epochs: the demo)
     bf16: bool = True                  # on CUDA: bf16 teacher and vision tower weights, and mixed_precision "auto"
     mixed_precision: str = "auto"      # autocast of the forward passes: "bf16", "none", "auto" (see compute_dtype)
     gradient_checkpointing: bool = False

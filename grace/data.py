@@ -305,22 +305,44 @@ class ConversationDataset(torch.utils.data.Dataset):
     record has an image}, T <= max_length; raises SkipSample when the record is unusable (see
     :func:`parse_record`; also a missing or unreadable image, longer than max_length, rejected by the
     processor, or assistant turns that cannot be located, see :func:`assistant_labels`).
+
+    ``cache=True`` keeps every encoded sample (and every skip) after its first access, in this process (each
+    DataLoader worker holds its own): for small data read for many epochs, where encoding (the processor's
+    image transforms and chat template, ~4 ms a sample on one CPU core) would cost as much as the training
+    step. Memory grows with the data (~25 KB a sample for a 42 px image), so leave it off at real size.
     """
 
-    def __init__(self, records: list[dict] | RecordIndex, processor, image_folder: str, max_length: int):
+    def __init__(self, records: list[dict] | RecordIndex, processor, image_folder: str, max_length: int,
+                 cache: bool = False):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.index = records if isinstance(records, RecordIndex) else RecordIndex.from_records(records)
         self.processor, self.image_folder, self.max_length = processor, image_folder, max_length
+        self._cache: dict[int, dict | SkipSample] | None = {} if cache else None
 
     @classmethod
-    def from_json(cls, path: str, processor, image_folder: str, max_length: int) -> ConversationDataset:
-        return cls(RecordIndex.from_json(path), processor, image_folder, max_length)
+    def from_json(cls, path: str, processor, image_folder: str, max_length: int,
+                  cache: bool = False) -> ConversationDataset:
+        return cls(RecordIndex.from_json(path), processor, image_folder, max_length, cache)
 
     def __len__(self) -> int:
         return len(self.index)
 
     def __getitem__(self, i: int) -> dict:
+        if self._cache is None:
+            return self._encode(i)
+        if i not in self._cache:
+            try:
+                self._cache[i] = self._encode(i)
+            except SkipSample as skip:
+                self._cache[i] = skip
+        hit = self._cache[i]
+        if isinstance(hit, SkipSample):
+            raise SkipSample(hit.reason)
+        # collate pads and stacks into new tensors, so handing out the cached ones is safe; the dict is copied
+        return dict(hit)
+
+    def _encode(self, i: int) -> dict:
         msgs, image_name = parse_record(self.index[i])
         image = load_image(os.path.join(self.image_folder, image_name)) if image_name else None
         text = self.processor.apply_chat_template(msgs, tokenize=False)

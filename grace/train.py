@@ -73,12 +73,13 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final", "controller.
 TRAINER_STATE = "trainer_state.pt"   # inside checkpoint/, beside the DCP shards
 TRAINER_STATE_KEYS = ("scheduler", "controller", "data_position", "rng_cpu", "step", "world_size", "config")
 # Options that may differ between a checkpoint and the run resuming it: where files live, which device runs,
-# how often to save and how many worker processes encode samples (the stream does not depend on it); every
+# how often to save and how many worker processes encode samples, and whether they keep them (the stream does
+# not depend on either); every
 # other option changes the trajectory, so a difference is refused. batch_size is compared as batch_size x
 # world size, the global batch, so a run may resume on another number of ranks.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "device", "save_every", "teacher", "student",
                                "data", "image_folder", "gradient_checkpointing", "batch_size",
-                               "num_workers"})
+                               "num_workers", "cache_samples"})
 LOSS_KEYS = ("loss", "ce", "gdkd", "rcka", "gate")
 
 
@@ -405,7 +406,8 @@ def build_data(run: Run) -> None:
     cfg = run.cfg
     run.processor = AutoProcessor.from_pretrained(cfg.student)
     # Records are indexed here and encoded when drawn: bad ones are skipped and counted by the stream.
-    run.dataset = ConversationDataset.from_json(cfg.data, run.processor, cfg.image_folder, cfg.max_length)
+    run.dataset = ConversationDataset.from_json(cfg.data, run.processor, cfg.image_folder, cfg.max_length,
+                                                cache=cfg.cache_samples)
     if len(run.dataset) == 0:
         raise GraceError(f"no record in {cfg.data}")
 

@@ -178,6 +178,32 @@ def test_bad_samples_skipped_and_counted_the_same_for_any_workers_and_ranks(imag
         assert set().union(*(s.bad for s in streams)) == set(stream.bad)
 
 
+def test_sample_cache_encodes_each_record_once_and_changes_nothing(image_data, monkeypatch):
+    path, folder = image_data
+    plain = _dataset(image_data)
+    cached = ConversationDataset.from_json(path, build_processor(WORDS), folder, max_length=60, cache=True)
+    encoded = []
+    real_encode = cached._encode
+    monkeypatch.setattr(cached, "_encode", lambda i: encoded.append(i) or real_encode(i))
+    reference, (stream,) = _global_batches(plain, world=1, workers=0, n=9)
+    batches, (cached_stream,) = _global_batches(cached, world=1, workers=0, n=9)
+    assert batches == reference and cached_stream.bad == stream.bad
+    assert sorted(encoded) == list(range(len(cached)))   # 36 draws of 14 records: each encoded once
+    for i in range(len(cached)):   # the same tensors, the same skips with their reasons
+        try:
+            want = plain[i]
+        except SkipSample as skip:
+            with pytest.raises(SkipSample) as got:
+                cached[i]
+            assert got.value.reason == skip.reason
+            continue
+        got = cached[i]
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+        got.pop("labels")   # a caller's changes to the dict it got do not reach the cache
+        assert "labels" in cached[i]
+    assert sorted(encoded) == list(range(len(cached)))
+
+
 def test_resume_continues_with_the_next_micro_batch(image_data):
     ds = _dataset(image_data)
     full, _ = _global_batches(ds, world=1, workers=0, n=7)

@@ -5,8 +5,8 @@
    objects of a named color (one to six), the cell of a named color) in the LLaVA conversation format.
 2. Trains, from scratch and in full precision, a tiny LLaVA-1.5 teacher and a student of the same width
    and half its depth (``grace.tiny.SIZES["demo-teacher"]`` and ``["demo-student"]``; language layers
-   initialised with std 1 / sqrt(fan_in)) on it, their random vision towers frozen. Both are trained once
-   and cached: a second run reuses them.
+   initialised heavy-tailed, Student-t at std 1 / sqrt(fan_in), as trained LLMs' weights are) on it, their
+   random vision towers frozen. Both are trained once and cached: a second run reuses them.
 3. Makes INT4 (group 128) students four ways, as in the paper's tables: round-to-nearest PTQ of the
    student, QAT only, QAT + naive KD (plain KL, no gate, no RCKA, fixed beta), and full GRACE. The three
    trained methods run once per seed of ``DemoSettings.seeds`` (the seed sets their data order); RTN
@@ -42,19 +42,24 @@ from grace.config import TrainConfig
 QUESTION_TYPES = ("color", "shape", "count", "position")
 INT4_METHODS = ("QAT only", "QAT + naive KD", "GRACE")
 _RUN_DIRS = {"QAT only": "qat", "QAT + naive KD": "qat-kd", "GRACE": "grace"}
+# Both models' language layers start heavy-tailed, as pretrained LLMs' weights are: from a Gaussian start the
+# toy student loses almost nothing to round-to-nearest INT4, and PTQ would have nothing to show (grace.tiny).
+INIT = "heavy_tailed"
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
     """What the demo trains and evaluates. ``n_eval_per_type`` held-out questions of each type (the eval split
-    has 4 x that many); ``n_qat_train`` of the ``n_train`` training samples feed the INT4 stages; ``seeds``
+    has 4 x that many); ``n_qat_train`` of the ``n_train`` training samples feed the INT4 stages; the FP32
+    pretraining takes batches of ``pretrain_batch_size``, the INT4 stages of ``batch_size``; ``seeds``
     are the INT4 runs' seeds; ``threads`` is torch's intra-op thread count (fixed: results depend on it)."""
-    n_train: int = 4000
+    n_train: int = 8000
     n_qat_train: int = 1000
     n_eval_per_type: int = 200
     teacher_steps: int = 600
     student_steps: int = 600
-    qat_steps: int = 100
+    qat_steps: int = 200
+    pretrain_batch_size: int = 128
     batch_size: int = 32
     pretrain_lr: float = 1e-3
     qat_lr: float = 5e-4
@@ -68,13 +73,14 @@ class DemoSettings:
 FULL = DemoSettings()
 # CI's shortened run: every stage and file, a handful of steps, two seeds (accuracies are meaningless there).
 QUICK = DemoSettings(n_train=48, n_qat_train=48, n_eval_per_type=3, teacher_steps=3, student_steps=3, qat_steps=2,
-                     batch_size=8, eval_batch_size=12, seeds=(0, 1), quick=True)
+                     pretrain_batch_size=8, batch_size=8, eval_batch_size=12, seeds=(0, 1), quick=True)
 
 # Seconds per unit of work on an idle 2-core x86 machine (2 threads), for the time-left estimate only: one
-# sample written, one optimizer step of each kind, one INT4 run's export, one evaluated question, one model
-# loaded (measured in a full run: results.json's timing.stages). Measured stages rescale them as the demo runs.
-_COST = {"task": 0.001, "teacher": 0.23, "student": 0.19, "int4": 0.22, "export": 4.5, "eval": 0.0012, "load": 0.3,
-         "report": 1.0}
+# sample written, one sample encoded, one optimizer step of each kind, one INT4 run's export, one evaluated
+# question, one model loaded (measured in a full run: results.json's timing.stages). Measured stages rescale
+# them as the demo runs.
+_COST = {"task": 0.001, "encode": 0.004, "teacher": 0.23, "student": 0.093, "int4": 0.07, "export": 2.5,
+         "eval": 0.0012, "load": 0.3, "report": 1.0}
 
 
 def _log(msg: str) -> None:
@@ -171,13 +177,19 @@ def _train_cached(cfg: TrainConfig, what: str, progress: bool) -> tuple[str, boo
     return final, False
 
 
+# A few thousand samples read for many epochs: each is encoded once and kept, in the training process, so both
+# cores compute instead of one encoding the same samples again in a worker (the samples are the same either way).
+_SMALL_DATA = {"num_workers": 0, "cache_samples": True}
+
+
 def _pretrain_config(s: DemoSettings, init: str, data: dict, out: str, steps: int) -> TrainConfig:
     # Plain supervised training from scratch: no teacher, no quantization. The random vision tower stays
     # frozen as in GRACE itself: on this task its random patch features learn faster than a trained one.
     return TrainConfig(student=init, data=data["train"], image_folder=data["image_folder"], output_dir=out,
                        bits=None, kd=False, rcka=False, max_steps=steps,
-                       batch_size=s.batch_size, grad_accum=1, lr=s.pretrain_lr, weight_decay=0.0, warmup_ratio=0.05,
-                       save_every=max(1, steps // 4), seed=s.seed, device="cpu", max_length=128)
+                       batch_size=s.pretrain_batch_size, grad_accum=1, lr=s.pretrain_lr, weight_decay=0.0,
+                       warmup_ratio=0.05, save_every=max(1, steps // 4), seed=s.seed, device="cpu", max_length=128,
+                       **_SMALL_DATA)
 
 
 def _qat_configs(s: DemoSettings, teacher: str, student: str, data: str, image_folder: str, out: str,
@@ -185,7 +197,7 @@ def _qat_configs(s: DemoSettings, teacher: str, student: str, data: str, image_f
     base = TrainConfig(teacher=teacher, student=student, data=data, image_folder=image_folder,
                        bits=4, group_size=128, max_steps=s.qat_steps, batch_size=s.batch_size, grad_accum=1,
                        lr=s.qat_lr, warmup_ratio=0.05, save_every=max(1, s.qat_steps // 2), seed=seed,
-                       device="cpu", max_length=128)
+                       device="cpu", max_length=128, **_SMALL_DATA)
     runs = {   # the paper's ablation ladder (Tables 3 and 4); everything else at the paper's defaults
         "QAT only": dict(kd=False, rcka=False),
         "QAT + naive KD": dict(kd_type="kl", gate=False, rcka=False, adaptive_beta=False),
@@ -239,12 +251,19 @@ def _run(out: str, s: DemoSettings, progress: bool) -> dict:
     n_eval = 4 * s.n_eval_per_type
     k = len(s.seeds)
     n_models = 3 + len(INT4_METHODS) * k
+
+    def encode(records, steps, batch):   # every run encodes each sample it draws once (_SMALL_DATA)
+        return _COST["encode"] * min(records, steps * batch)
+
     stages = _Stages([
         ("task", _COST["task"] * (s.n_train + n_eval)),
-        ("teacher pretraining (FP32)", _COST["teacher"] * s.teacher_steps),
-        ("student pretraining (FP32)", _COST["student"] * s.student_steps),
+        ("teacher pretraining (FP32)", encode(s.n_train, s.teacher_steps, s.pretrain_batch_size)
+         + _COST["teacher"] * s.teacher_steps),
+        ("student pretraining (FP32)", encode(s.n_train, s.student_steps, s.pretrain_batch_size)
+         + _COST["student"] * s.student_steps),
         (f"INT4 students: {len(INT4_METHODS)} methods x {k} seeds",
-         len(INT4_METHODS) * k * (_COST["int4"] * s.qat_steps + _COST["export"])),
+         len(INT4_METHODS) * k * (encode(s.n_qat_train, s.qat_steps, s.batch_size) + _COST["int4"] * s.qat_steps
+                                  + _COST["export"])),
         (f"evaluation: {n_models} models x {n_eval} questions", n_models * (_COST["eval"] * n_eval + _COST["load"])),
         ("report", _COST["report"]),
     ])
@@ -263,10 +282,10 @@ def _run(out: str, s: DemoSettings, progress: bool) -> dict:
     for size, what, steps, dirname in (("teacher", "teacher pretraining (FP32)", s.teacher_steps, "teacher"),
                                        ("student", "student pretraining (FP32)", s.student_steps, "student-fp32")):
         stages.start(what)
-        init_dir = os.path.join(inits, size)
+        init_dir = os.path.join(inits, f"{size}-{INIT}")   # named by the scheme: a new one is a new run
         if not os.path.exists(os.path.join(init_dir, "config.json")):
             build_tiny_vlm(init_dir, size=f"demo-{size}", vocab_words=VOCAB, seed=s.seed + 1, image_size=IMAGE_SIZE,
-                           init="fan_in")
+                           init=INIT)
         paths[size], cached[size] = _train_cached(
             _pretrain_config(s, init_dir, data, os.path.join(out, dirname), steps), what, progress)
         stages.done(cached[size])
@@ -499,7 +518,7 @@ def _machine() -> str:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("demo", help="end-to-end GRACE on a synthetic VQA task: teacher, student, four INT4 students "
-                                    "over 3 seeds, evaluation table with intervals (about 9 minutes on 2 CPU cores)")
+                                    "over 3 seeds, evaluation table with intervals (about 8 minutes on 2 CPU cores)")
     p.add_argument("--out", default="grace-demo", help="output directory (default: grace-demo)")
     p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, not the method")
     p.add_argument("--seed", type=int, default=0, help="seed of the task and the FP32 pretraining (default 0)")

@@ -58,7 +58,8 @@ QWEN_CHAT_TEMPLATE = CHAT_TEMPLATE.replace("<image> ", "<|vision_start|> <|image
 QWEN3_PATCH = 16              # Qwen3-VL: 4 x 4 patches of 16 (64 px), merged 2 x 2: 4 image tokens per image
 QWEN3_IMAGE_SIZE = 64
 FAMILIES = ("llava", "qwen2_vl", "qwen2_5_vl", "qwen3_vl")
-INITS = ("hf", "fan_in")
+INITS = ("hf", "fan_in", "heavy_tailed")
+HEAVY_TAILED_DOF = 2   # Student-t degrees of freedom of init="heavy_tailed"
 
 
 def _tokenizer(vocab_words, extra_special: list[str]) -> PreTrainedTokenizerFast:
@@ -104,8 +105,12 @@ def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student"
     size: a key of ``SIZES``; image_size: LLaVA's input side (see :func:`build_processor`), ignored for
     the Qwen families. init: "hf" keeps transformers' initialisation (normal, std 0.02, everywhere);
     "fan_in" redraws the language backbone's linear layers (not the LM head) with std 1 / sqrt(in_features),
-    which at these toy widths (std 0.06-0.09 instead of 0.02) trains several times faster. Raises ValueError
-    for an unknown family, size or init or a bad image_size."""
+    which at these toy widths (std 0.06-0.09 instead of 0.02) trains several times faster; "heavy_tailed"
+    redraws the same layers from a Student-t distribution with ``HEAVY_TAILED_DOF`` degrees of freedom, each
+    matrix rescaled to that same sample std. Trained LLMs' weights are heavy-tailed: a few large weights set
+    each quantization group's absmax and so the INT4 grid everything else is rounded to, which is what makes
+    round-to-nearest INT4 lossy; a toy model trained for minutes from a Gaussian keeps its Gaussian shape and
+    loses almost nothing to it. Raises ValueError for an unknown family, size or init or a bad image_size."""
     if init not in INITS:
         raise ValueError(f"init must be one of {INITS}, got {init!r}")
     if family not in FAMILIES:
@@ -123,21 +128,27 @@ def build_tiny_vlm(out_dir: str, *, family: str = "llava", size: str = "student"
         model = _tiny_qwen3_vl(tok, hidden, inter, layers, heads, vocab)
     else:
         model = _tiny_llava(tok, hidden, inter, layers, heads, vocab, image_size)
-    if init == "fan_in":
-        _fan_in_init(model)
+    if init != "hf":
+        _fan_in_init(model, heavy_tailed=init == "heavy_tailed")
     os.makedirs(out_dir, exist_ok=True)
     model.save_pretrained(out_dir)
     processor.save_pretrained(out_dir)
     return out_dir
 
 
-def _fan_in_init(model) -> None:
+def _fan_in_init(model, heavy_tailed: bool = False) -> None:
     # The layers GRACE quantizes: the language backbone's, not the LM head.
     from grace.quantize import select_linears
 
     with torch.no_grad():
         for _, lin in select_linears(model, group_size=1):
-            lin.weight.normal_(0.0, lin.in_features ** -0.5)
+            w = lin.weight
+            if heavy_tailed:   # t = z / sqrt(chi2_k / k), chi2_k a sum of k squared normals: seeded like the rest
+                chi2 = torch.randn((HEAVY_TAILED_DOF, *w.shape)).square().sum(0)
+                t = torch.randn(w.shape) / (chi2 / HEAVY_TAILED_DOF).sqrt()
+                w.copy_(t / t.std() * lin.in_features ** -0.5)
+            else:
+                w.normal_(0.0, lin.in_features ** -0.5)
 
 
 def _tiny_qwen2_vl(tok, hidden, inter, layers, heads, vocab, v2_5: bool = False):

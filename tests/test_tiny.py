@@ -1,4 +1,4 @@
-"""Tiny local checkpoints: the fan-in initialisation the demo uses touches exactly the layers GRACE quantizes."""
+"""Tiny local checkpoints: the initialisations the demo uses touch exactly the layers GRACE quantizes."""
 
 import pytest
 import torch
@@ -8,22 +8,57 @@ from grace.quantize import select_linears
 from grace.tiny import build_tiny_vlm
 
 
-def test_fan_in_init_redraws_only_the_backbone_linears(tmp_path):
-    hf = AutoModelForImageTextToText.from_pretrained(build_tiny_vlm(str(tmp_path / "hf"), size="demo-student", seed=3))
-    fan = AutoModelForImageTextToText.from_pretrained(
-        build_tiny_vlm(str(tmp_path / "fan"), size="demo-student", seed=3, init="fan_in"))
-    backbone = {n for n, _ in select_linears(fan, group_size=1)}
+def _build(tmp_path, name, **kw):
+    return AutoModelForImageTextToText.from_pretrained(
+        build_tiny_vlm(str(tmp_path / name), size="demo-student", seed=3, **kw))
+
+
+def _rtn_zero_fraction(w: torch.Tensor) -> float:
+    """The fraction of weights round-to-nearest INT4 (absmax / 7 per group of 128) sets to 0."""
+    groups = w.reshape(w.shape[0], -1, 128)
+    scale = groups.abs().amax(-1, keepdim=True) / 7
+    return float(((groups / scale).round() == 0).float().mean())
+
+
+@pytest.mark.parametrize("init", ["fan_in", "heavy_tailed"])
+def test_fan_in_inits_redraw_only_the_backbone_linears(tmp_path, init):
+    hf = _build(tmp_path, "hf")
+    redrawn = _build(tmp_path, init, init=init)
+    backbone = {n for n, _ in select_linears(redrawn, group_size=1)}
     assert backbone and not any("lm_head" in n or "vision" in n or "projector" in n for n in backbone)
     hf_params = dict(hf.named_parameters())
-    for name, p in fan.named_parameters():
+    for name, p in redrawn.named_parameters():
         module = name.rsplit(".", 1)[0]
         if module in backbone and name.endswith("weight"):
             in_features = p.shape[1]
-            # 16k-65k draws: the sample std is within 2% of 1 / sqrt(in_features); transformers' is 0.02
-            assert p.std().item() == pytest.approx(in_features ** -0.5, rel=0.02), name
+            # fan_in: 16k-65k draws, the sample std is within 2% of 1 / sqrt(in_features); heavy_tailed is
+            # rescaled to it exactly. transformers' is 0.02.
+            assert p.std().item() == pytest.approx(in_features ** -0.5, rel=0.02 if init == "fan_in" else 1e-4), name
             assert hf_params[name].std().item() == pytest.approx(0.02, rel=0.05), name
         else:
             assert torch.equal(p, hf_params[name]), name   # everything else is the same draw
+
+
+def test_heavy_tailed_init_is_what_makes_round_to_nearest_int4_lossy(tmp_path):
+    fan = dict(select_linears(_build(tmp_path, "fan", init="fan_in"), group_size=1))
+    heavy = dict(select_linears(_build(tmp_path, "heavy", init="heavy_tailed"), group_size=1))
+    again = dict(select_linears(_build(tmp_path, "again", init="heavy_tailed"), group_size=1))
+    for name, lin in heavy.items():
+        w, g = lin.weight.detach(), fan[name].weight.detach()
+        assert torch.equal(w, again[name].weight), name   # seeded
+
+        def kurtosis(x):
+            return float(((x - x.mean()) ** 4).mean() / x.var() ** 2)
+
+        # A Gaussian's kurtosis is 3; Student-t with 2 degrees of freedom has none (infinite variance), and
+        # 16k-65k draws of it come out far above.
+        assert kurtosis(g) == pytest.approx(3.0, abs=0.3), name
+        assert kurtosis(w) > 30, name
+        # Each group's absmax sets its INT4 step. A Gaussian group's absmax is ~2.8 std, so round-to-nearest
+        # zeroes the weights under 0.2 std, ~16% of them; the heavy-tailed groups' few large weights set a step
+        # that zeroes over half (58% at this seed).
+        assert _rtn_zero_fraction(g) == pytest.approx(0.16, abs=0.02), name
+        assert _rtn_zero_fraction(w) > 0.45, name
 
 
 def test_unknown_init_is_refused(tmp_path):

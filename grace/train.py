@@ -73,10 +73,9 @@ RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final", "controller.
 TRAINER_STATE = "trainer_state.pt"   # inside checkpoint/, beside the DCP shards
 TRAINER_STATE_KEYS = ("scheduler", "controller", "data_position", "rng_cpu", "step", "world_size", "config")
 # Options that may differ between a checkpoint and the run resuming it: where files live, which device runs,
-# how often to save and how many worker processes encode samples, and whether they keep them (the stream does
-# not depend on either); every
-# other option changes the trajectory, so a difference is refused. batch_size is compared as batch_size x
-# world size, the global batch, so a run may resume on another number of ranks.
+# how often to save, how many worker processes encode samples and whether they keep them (the stream depends on
+# neither); every other option changes the trajectory, so a difference is refused. batch_size is compared as
+# batch_size x world size, the global batch, so a run may resume on another number of ranks.
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "device", "save_every", "teacher", "student",
                                "data", "image_folder", "gradient_checkpointing", "batch_size",
                                "num_workers", "cache_samples"})

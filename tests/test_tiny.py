@@ -6,6 +6,7 @@ from transformers import AutoModelForImageTextToText
 
 from grace.quantize import select_linears
 from grace.tiny import build_tiny_vlm
+from grace_kernels.int4 import quantize_rtn, unpack_int4
 
 
 def _build(tmp_path, name, **kw):
@@ -14,10 +15,13 @@ def _build(tmp_path, name, **kw):
 
 
 def _rtn_zero_fraction(w: torch.Tensor) -> float:
-    """The fraction of weights round-to-nearest INT4 (absmax / 7 per group of 128) sets to 0."""
-    groups = w.reshape(w.shape[0], -1, 128)
-    scale = groups.abs().amax(-1, keepdim=True) / 7
-    return float(((groups / scale).round() == 0).float().mean())
+    """The fraction of weights the demo's RTN baseline (absmax / 7 per group of 128) sets to code 0."""
+    codes, _ = unpack_int4(quantize_rtn(w))
+    return float((codes == 0).float().mean())
+
+
+def _kurtosis(x: torch.Tensor) -> float:
+    return float(((x - x.mean()) ** 4).mean() / x.var() ** 2)
 
 
 @pytest.mark.parametrize("init", ["fan_in", "heavy_tailed"])
@@ -46,14 +50,10 @@ def test_heavy_tailed_init_is_what_makes_round_to_nearest_int4_lossy(tmp_path):
     for name, lin in heavy.items():
         w, g = lin.weight.detach(), fan[name].weight.detach()
         assert torch.equal(w, again[name].weight), name   # seeded
-
-        def kurtosis(x):
-            return float(((x - x.mean()) ** 4).mean() / x.var() ** 2)
-
         # A Gaussian's kurtosis is 3; Student-t with 2 degrees of freedom has none (infinite variance), and
         # 16k-65k draws of it come out far above.
-        assert kurtosis(g) == pytest.approx(3.0, abs=0.3), name
-        assert kurtosis(w) > 30, name
+        assert _kurtosis(g) == pytest.approx(3.0, abs=0.3), name
+        assert _kurtosis(w) > 30, name
         # Each group's absmax sets its INT4 step. A Gaussian group's absmax is ~2.8 std, so round-to-nearest
         # zeroes the weights under 0.2 std, ~16% of them; the heavy-tailed groups' few large weights set a step
         # that zeroes over half (58% at this seed).

@@ -46,10 +46,12 @@ class Family:
 
         Qwen families: ``image_grid_thw`` [num_images, 3] patches, merged ``spatial_merge_size``^2 to one
         token. LLaVA-1.5: every image becomes the same number of tokens (576 at 336 px), so the image
-        tokens are split evenly over ``pixel_values`` [num_images, 3, H, W].
+        tokens are split evenly over ``pixel_values`` [num_images, 3, H, W]. A text-only batch (no image, no image
+        token) gives an empty tensor.
 
         Raises:
-            ValueError: LLaVA image tokens that do not divide evenly among the images.
+            ValueError: LLaVA image tokens that do not divide evenly among the images (or image tokens and no
+                image).
         """
         grid = batch.get("image_grid_thw")
         if grid is not None:
@@ -58,6 +60,8 @@ class Family:
         pixels = batch.get("pixel_values")
         images = 0 if pixels is None else int(pixels.shape[0])
         tokens = int((batch["input_ids"] == self.image_token_id(config)).sum())
+        if images == 0 and tokens == 0:
+            return torch.zeros(0, dtype=torch.int64)
         if images == 0 or tokens % images:
             raise ValueError(f"{tokens} image tokens cannot be split evenly over {images} images")
         return torch.full((images,), tokens // images, dtype=torch.int64)

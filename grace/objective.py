@@ -42,6 +42,7 @@ class LossParts:
     rcka: torch.Tensor
     gate_mean: torch.Tensor
     tokens: int
+    rcka_images: int = 0    # images RCKA measured (0: ``rcka`` is a placeholder zero, not a measurement)
 
 
 def _hidden(family: Family, model, batch, need_penultimate: bool):
@@ -152,12 +153,16 @@ def student_objective(student, family: Family, batch: dict, teacher: TeacherOutp
         ce_weight=1.0, kd_weight=kd_weight, temperature=temperature, tckd_weight=tckd_weight,
         nckd_weight=nckd_weight, gate=gate, gate_temperature=gate_temperature, kd_type=kd_type)
     total = lm.loss
-    rcka_value = torch.zeros((), device=hs.device)
+    # A micro-batch without a usable image (text-only records, as in LLaVA's mix665k) adds no RCKA term: weight
+    # and gradient zero, and rcka_images 0 tells the trainer that the zero below was not measured.
+    rcka_value, rcka_images = torch.zeros((), device=hs.device), 0
     if rcka and teacher.penultimate is not None:
         token_id = family.image_token_id(student.config)
         per_image = family.image_token_counts(student.config, batch)
         mask, _, cu, rows = image_segments(batch["input_ids"], token_id, per_image)
         if cu.numel() > 1:
-            rcka_value, _ = rcka_per_image(hs_pen[mask][rows], teacher.penultimate[mask][rows], cu)
-            total = total + omega * rcka_scale * rcka_value
-    return LossParts(total, lm.ce, lm.gdkd, rcka_value.detach(), lm.gate_mean, int(lm.num_valid))
+            rcka_value, dropped = rcka_per_image(hs_pen[mask][rows], teacher.penultimate[mask][rows], cu)
+            rcka_images = cu.numel() - 1 - dropped
+            if rcka_images:
+                total = total + omega * rcka_scale * rcka_value
+    return LossParts(total, lm.ce, lm.gdkd, rcka_value.detach(), lm.gate_mean, int(lm.num_valid), rcka_images)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import matplotlib
 
 matplotlib.use("Agg")  # headless: runs on servers and in CI
@@ -32,7 +34,8 @@ def plot_controller(history: list[dict], path: str) -> str:
     ax1.legend(handles, [h.get_label() for h in handles], loc="upper center", bbox_to_anchor=(0.5, -0.16),
                ncol=3, frameon=False)
     for key in ("loss", "ce", "gdkd", "rcka"):
-        ax2.plot(steps, [r[key] for r in history], label=key)
+        # rcka is None in a step without a usable image (text-only micro-batches): a gap, not a zero.
+        ax2.plot(steps, [math.nan if r[key] is None else r[key] for r in history], label=key)
     ax2.set_xlabel("optimizer step")
     ax2.set_title("losses")
     ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=4, frameon=False)

@@ -79,7 +79,8 @@ TRAINER_STATE_KEYS = ("scheduler", "controller", "data_position", "rng_cpu", "st
 RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "device", "save_every", "teacher", "student",
                                "data", "image_folder", "gradient_checkpointing", "batch_size",
                                "num_workers", "cache_samples"})
-LOSS_KEYS = ("loss", "ce", "gdkd", "rcka", "gate")
+LOSS_KEYS = ("loss", "ce", "gdkd", "rcka", "gate")   # a metrics row's losses, in this order
+MEAN_KEYS = tuple(k for k in LOSS_KEYS if k != "rcka")   # averaged over micro-batches; rcka over measured images
 
 
 @dataclasses.dataclass
@@ -500,15 +501,17 @@ def resume(run: Run, state: dict | None) -> None:
 
 def train_step(run: Run) -> dict:
     """One optimizer step (``grad_accum`` micro-batches of ``batch_size`` per rank), then the controller's
-    update. Returns the step's log row: losses averaged over micro-batches and ranks, beta, lr, tokens.
+    update. Returns the step's log row: loss, ce, gdkd and gate averaged over micro-batches and ranks; rcka the
+    mean of 1 - CKA over the ``rcka_images`` images it measured in the step (None when the step held no usable
+    image, e.g. only text-only records: a zero there would read as a perfect match); beta, lr, tokens.
 
     Raises:
         NonFiniteLossError: the loss is NaN or infinite (before the optimizer step: the student is unchanged).
     """
     cfg, step = run.cfg, run.step
     t0 = time.perf_counter()
-    sums = dict.fromkeys(LOSS_KEYS, 0.0)
-    tokens = 0
+    sums = dict.fromkeys(MEAN_KEYS, 0.0)
+    tokens, rcka_sum, rcka_images = 0, 0.0, 0
     for micro in range(cfg.grad_accum):
         batch = {k: v.to(run.device) for k, v in next(run.batches).items()}
         if "pixel_values" in batch:
@@ -523,14 +526,18 @@ def train_step(run: Run) -> dict:
                                   tckd_weight=cfg.tckd_weight, nckd_weight=cfg.nckd_weight, gate=cfg.gate,
                                   gate_temperature=cfg.gate_temperature, kd_type=cfg.kd_type)
         (parts.total / cfg.grad_accum).backward()
-        for k, v in zip(LOSS_KEYS, (parts.total, parts.ce, parts.gdkd, parts.rcka, parts.gate_mean), strict=True):
+        for k, v in zip(MEAN_KEYS, (parts.total, parts.ce, parts.gdkd, parts.gate_mean), strict=True):
             sums[k] += float(v.detach()) / cfg.grad_accum
         tokens += parts.tokens
+        rcka_sum += float(parts.rcka) * parts.rcka_images
+        rcka_images += parts.rcka_images
     if run.world > 1:   # every rank logs, and feeds the controller, the mean over ranks
-        packed = torch.tensor([*sums.values(), tokens], dtype=torch.float64, device=run.device)
+        packed = torch.tensor([*sums.values(), tokens, rcka_sum, rcka_images], dtype=torch.float64,
+                              device=run.device)
         dist.all_reduce(packed)
-        sums = {k: float(v) / run.world for k, v in zip(sums, packed[:-1].tolist(), strict=True)}
-        tokens = int(packed[-1])
+        *means, tokens, rcka_sum, rcka_images = packed.tolist()
+        sums = {k: v / run.world for k, v in zip(sums, means, strict=True)}
+        tokens, rcka_images = int(tokens), int(rcka_images)
     if not math.isfinite(sums["loss"]):
         kept = (f"the last checkpoint ({run.checkpoint_path}, step {run.last_checkpoint}) is intact"
                 if run.last_checkpoint is not None else "no checkpoint was written yet")
@@ -543,9 +550,11 @@ def train_step(run: Run) -> dict:
         run.controller.update(sums["gdkd"])
     run.step += 1
     dt = time.perf_counter() - t0
-    return {"step": run.step, **{k: round(v, 6) for k, v in sums.items()}, "beta": run.controller.beta,
-            "ema_gdkd": run.controller.ema, "tau": cfg.tau, "lr": run.scheduler.get_last_lr()[0], "tokens": tokens,
-            "tokens_per_s": round(tokens / dt, 1)}
+    losses = {k: round(v, 6) for k, v in sums.items()}
+    losses["rcka"] = round(rcka_sum / rcka_images, 6) if rcka_images else None
+    return {"step": run.step, **{k: losses[k] for k in LOSS_KEYS}, "rcka_images": rcka_images,
+            "beta": run.controller.beta, "ema_gdkd": run.controller.ema, "tau": cfg.tau,
+            "lr": run.scheduler.get_last_lr()[0], "tokens": tokens, "tokens_per_s": round(tokens / dt, 1)}
 
 
 def log_step(run: Run, row: dict) -> None:
@@ -709,7 +718,8 @@ def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE") -> Tr
         log_step(run, row)
         if cfg.kd or cfg.rcka:
             bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", gdkd=f"{row['gdkd']:.3f}",
-                            rcka=f"{row['rcka']:.3f}", beta=f"{row['beta']:.3f}", gate=f"{row['gate']:.2f}",
+                            rcka="-" if row["rcka"] is None else f"{row['rcka']:.3f}", beta=f"{row['beta']:.3f}",
+                            gate=f"{row['gate']:.2f}",
                             tok_s=f"{row['tokens_per_s']:.0f}")
         else:   # no teacher: beta, gate and the distillation terms take no part, showing them would mislead
             bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")

@@ -105,11 +105,12 @@ def test_text_only_micro_batches_train_with_rcka_on(pair, tmp_path, extra):
 def test_text_only_micro_batch_has_no_rcka_weight_or_gradient(pair):
     """student_objective on a text-only batch: rcka_images 0, total == CE + beta * GDKD exactly, and the
     vision-free backward is the one without RCKA."""
+    from transformers import AutoModelForImageTextToText
+
     from grace.data import ConversationDataset, RecordIndex, collate
     from grace.families import family_of
     from grace.objective import student_objective, teacher_outputs
     from grace.tiny import build_processor
-    from transformers import AutoModelForImageTextToText
 
     records = json.load(open(pair["data"]))
     text = [r for r in records if "image" not in r][:2]

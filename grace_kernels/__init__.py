@@ -8,7 +8,9 @@ Public API (each op documented in ``grace_kernels.ops.<op>``):
     Int4Weight, pack_int4, unpack_int4, quantize_rtn,        the INT4 weight format (grace_kernels.int4)
     repack_for_kernel, repack_to_canonical
     w4a16_matmul, w4a16_matmul_repacked                      INT4 weight-only GEMM
-    nn.QuantLinear, nn.W4A16Linear, nn.W4A16KernelLinear     modules (``gk.nn``, as ``torch.nn``)
+    Int8Weight, pack_int8, unpack_int8, w8a16_matmul         the INT8 weight format and GEMM (grace_kernels.int8)
+    nn.QuantLinear, nn.W4A16Linear, nn.W4A16KernelLinear,    modules (``gk.nn``, as ``torch.nn``)
+    nn.W8A16Linear
 
 Backend choice (CUDA extension / Triton / PyTorch reference) lives in ``grace_kernels._backend``.
 """
@@ -26,6 +28,7 @@ from grace_kernels.int4 import (  # noqa: F401
     repack_to_canonical,
     unpack_int4,
 )
+from grace_kernels.int8 import Int8Weight, pack_int8, unpack_int8  # noqa: F401
 
 # --- ops: one import line per op module (keep sorted) ---
 from grace_kernels.ops.cka import RCKAOutput, cka, rcka_loss  # noqa: F401
@@ -33,6 +36,7 @@ from grace_kernels.ops.fused_linear_grace_loss import FusedGraceLossOutput, fuse
 from grace_kernels.ops.gated_dkd import GatedDKDOutput, gated_dkd_loss  # noqa: F401
 from grace_kernels.ops.lsq import lsq_fake_quant, lsq_init_log_scale, lsq_quantize  # noqa: F401
 from grace_kernels.ops.w4a16 import w4a16_matmul, w4a16_matmul_repacked  # noqa: F401
+from grace_kernels.ops.w8a16 import w8a16_matmul  # noqa: F401
 
 # --- end ops ---
 

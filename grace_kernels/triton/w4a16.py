@@ -1,13 +1,15 @@
-"""Triton W4A16 GEMM on the canonical pack-quantized layout, with split-K for small M.
+"""Triton W4A16 and W8A16 GEMMs on the canonical pack-quantized layout, with split-K for small M.
 
-y[M, N] = x[M, K] @ W^T, W[n, k] = scale[n, k // G] * (nibble(n, k) - 8), nibble k of row n in bits
-4 (k % 8) .. of int32 word k // 8. A program owns a [BLOCK_M, BLOCK_N] output tile and one slice of K
-(split-K): for decode (M = 1..16) the M x N grid alone has too few tiles to fill the GPU, so K is cut
-into SPLIT_K parts that write float32 partial tiles, summed afterwards in a fixed order
+y[M, N] = x[M, K] @ W^T, W[n, k] = scale[n, k // G] * (u(n, k) - 2**(BITS - 1)), with u the BITS-bit
+field k of row n: bits BITS * (k % P) .. of int32 word k // P, P = 32 / BITS (BITS 4: eight nibbles a
+word, grace_kernels.int4; BITS 8: four bytes, grace_kernels.int8). One kernel serves both widths.
+
+A program owns a [BLOCK_M, BLOCK_N] output tile and one slice of K (split-K): for decode (M = 1..16)
+the M x N grid alone has too few tiles to fill the GPU, so K is cut into SPLIT_K parts that write float32 partial tiles, summed afterwards in a fixed order
 (deterministic, unlike atomics). BLOCK_K divides the group size, so each K step reads one scale per
 row; steps of a whole group (128) spilled (python -m grace_kernels.aot).
 
-Each word is loaded once per nibble position it feeds (eight loads of the same address, served by
+Each word is loaded once per code position it feeds (32 / BITS loads of the same address, served by
 L1); a layout that feeds the tensor cores straight from one wide load is what
 ``repack_for_kernel`` and the CUDA kernel (csrc/w4a16/) are for. This kernel runs where that one
 does not: GPUs without the built extension, shapes it does not take, and CPU CI under the interpreter.
@@ -25,9 +27,9 @@ from grace_kernels.triton._rounding import cast_rne
 
 
 @triton.jit
-def _w4a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
+def _wna16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                  DOT_F32: tl.constexpr):
+                  DOT_F32: tl.constexpr, BITS: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -40,11 +42,11 @@ def _w4a16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
     for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BLOCK_K):
         k = k0 + rk
         x = tl.load(x_ptr + rm[:, None].to(tl.int64) * K + k[None, :], mask=rm[:, None] < M, other=0.0)
-        words = tl.load(w_ptr + rn[:, None].to(tl.int64) * (K // 8) + (k[None, :] // 8), mask=rn[:, None] < N,
-                        other=0)
-        q = ((words >> ((k[None, :] % 8) * 4)) & 0xF) - 8
+        words = tl.load(w_ptr + rn[:, None].to(tl.int64) * (K // (32 // BITS)) + (k[None, :] // (32 // BITS)),
+                        mask=rn[:, None] < N, other=0)
+        q = ((words >> ((k[None, :] % (32 // BITS)) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
         scale = tl.load(s_ptr + rn.to(tl.int64) * n_groups + k0 // GROUP, mask=rn < N, other=0.0)
-        # Dequantized in float32 (q * scale is exact there) and rounded once to the activation dtype for
+        # Dequantized in float32 (q * scale is exact there: |q| <= 128 times a half-precision scale) and rounded once to the activation dtype for
         # the tensor cores: one rounding per weight, the error budget of any half-precision GEMM.
         w = cast_rne(q.to(tl.float32) * scale.to(tl.float32)[:, None], x_ptr.dtype.element_ty)
         if DOT_F32:
@@ -85,7 +87,18 @@ def _config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int]:
 
 
 def w4a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """float32 [M, N] = x2d [M, K] @ dequant(packed, scales)^T (caller adds bias and casts)."""
+    """float32 [M, N] = x2d [M, K] @ dequant(packed, scales)^T, packed int32 [N, K / 8] (caller adds bias and casts)."""
+    return wna16_matmul(x2d, packed, scales, group_size, bits=4)
+
+
+def w8a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
+    """float32 [M, N] = x2d [M, K] @ dequant(packed, scales)^T, packed int32 [N, K / 4] (caller adds bias and casts)."""
+    return wna16_matmul(x2d, packed, scales, group_size, bits=8)
+
+
+def wna16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *,
+                 bits: int) -> torch.Tensor:
+    """The launcher of both widths: ``bits`` 4 or 8 (codes per int32 word: 32 / bits)."""
     m, k = x2d.shape
     n = packed.shape[0]
     block_m, block_n, split = _config(m, n, k, group_size)
@@ -95,18 +108,19 @@ def w4a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     part = torch.empty(split, m, n, device=x2d.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     launch = _launch(x2d.dtype)
-    _w4a16_kernel[grid](x2d, packed, scales, part, m, n, k, k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
+    _wna16_kernel[grid](x2d, packed, scales, part, m, n, k, k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
                         BLOCK_K=min(launch["BLOCK_K"], group_size), GROUP=group_size,
-                        DOT_F32=triton_interpret() and x2d.dtype == torch.bfloat16, num_warps=launch["num_warps"],
-                        num_stages=launch["num_stages"])
+                        DOT_F32=triton_interpret() and x2d.dtype == torch.bfloat16, BITS=bits,
+                        num_warps=launch["num_warps"], num_stages=launch["num_stages"])
     return part.sum(0) if split > 1 else part[0]
 
 
 AOT_SPECS = [
-    KernelSpec(_w4a16_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "out_ptr": "*fp32", "M": "i32",
+    KernelSpec(_wna16_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "out_ptr": "*fp32", "M": "i32",
                                "N": "i32", "K": "i32", "k_per_split": "i32"},
-               {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": _launch(dt)["BLOCK_K"], "GROUP": 128, "DOT_F32": False},
+               {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": _launch(dt)["BLOCK_K"], "GROUP": 128, "DOT_F32": False,
+                "BITS": bits},
                num_warps=_launch(dt)["num_warps"], num_stages=_launch(dt)["num_stages"],
-               label=f"{dt},m{bm}")
-    for dt in ("fp16", "bf16", "fp32") for bm in (16, 64)
+               label=f"int{bits},{dt},m{bm}")
+    for bits in (4, 8) for dt in ("fp16", "bf16", "fp32") for bm in (16, 64)
 ]

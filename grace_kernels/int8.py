@@ -1,0 +1,101 @@
+"""The INT8 weight format: compressed-tensors "pack-quantized" with 8-bit codes (symmetric, group-wise).
+
+    packed  int32 [N, K / 4]     u = q + 128, four per word, low byte first along K
+    scales  [N, K / group_size]  float16 or bfloat16, finite and > 0, symmetric (no zero point)
+    W[n, k] = scales[n, k // group_size] * q[n, k],  q in [-128, 127]
+
+with N >= 1, K >= 1, K % 4 == 0, K % group_size == 0 and group_size in :data:`GROUP_SIZES`: what
+``grace export`` writes for an INT8 run and what vLLM's WNA16 path (``CompressedTensorsWNA16``, 8-bit
+group scheme) loads. The INT8 twin of :mod:`grace_kernels.int4`; there is no CUDA-kernel layout (the
+W8A16 GEMM runs on Triton or the reference). Violations raise ValueError naming the argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from grace_kernels.int4 import GROUP_SIZES, SCALE_DTYPES, check_scale_values
+from grace_kernels.reference import w8a16 as ref
+
+__all__ = ["GROUP_SIZES", "SCALE_DTYPES", "Int8Weight", "pack_int8", "unpack_int8"]
+
+
+def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], shape: tuple[int, int]) -> None:
+    if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or tuple(t.shape) != shape:
+        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
+        raise ValueError(f"{name} must be {names} with shape {shape}, got {getattr(t, 'dtype', type(t))} "
+                         f"{tuple(getattr(t, 'shape', ()))}")
+
+
+def check_format(n: int, k: int, group_size: int) -> None:
+    """ValueError unless [n, k] with ``group_size`` is a shape the INT8 format can hold."""
+    if group_size not in GROUP_SIZES:
+        raise ValueError(f"group_size must be one of {GROUP_SIZES}, got {group_size!r}")
+    if n < 1 or k < 1:
+        raise ValueError(f"an INT8 weight needs at least one row and one column, got shape [{n}, {k}]")
+    if k % ref.PER_WORD or k % group_size:
+        raise ValueError(f"K = {k} must be a multiple of {ref.PER_WORD} and of group_size {group_size}")
+
+
+@dataclasses.dataclass
+class Int8Weight:
+    """An INT8 weight [N, K]: ``packed`` int32 [N, K/4], ``scales`` [N, K/group_size] float16/bfloat16.
+
+    Construction checks dtypes, shapes and devices (ValueError), not the values (see :func:`pack_int8`).
+    """
+
+    packed: torch.Tensor
+    scales: torch.Tensor
+    shape: tuple[int, int]
+    group_size: int = 128
+
+    def __post_init__(self):
+        if (not isinstance(self.shape, tuple | list) or len(self.shape) != 2
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in self.shape)):
+            raise ValueError(f"shape must be two ints (N, K), got {self.shape!r}")
+        self.shape = tuple(self.shape)
+        n, k = self.shape
+        check_format(n, k, self.group_size)
+        _check_tensor("packed", self.packed, (torch.int32,), (n, k // ref.PER_WORD))
+        _check_tensor("scales", self.scales, SCALE_DTYPES, (n, k // self.group_size))
+        if self.scales.device != self.packed.device:
+            raise ValueError(f"scales is on {self.scales.device} but packed is on {self.packed.device}")
+
+    def dequantize(self) -> torch.Tensor:
+        """W [N, K] float32."""
+        return ref.dequantize_int8_ref(self.packed, self.scales, self.group_size)
+
+    def to(self, device) -> Int8Weight:
+        return Int8Weight(self.packed.to(device), self.scales.to(device), self.shape, self.group_size)
+
+    @property
+    def nbytes(self) -> int:
+        return self.packed.numel() * 4 + self.scales.numel() * self.scales.element_size()
+
+
+def pack_int8(codes: torch.Tensor, scales: torch.Tensor, group_size: int = 128) -> Int8Weight:
+    """Pack int8 codes [N, K] in [-128, 127] with per-group scales [N, K/group_size] into an :class:`Int8Weight`.
+
+    Raises ValueError naming the argument: codes not 2-D int8, K not a multiple of 4 and of group_size,
+    group_size not in :data:`GROUP_SIZES`, scales not float16/bfloat16 [N, K/group_size] on the codes'
+    device, or not finite and > 0.
+    """
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D int8 tensor, got {getattr(codes, 'dtype', type(codes))} "
+                         f"with shape {tuple(getattr(codes, 'shape', ()))}")
+    n, k = codes.shape
+    check_format(n, k, group_size)
+    _check_tensor("scales", scales, SCALE_DTYPES, (n, k // group_size))
+    if scales.device != codes.device:
+        raise ValueError(f"scales is on {scales.device} but codes is on {codes.device}")
+    check_scale_values(scales)
+    return Int8Weight(ref.pack_int8_ref(codes), scales.contiguous(), (n, k), group_size)
+
+
+def unpack_int8(weight: Int8Weight) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes [N, K], scales [N, K/group_size]): the exact inverse of :func:`pack_int8`."""
+    if not isinstance(weight, Int8Weight):
+        raise ValueError(f"weight must be an Int8Weight, got {type(weight).__name__}")
+    return ref.unpack_int8_ref(weight.packed), weight.scales

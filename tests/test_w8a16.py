@@ -1,0 +1,105 @@
+"""INT8 weight-only GEMM (grace_kernels.int8, ops.w8a16, nn.W8A16Linear) on CPU: the format bit-exactly
+(against compressed-tensors' own 8-bit packer), the Triton kernel (interpreted) and the reference against
+x @ dequant(W) with the 2x-gold rule, the op's schema and fake, the module's state dict, the input checks."""
+
+import pytest
+import torch
+
+import grace_kernels as gk
+from grace_kernels.nn import QuantLinear, W8A16Linear
+from grace_kernels.testing import assert_close_to_gold
+
+
+def _codes(n, k, seed=0):
+    return torch.randint(-128, 128, (n, k), dtype=torch.int8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_pack_unpack_round_trip_and_byte_order_by_hand():
+    codes = _codes(37, 384)
+    scales = torch.rand(37, 3).half() + 0.01
+    w = gk.pack_int8(codes, scales)
+    assert w.packed.dtype == torch.int32 and w.packed.shape == (37, 96) and w.shape == (37, 384)
+    c2, s2 = gk.unpack_int8(w)
+    assert torch.equal(c2, codes) and torch.equal(s2, scales)
+    # u = q + 128, low byte first: codes [-128, -1, 0, 127] -> bytes [0x00, 0x7F, 0x80, 0xFF]
+    one = gk.pack_int8(torch.tensor([[-128, -1, 0, 127] * 8], dtype=torch.int8), torch.ones(1, 1).half(), 32)
+    assert (one.packed[0, 0].item() & 0xFFFFFFFF) == 0xFF807F00
+    assert torch.equal(one.dequantize()[0, :4], torch.tensor([-128.0, -1.0, 0.0, 127.0]))
+
+
+def test_packing_is_compressed_tensors_own():
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    codes = _codes(64, 256, seed=3)
+    w = gk.pack_int8(codes, torch.ones(64, 2, dtype=torch.bfloat16))
+    assert torch.equal(helpers.pack_to_int32(codes, 8), w.packed)
+    assert torch.equal(helpers.unpack_from_int32(w.packed, 8, torch.Size([64, 256])), codes)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("m,n,k,gs", [(1, 64, 256, 128), (3, 96, 512, 128), (17, 64, 256, 64), (5, 40, 128, 32)])
+def test_triton_and_reference_match_dequantized_matmul(m, n, k, gs, dtype):
+    g = torch.Generator().manual_seed(1)
+    w = gk.pack_int8(_codes(n, k), (torch.rand(n, k // gs, generator=g) * 2e-3 + 1e-4).to(
+        dtype if dtype != torch.float32 else torch.bfloat16), group_size=gs)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    bias = torch.randn(n, generator=g).to(dtype)
+    gold = x.double() @ w.dequantize().double().t() + bias.double()
+    lowp = x @ w.dequantize().to(dtype).t() + bias   # the same GEMM done by torch in dtype
+    with gk.use_backend("triton"):
+        y_t = gk.w8a16_matmul(x, w, bias)
+    with gk.use_backend("reference"):
+        y_r = gk.w8a16_matmul(x, w, bias)
+    assert y_t.dtype == dtype and y_t.shape == (m, n)
+    atol = 1e-3 if dtype != torch.float32 else 1e-5
+    assert_close_to_gold(y_t.double(), lowp.double(), gold, atol=atol, name="triton")
+    assert_close_to_gold(y_r.double(), lowp.double(), gold, atol=atol, name="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
+def test_opcheck(backend):
+    w = gk.pack_int8(_codes(16, 128), torch.full((16, 1), 0.01, dtype=torch.float16))
+    with gk.use_backend(backend):
+        torch.library.opcheck(torch.ops.grace_kernels.w8a16_matmul.default,
+                              (torch.randn(3, 128, dtype=torch.float16), w.packed, w.scales, 128))
+
+
+def test_forcing_cuda_raises_naming_the_missing_kernel():
+    w = gk.pack_int8(_codes(16, 128), torch.full((16, 1), 0.01, dtype=torch.float16))
+    with gk.use_backend("cuda"), pytest.raises(RuntimeError, match="w8a16_matmul"):
+        gk.w8a16_matmul(torch.randn(2, 128, dtype=torch.float16), w)
+
+
+def test_module_from_quant_linear_holds_the_trained_weight_and_round_trips_its_state_dict():
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(256, 48)
+    ql = QuantLinear.from_linear(lin, bits=8, group_size=128, scale_dtype=torch.bfloat16)
+    with torch.no_grad():
+        ql.log_scale.add_(torch.randn_like(ql.log_scale) * 0.05)
+    layer = W8A16Linear.from_quant_linear(ql)
+    assert torch.equal(layer.int8_weight.dequantize(), ql.fake_quant_weight())
+    state = layer.state_dict()
+    assert set(state) == {"weight_packed", "weight_scale", "weight_shape", "bias"}
+    assert state["weight_packed"].shape == (48, 64) and state["weight_shape"].tolist() == [48, 256]
+    fresh = W8A16Linear(256, 48, group_size=128, scale_dtype=torch.bfloat16, bias_dtype=torch.float32)
+    fresh.load_state_dict(state)
+    x = torch.randn(4, 256)
+    with gk.use_backend("reference"):
+        assert torch.equal(fresh(x), layer(x))
+        torch.testing.assert_close(layer(x), ql(x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="bits=4"):
+        W8A16Linear.from_quant_linear(QuantLinear.from_linear(lin, bits=4, group_size=128))
+
+
+@pytest.mark.parametrize("call,match", [
+    (lambda: gk.pack_int8(torch.zeros(4, 130, dtype=torch.int8), torch.ones(4, 1).half(), 128), "multiple of 4"),
+    (lambda: gk.pack_int8(torch.zeros(4, 128, dtype=torch.int16), torch.ones(4, 1).half()), "int8"),
+    (lambda: gk.pack_int8(torch.zeros(4, 128, dtype=torch.int8), torch.zeros(4, 1).half()), "finite and > 0"),
+    (lambda: gk.pack_int8(torch.zeros(4, 128, dtype=torch.int8), torch.ones(4, 1)), "float16 or bfloat16"),
+    (lambda: gk.w8a16_matmul(torch.randn(2, 64), gk.pack_int8(torch.zeros(4, 128, dtype=torch.int8),
+                                                             torch.ones(4, 1).half())), "K = 128"),
+    (lambda: W8A16Linear(100, 8, group_size=32), "multiple of 4 and of group_size"),
+])
+def test_bad_input_raises(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()

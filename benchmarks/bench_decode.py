@@ -12,24 +12,29 @@ since decode speed and memory do not depend on the values. Three paths hold the 
 
 Embeddings, norms and the LM head stay in bf16 on every path (as in the paper's W4A16 setting).
 
-Serving as an engine would: a static KV cache sized for prompt + generated tokens, the prompt prefilled in
-one eager forward, then each decode step replayed as one CUDA graph (captured once per batch size; the
-graph reads the current token and position from device buffers and advances them itself, so no host
-work sits between steps). Why a hand-written decoder rather than transformers' LlamaForCausalLM: a graph
-must see the same shapes and addresses on every replay, and transformers' cache and mask bookkeeping
-differs between releases (the GPU image has 5.17, CI newer) in ways we could not check without a GPU;
-this file's 80-line decoder has nothing dynamic, and tests/test_decode.py checks that it computes what
-LlamaForCausalLM computes with the same weights.
+Served as gpt-fast serves: a static KV cache sized for prompt + generated tokens, the prompt prefilled in
+one eager forward, then each decode step compiled (torch.compile with inductor: RMSNorm, rotary, residuals
+and the argmax fuse; our ops are traced through their fake implementations) and replayed as one CUDA graph
+(captured once per batch size; the graph reads the current token and position from device buffers and
+advances them itself, so no host work sits between steps). Why a hand-written decoder rather than
+transformers' LlamaForCausalLM: a graph must see the same shapes and addresses on every replay, and
+transformers' cache and mask bookkeeping differs between releases; this file's decoder has nothing
+dynamic, and tests/test_decode.py checks that it computes what LlamaForCausalLM computes (and generates
+what its generate does) with the same weights.
 
-Reported per (batch, path): decode tokens/s (batch x steps over the graph-replay time, CUDA events),
-prefill time, peak memory (``torch.cuda.max_memory_allocated`` over prefill + decode with the model
-resident) and the resident weight memory; the ratios against bf16 and the targets (INT4 >= 3.3x BF16
-decode tokens/s, >= 2.2x less peak memory at batch 1; the paper measured 3.03x and 2.18x with TinyChat
-on an A100). Agreement: relative error of each path's prefill logits against bf16's and the fraction of
-generated tokens equal to bf16's (with random weights greedy decoding drifts after the first difference).
+Reported per (batch, path): decode tokens/s (batch x steps over the graph-replay time, CUDA events;
+prefill is not in it), prefill time, the bytes a step reads (decode_report.py) and the achieved bandwidth
+against the data-sheet peak and the ~4.3 TB/s copy rate, the fixed per-step cost (the same step with every
+backbone linear replaced by a weight-free broadcast, NoLinear) and the linears' own bandwidth (their bytes
+over the step time minus that fixed cost), peak memory allocated and reserved (CUDA allocator peaks over
+prefill + decode, the model resident) and the resident weight memory; the ratios against bf16 and the
+targets (decode_report.py), each met / NOT met from the measurements. Agreement: relative error of each
+path's prefill logits against bf16's and the fraction of generated tokens equal to bf16's (with random
+weights greedy decoding drifts after the first difference).
 
 On a CPU machine the same code runs a toy decoder in float32 (our reference path, torch's CPU int4
-GEMM) and only the agreement is checked (tests/test_decode.py); no speed is claimed.
+GEMM), the graph through its eager stand-in (EagerGraphs) and, from the command line, the step compiled
+with the aot_eager backend; only the agreement is checked (tests/test_decode.py); no speed is claimed.
 
 Usage: ``pytest benchmarks/bench_decode.py`` or ``python benchmarks/bench_decode.py [--json out.json]``.
 """
@@ -37,11 +42,13 @@ Usage: ``pytest benchmarks/bench_decode.py`` or ``python benchmarks/bench_decode
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import gc
 import json
 import math
 import os
+import statistics
 import sys
 import time
 
@@ -51,7 +58,8 @@ from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from harness import Report, device_name  # noqa: E402
+import decode_report  # noqa: E402
+from harness import Report, device_name, hardware_limits  # noqa: E402
 from peers import int4pack_mm, int4pack_weight  # noqa: E402
 from shapes import LLAVA_7B  # noqa: E402
 
@@ -59,9 +67,8 @@ import grace_kernels as gk  # noqa: E402
 from grace_kernels.nn import W4A16KernelLinear, W4A16Linear  # noqa: E402
 
 PATHS = ("bf16", "int4", "int4pack")
-TARGET_SPEEDUP = 3.3       # INT4 decode tokens/s over BF16
-TARGET_MEMORY_RATIO = 2.2  # BF16 peak memory over INT4 at batch 1
-GROUP = 128
+NO_LINEARS = "no-linears"  # the fixed-cost model: every backbone linear a NoLinear
+GROUP = decode_report.GROUP
 
 
 @dataclasses.dataclass(frozen=True)
@@ -164,20 +171,28 @@ class LlamaDecoder(nn.Module):
         inv_freq = 1.0 / (shape.rope_theta ** (torch.arange(0, d, 2, dtype=torch.float32, device=lm_head.device) / d))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache,
-                last_only: bool = True) -> torch.Tensor:
-        """tokens int64 [B, T] at positions int64 [T] -> logits float32 [B, V] (last position) or [B, T, V]."""
+    def embed(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache):
+        """tokens int64 [B, T] at positions int64 [T] -> (x [B, T, H], cos and sin [T, D], mask bool [T, T_max])."""
         x = self.model.embed_tokens(tokens)
         freqs = positions.float()[:, None] * self.inv_freq[None, :]
         emb = torch.cat((freqs, freqs), dim=-1)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        mask = cache.key_positions[None, :] <= positions[:, None]  # [T, T_max], True = attend
-        for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, positions, mask, cache.k[i], cache.v[i])
+        mask = cache.key_positions[None, :] <= positions[:, None]  # True = attend
+        return x, emb.cos().to(x.dtype), emb.sin().to(x.dtype), mask
+
+    def head(self, x: torch.Tensor, last_only: bool = True) -> torch.Tensor:
+        """The final norm and the LM head: x [B, T, H] -> float32 logits [B, V] (last position) or [B, T, V]."""
         x = self.model.norm(x)
         if last_only:
             x = x[:, -1]
         return self.lm_head(x).float()
+
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor, cache: StaticCache,
+                last_only: bool = True) -> torch.Tensor:
+        """tokens int64 [B, T] at positions int64 [T] -> logits float32 [B, V] (last position) or [B, T, V]."""
+        x, cos, sin, mask = self.embed(tokens, positions, cache)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, positions, mask, cache.k[i], cache.v[i])
+        return self.head(x, last_only)
 
 
 @dataclasses.dataclass
@@ -212,6 +227,19 @@ class Int4PackLinear(nn.Module):
         return y.reshape(*x.shape[:-1], self.out_features)
 
 
+class NoLinear(nn.Module):
+    """A stand-in for a linear layer that reads no weight: y[..., n] = x[..., 0] (a broadcast), so that
+    the step keeps every other operation (norms, rotary, attention, cache writes, residuals, LM head,
+    sampling) and none of it can be folded away. Times the step's fixed cost."""
+
+    def __init__(self, out_features: int, dtype, device):
+        super().__init__()
+        self.register_buffer("zero", torch.zeros(out_features, dtype=dtype, device=device))
+
+    def forward(self, x):
+        return x[..., :1] + self.zero
+
+
 def _linear(path: str, weight: gk.Int4Weight, dtype, device, kernel_layout: bool) -> nn.Module:
     if path == "bf16":
         layer = nn.Linear(weight.shape[1], weight.shape[0], bias=False, device="meta")
@@ -244,6 +272,9 @@ def build_model(shape: LlamaShape, path: str, *, dtype: torch.dtype, device, see
     for i in range(shape.layers):
         linears = {}
         for j, (name, (n, k)) in enumerate(dims.items()):
+            if path == NO_LINEARS:
+                linears[name] = NoLinear(n, dtype, device)
+                continue
             w4 = gk.quantize_rtn(randn(n, k, std=1 / math.sqrt(k), seed_offset=10 * i + j + 1), GROUP, scale_dtype)
             linears[name] = _linear(path, w4, dtype, device, kernel_layout)
         norms = [1 + 0.1 * randn(h, std=1.0, seed_offset=-(10 + 2 * i + r)).to(dtype) for r in (1, 2)]
@@ -257,42 +288,124 @@ def build_model(shape: LlamaShape, path: str, *, dtype: torch.dtype, device, see
 # ------------------------------------------------------------------------------------------------ engine
 
 
-class DecodeEngine:
-    """Greedy generation with a static KV cache; decode steps replayed as one CUDA graph on GPUs."""
+class CudaGraphs:
+    """CUDA graph capture and replay, as the engine uses them: warm-up on a side stream, then one capture."""
 
-    def __init__(self, model: LlamaDecoder, batch: int, prompt_len: int, new_tokens: int, *, graph: bool):
+    name = "CUDA graph"
+
+    @contextlib.contextmanager
+    def warmup(self):
+        side = torch.cuda.Stream()  # cuBLAS handles, Triton JIT, lazy init: off the capture stream
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+    def capture(self, fn):
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            fn()
+        return graph
+
+
+class EagerGraphs:
+    """The CPU stand-in for :class:`CudaGraphs`, with the same interface, so that the engine's capture path
+    (its warm-up included) runs in CI: ``capture`` records ``fn`` without running it (a CUDA capture
+    executes nothing either) and each ``replay`` runs it eagerly."""
+
+    name = "eager stand-in for a CUDA graph"
+
+    @contextlib.contextmanager
+    def warmup(self):
+        yield
+
+    def capture(self, fn):
+        return _RecordedStep(fn)
+
+
+@dataclasses.dataclass
+class _RecordedStep:
+    fn: object
+    replays: int = 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.fn()
+
+
+def _layer_step(layer, x, cos, sin, positions, mask, k_cache, v_cache):
+    return layer(x, cos, sin, positions, mask, k_cache, v_cache)
+
+
+class DecodeEngine:
+    """Greedy generation with a static KV cache; each decode step replayed as one graph.
+
+    ``graph``: False (eager steps), True (a CUDA graph on CUDA, :class:`EagerGraphs` elsewhere) or an
+    object with the :class:`CudaGraphs` interface. ``compile``: None, or a torch.compile backend
+    ("inductor" on GPUs; "eager"/"aot_eager" trace on CPU): the step is compiled as three functions, the
+    embedding and rotary tables, one decoder layer (compiled once and reused by every layer, so that
+    tracing costs one layer, not 32) and the final norm, LM head, argmax and bookkeeping. RMSNorm, rotary,
+    residuals and sampling fuse; the project's ops are traced through their fake implementations.
+
+    Raises ValueError for batch, prompt_len < 1, or new_tokens < 2 (the decode steps start at the second).
+    """
+
+    def __init__(self, model: LlamaDecoder, batch: int, prompt_len: int, new_tokens: int, *, graph=False,
+                 compile: str | None = None):
+        if batch < 1 or prompt_len < 1 or new_tokens < 2:
+            raise ValueError(f"need batch >= 1, prompt_len >= 1, new_tokens >= 2; got {batch}, {prompt_len}, "
+                             f"{new_tokens}")
         p = next(model.model.embed_tokens.parameters())
         self.model, self.prompt_len, self.new_tokens = model, prompt_len, new_tokens
         self.cache = StaticCache.empty(model.shape, batch, prompt_len + new_tokens, p.dtype, p.device)
         self.token = torch.zeros(batch, 1, dtype=torch.long, device=p.device)
         self.position = torch.zeros(1, dtype=torch.long, device=p.device)
         self.out = torch.zeros(batch, new_tokens, dtype=torch.long, device=p.device)
+        self.compile = compile
+        if compile is None:
+            self._pre, self._layer, self._post = self._embed, _layer_step, self._finish
+        else:
+            self._pre, self._layer, self._post = (torch.compile(f, backend=compile, fullgraph=True, dynamic=False)
+                                                  for f in (self._embed, _layer_step, self._finish))
         self.graph = None
-        if graph:
+        if graph is True:
+            graph = CudaGraphs() if p.device.type == "cuda" else EagerGraphs()
+        self.graphs = graph or None
+        if self.graphs is not None:
             self._capture()
 
-    def _step(self) -> None:
-        logits = self.model(self.token, self.position, self.cache)
-        nxt = logits.argmax(-1, keepdim=True)
+    def _embed(self):
+        return self.model.embed(self.token, self.position, self.cache)
+
+    def _finish(self, x):
+        nxt = self.model.head(x).argmax(-1, keepdim=True)
         # out[:, i + 1] for the token read at position prompt_len + i: the graph indexes by device values only
         self.out.index_copy_(1, self.position - (self.prompt_len - 1), nxt)
         self.token.copy_(nxt)
         self.position.add_(1)
 
+    def _step(self) -> None:
+        x, cos, sin, mask = self._pre()
+        for i, layer in enumerate(self.model.model.layers):
+            x = self._layer(layer, x, cos, sin, self.position, mask, self.cache.k[i], self.cache.v[i])
+        self._post(x)
+
+    @torch.no_grad()  # as decode() replays it: a compiled step guards on grad mode
     def _capture(self) -> None:
-        side = torch.cuda.Stream()  # warm-up (cuBLAS handles, Triton JIT, lazy init) off the capture stream
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+        # Warm-up (compilation, cuBLAS handles, Triton JIT) at the first decode position, so that its writes
+        # land in bounds (out[:, 1], cache position prompt_len); prefill rewrites all of that state.
+        with self.graphs.warmup():
             for _ in range(2):
+                self.position.fill_(self.prompt_len)
                 self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
-            self._step()
+        self.position.fill_(self.prompt_len)
+        self.graph = self.graphs.capture(self._step)
+        self.out.zero_()
+        self.token.zero_()
 
     @torch.no_grad()
     def prefill(self, prompt: torch.Tensor) -> torch.Tensor:
-        """Fill the cache with the prompt [B, P]; returns the prefill's last-position logits [B, V] float32."""
+        """Fill the cache with the prompt [B, P] (eager); returns its last-position logits [B, V] float32."""
         positions = torch.arange(self.prompt_len, device=prompt.device)
         logits = self.model(prompt, positions, self.cache)
         first = logits.argmax(-1, keepdim=True)
@@ -333,6 +446,8 @@ def _timed(fn, device) -> float:
 def path_unavailable(path: str, dtype: torch.dtype, device) -> str | None:
     """Why a path cannot run here, or None: torch's int4 GEMM takes bf16 on CUDA, and may be missing."""
     device = torch.device(device)
+    if path not in (*PATHS, NO_LINEARS):
+        raise ValueError(f"path must be one of {PATHS} or {NO_LINEARS!r}, got {path!r}")
     if path != "int4pack":
         return None
     if device.type == "cuda" and dtype != torch.bfloat16:
@@ -349,61 +464,109 @@ def path_unavailable(path: str, dtype: torch.dtype, device) -> str | None:
     return None if err < 2e-2 else f"torch's int4 GEMM disagrees with x @ dequant(W) (relative error {err:.2e})"
 
 
-def _prefill_fn(engine: DecodeEngine, prompt: torch.Tensor, logits_out: list):
-    def prefill():
-        logits_out.append(engine.prefill(prompt))
+def _measure(model: LlamaDecoder, path: str, prompt: torch.Tensor, new_tokens: int, reps: int, *, graph, compile,
+             before_measure) -> tuple[dict, torch.Tensor]:
+    """One (path, batch): build the engine, warm up, time ``reps`` prefills and decodes. Returns the row and
+    the last prefill's logits. Everything it allocates dies when it returns (nothing outlives the call but
+    the row and the logits on the host), so the next measurement's peak memory counts only its own."""
+    device = prompt.device
+    on_gpu = device.type == "cuda"
+    b, prompt_len = prompt.shape
+    if on_gpu:
+        torch.cuda.reset_peak_memory_stats()
+    compile_error = None
+    try:
+        engine = DecodeEngine(model, b, prompt_len, new_tokens, graph=graph, compile=compile)
+    except Exception as e:  # a decode number from the eager step beats none; the row says why
+        if compile is None:
+            raise
+        compile_error = f"{type(e).__name__}: {str(e)[:300]}"
+        torch._dynamo.reset()
+        engine = DecodeEngine(model, b, prompt_len, new_tokens, graph=graph, compile=None)
+    engine.prefill(prompt)  # warm-up: lazy init and W4A16's crossover measurement at prefill's M
+    engine.decode()
+    if before_measure is not None:
+        before_measure(path=path, batch=b, model=model, engine=engine)
+    prefill_s, decode_s = [], []
+    logits = None
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        logits = engine.prefill(prompt)
+        _sync(device)
+        prefill_s.append(time.perf_counter() - t0)
+        decode_s.append(_timed(engine.decode, device))
+    _sync(device)
+    decode = statistics.median(decode_s)
+    row = {"batch": b, "path": path, "prompt_len": prompt_len, "new_tokens": new_tokens,
+           "decode_tokens_per_s": b * (new_tokens - 1) / decode, "decode_ms_per_step": 1e3 * decode / (new_tokens - 1),
+           "prefill_ms": 1e3 * statistics.median(prefill_s),
+           "peak_mem_gib": torch.cuda.max_memory_allocated() / 2 ** 30 if on_gpu else None,
+           "peak_reserved_gib": torch.cuda.max_memory_reserved() / 2 ** 30 if on_gpu else None,
+           "graph": engine.graphs.name if engine.graphs is not None else None,
+           "compile": engine.compile, "compile_error": compile_error, "tokens": engine.out.cpu()}
+    return row, logits.cpu()
 
-    return prefill
+
+def _rates(row: dict, shape: LlamaShape, fixed_ms: float | None, peak_gbps: float | None, copy_gbps) -> None:
+    """Bytes per step, achieved bandwidth (all bytes, and the linears' alone over the step time minus the
+    fixed cost) against the peak and the copy rate."""
+    parts = decode_report.bytes_per_step(dataclasses.asdict(shape), row["path"], row["batch"],
+                                         row["prompt_len"] + row["new_tokens"])
+    step_s = row["decode_ms_per_step"] / 1e3
+    row["gb_per_step"] = parts["total"] / 1e9
+    row["gb_per_s"] = parts["total"] / 1e9 / step_s
+    row["peak_gbps"] = peak_gbps
+    row["pct_peak_bw"] = 100 * row["gb_per_s"] / peak_gbps if peak_gbps else None
+    row["pct_copy_bw"] = 100 * row["gb_per_s"] / copy_gbps if copy_gbps else None
+    row["fixed_ms_per_step"] = fixed_ms
+    linear_s = step_s - fixed_ms / 1e3 if fixed_ms is not None else None
+    row["linear_gb_per_s"] = parts["linears"] / 1e9 / linear_s if linear_s and linear_s > 0 else None
 
 
 def run_decode(shape: LlamaShape = LLAVA_7B_LM, *, batches=(1, 8), prompt_len: int = 128, new_tokens: int = 256,
-               dtype: torch.dtype = torch.bfloat16, device=None, reps: int = 3, paths=PATHS,
-               seed: int = 0) -> dict:
-    """Run every path at every batch size; returns {"rows": [...], "skipped": {path: why}, "summary": {...}}.
+               dtype: torch.dtype = torch.bfloat16, device=None, reps: int = 3, paths=PATHS, seed: int = 0,
+               graph=True, compile: str | None = "auto", fixed_cost: bool = True, before_measure=None) -> dict:
+    """Run every path at every batch size; returns {"rows": [...], "skipped": {path: why}, "summary": {...},
+    "step": {...}, "fixed_ms_per_step": {batch: ms}}.
 
-    Each row: batch, path, decode_tokens_per_s, decode_ms_per_step, prefill_ms, peak_mem_gib, weights_gib,
+    ``graph``/``compile`` as :class:`DecodeEngine` (compile "auto": inductor on CUDA, none elsewhere; a
+    compile that fails falls back to the eager step, and the row says why). ``fixed_cost``: also time the
+    step with every backbone linear replaced by :class:`NoLinear` (the per-step cost that is not weight
+    streaming). ``before_measure(path=, batch=, model=, engine=)`` is called before each timing (tests).
+
+    Each row: batch, path, decode_tokens_per_s (prefill excluded), decode_ms_per_step, prefill_ms,
+    peak_mem_gib / peak_reserved_gib (CUDA allocator peaks over prefill + decode, model resident),
+    weights_gib, gb_per_step, gb_per_s, pct_peak_bw, pct_copy_bw, fixed_ms_per_step, linear_gb_per_s,
     logits_rel_err_vs_bf16, tokens_equal_bf16 (fraction), tokens (the generated ids, [B, new_tokens]).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     on_gpu = device.type == "cuda"
+    if compile == "auto":
+        compile = "inductor" if on_gpu else None
     gen = torch.Generator().manual_seed(seed + 1)
     prompts = {b: torch.randint(0, shape.vocab, (b, prompt_len), generator=gen).to(device) for b in batches}
-    rows, skipped, reference = [], {}, {}
-    for path in paths:
+    peak_gbps = hardware_limits()[0] if on_gpu else None
+    copy_gbps = decode_report.device_limit(decode_report.COPY_GBPS, device_name()) if on_gpu else None
+    rows, skipped, reference, fixed = [], {}, {}, {}
+    opts = {"graph": graph, "compile": compile, "before_measure": before_measure}
+    for path in ([NO_LINEARS] if fixed_cost else []) + list(paths):
         why = path_unavailable(path, dtype, device)
         if why is not None:
             skipped[path] = why
             continue
-        gc.collect()
-        if on_gpu:
-            torch.cuda.empty_cache()
-            base = torch.cuda.memory_allocated()
+        _release(device)
+        base = torch.cuda.memory_allocated() if on_gpu else 0
         model = build_model(shape, path, dtype=dtype, device=device, seed=seed)
         weights = (torch.cuda.memory_allocated() - base) if on_gpu else sum(
             t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
         for b in batches:
-            if on_gpu:
-                torch.cuda.reset_peak_memory_stats()
-            engine = DecodeEngine(model, b, prompt_len, new_tokens, graph=on_gpu)
-            engine.prefill(prompts[b])  # warm-up: lazy init and W4A16's crossover measurement at prefill's M
-            engine.decode()
-            prefill_s, decode_s, logits = [], [], []
-            prefill = _prefill_fn(engine, prompts[b], logits)
-            for _ in range(reps):
-                prefill_s.append(_timed(prefill, device))
-                decode_s.append(_timed(engine.decode, device))
-            logits = logits[-1]
-            _sync(device)
-            peak = torch.cuda.max_memory_allocated() if on_gpu else None
-            tokens = engine.out.cpu()
-            decode = sorted(decode_s)[len(decode_s) // 2]
-            row = {"batch": b, "path": path, "prompt_len": prompt_len, "new_tokens": new_tokens,
-                   "dtype": str(dtype).removeprefix("torch."),
-                   "decode_tokens_per_s": b * (new_tokens - 1) / decode,
-                   "decode_ms_per_step": 1e3 * decode / (new_tokens - 1),
-                   "prefill_ms": 1e3 * sorted(prefill_s)[len(prefill_s) // 2],
-                   "peak_mem_gib": None if peak is None else peak / 2 ** 30, "weights_gib": weights / 2 ** 30,
-                   "cuda_graph": engine.graph is not None}
+            row, logits = _measure(model, path, prompts[b], new_tokens, reps, **opts)
+            if path == NO_LINEARS:
+                fixed[b] = row["decode_ms_per_step"]
+                continue
+            row.update(dtype=str(dtype).removeprefix("torch."), weights_gib=weights / 2 ** 30)
+            _rates(row, shape, fixed.get(b), peak_gbps, copy_gbps)
+            tokens = row.pop("tokens")
             if path == PATHS[0]:
                 reference[b] = (logits, tokens)
             if b in reference:
@@ -412,50 +575,28 @@ def run_decode(shape: LlamaShape = LLAVA_7B_LM, *, batches=(1, 8), prompt_len: i
                 row["tokens_equal_bf16"] = (tokens == ref_tokens).float().mean().item()
             row["tokens"] = tokens.tolist()
             rows.append(row)
-            del engine
         del model
+        if compile is not None:
+            torch._dynamo.reset()  # its caches hold the compiled step's module, hence the model
+    _release(device)
+    step = {"graph": rows[0]["graph"] if rows else None, "compile": compile}
     return {"shape": dataclasses.asdict(shape), "device": device_name() if on_gpu else str(device), "rows": rows,
-            "skipped": skipped, "summary": summarize(rows) if on_gpu else {}}  # CPU: agreement only
+            "skipped": skipped, "step": step, "fixed_ms_per_step": fixed,
+            "summary": decode_report.summarize(rows) if on_gpu else {}}  # CPU: agreement only
+
+
+def _release(device) -> None:
+    gc.collect()
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def summarize(rows: list[dict]) -> dict:
-    """Ratios of each INT4 path against bf16 per batch, with the targets and whether they are met."""
-    by = {(r["batch"], r["path"]): r for r in rows}
-    out = {}
-    for (b, path), r in by.items():
-        base = by.get((b, "bf16"))
-        if path == "bf16" or base is None:
-            continue
-        speedup = r["decode_tokens_per_s"] / base["decode_tokens_per_s"]
-        entry = {"speedup_vs_bf16": speedup, "target_speedup": TARGET_SPEEDUP,
-                 "meets_speedup_target": speedup >= TARGET_SPEEDUP}
-        if r["peak_mem_gib"] and base["peak_mem_gib"]:
-            ratio = base["peak_mem_gib"] / r["peak_mem_gib"]
-            entry.update(memory_ratio_vs_bf16=ratio, target_memory_ratio=TARGET_MEMORY_RATIO if b == 1 else None,
-                         meets_memory_target=(ratio >= TARGET_MEMORY_RATIO) if b == 1 else None)
-        out[f"{path}@batch{b}"] = entry
-    return out
+    """See :func:`decode_report.summarize`."""
+    return decode_report.summarize(rows)
 
 
-def markdown(result: dict) -> str:
-    """The side-by-side table (and the ratios) as Markdown."""
-    lines = [f"Decode, {result['device']}: Llama {result['shape']['hidden']} x {result['shape']['layers']} layers",
-             "", "| batch | path | decode tok/s | ms/step | prefill ms | peak GiB | weights GiB | "
-             "logits rel err vs bf16 | tokens = bf16 |", "|---|---|---|---|---|---|---|---|---|"]
-    for r in result["rows"]:
-        cells = [r["batch"], r["path"], r["decode_tokens_per_s"], r["decode_ms_per_step"], r["prefill_ms"],
-                 r["peak_mem_gib"], r["weights_gib"], r.get("logits_rel_err_vs_bf16"), r.get("tokens_equal_bf16")]
-        lines.append("| " + " | ".join(f"{c:.4g}" if isinstance(c, float) else str(c) for c in cells) + " |")
-    for key, s in result["summary"].items():
-        mem = (f", memory {s['memory_ratio_vs_bf16']:.2f}x less" if "memory_ratio_vs_bf16" in s else "")
-        target = (f" (targets {s['target_speedup']}x" +
-                  (f", {s['target_memory_ratio']}x" if s.get("target_memory_ratio") else "") + ")")
-        met = s["meets_speedup_target"] and s.get("meets_memory_target") is not False
-        lines.append(f"- {key}: {s['speedup_vs_bf16']:.2f}x bf16 tokens/s{mem}{target}: "
-                     f"{'met' if met else 'NOT met'}")
-    for path, why in result["skipped"].items():
-        lines.append(f"- {path} skipped: {why}")
-    return "\n".join(lines)
+markdown = decode_report.markdown
 
 
 def _report(result: dict) -> None:
@@ -484,15 +625,33 @@ def main(argv=None) -> int:
     p.add_argument("--json", help="write the result here")
     p.add_argument("--toy", action="store_true", help="the small CPU-sized decoder (the default without a GPU)")
     p.add_argument("--reps", type=int, default=3)
+    p.add_argument("--batches", default="1,8", help="comma-separated batch sizes (default 1,8)")
+    p.add_argument("--compile", default="auto",
+                   help="torch.compile backend of the step: auto (inductor on CUDA; on CPU aot_eager, which "
+                        "traces the step as inductor would), none, or a backend name")
+    p.add_argument("--no-graph", action="store_true", help="eager steps, no graph capture")
     args = p.parse_args(argv)
-    toy = args.toy or not torch.cuda.is_available()
-    result = (run_decode(TOY, batches=(1, 2), prompt_len=16, new_tokens=8,
-                         dtype=torch.bfloat16 if torch.cuda.is_available() else torch.float32, reps=args.reps)
-              if toy else run_decode(reps=args.reps))
+    if args.reps < 1:
+        p.error("--reps must be at least 1")
+    try:
+        batches = tuple(int(b) for b in args.batches.split(","))
+    except ValueError:
+        p.error(f"--batches must be comma-separated integers, got {args.batches!r}")
+    if min(batches) < 1:
+        p.error("--batches must be positive")
+    gpu = torch.cuda.is_available()
+    compile = {"none": None, "auto": "auto" if gpu else "aot_eager"}.get(args.compile, args.compile)
+    opts = {"reps": args.reps, "batches": batches, "compile": compile, "graph": not args.no_graph}
+    if args.toy or not gpu:
+        result = run_decode(TOY, prompt_len=16, new_tokens=8, dtype=torch.bfloat16 if gpu else torch.float32, **opts)
+    else:
+        result = run_decode(**opts)
     _report(result)
     if args.json:
-        with open(args.json, "w") as f:
+        tmp = args.json + ".tmp"
+        with open(tmp, "w") as f:
             json.dump(result, f, indent=1)
+        os.replace(tmp, args.json)
     return 0
 
 

@@ -6,8 +6,10 @@ logits and greedy generation as transformers' LlamaForCausalLM with the same wei
 only on a GPU (gpu_acceptance).
 """
 
+import gc
 import os
 import sys
+import weakref
 
 import pytest
 import torch
@@ -66,6 +68,86 @@ def test_decoder_and_static_cache_match_transformers_llama():
     assert torch.equal(engine.out, ref), (engine.out, ref)
 
 
+def test_capture_path_runs_through_the_graph_stand_in_and_matches_eager_steps():
+    """graph=True on CPU takes the same _capture path as on CUDA (warm-up, capture, replays), with the
+    eager stand-in: its warm-up must write in bounds and leave the engine as prefill expects it."""
+    model = bd.build_model(SMALL, "int4", dtype=torch.float32, device="cpu", seed=1)
+    prompt = torch.randint(0, SMALL.vocab, (2, 7), generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for graph in (False, True):
+        engine = bd.DecodeEngine(model, 2, 7, 6, graph=graph)
+        if graph:
+            assert isinstance(engine.graphs, bd.EagerGraphs) and engine.graph.replays == 0
+            assert not engine.out.any() and not engine.token.any()  # the warm-up's writes are undone
+        engine.prefill(prompt)
+        engine.decode()
+        outs[graph] = engine.out.clone()
+    assert engine.graph.replays == 5  # new_tokens - 1 steps, all by replay
+    assert torch.equal(outs[True], outs[False])
+    with pytest.raises(ValueError, match="new_tokens >= 2"):
+        bd.DecodeEngine(model, 1, 7, 1, graph=True)
+
+
+def test_compiled_step_traces_each_layer_once_through_the_ops_fakes_and_matches_eager():
+    """The serving step under torch.compile (aot_eager: dynamo + AOT tracing with fake tensors, the path
+    inductor takes): three graphs for any depth (embedding, one decoder layer reused by every layer, the
+    head with sampling), the INT4 GEMM traced as the project's op, and the same tokens as eager steps."""
+    from torch._dynamo import lookup_backend
+
+    graphs = []
+
+    def counting_backend(gm, example_inputs):
+        graphs.append(gm)
+        return lookup_backend("aot_eager")(gm, example_inputs)
+
+    torch._dynamo.reset()
+    model = bd.build_model(SMALL, "int4", dtype=torch.float32, device="cpu", seed=1)
+    prompt = torch.randint(0, SMALL.vocab, (1, 7), generator=torch.Generator().manual_seed(2))
+    outs = {}
+    for compile in (None, counting_backend):
+        engine = bd.DecodeEngine(model, 1, 7, 6, graph=True, compile=compile)
+        engine.prefill(prompt)
+        engine.decode()
+        outs[compile is None] = engine.out.clone()
+    torch._dynamo.reset()
+    assert torch.equal(outs[True], outs[False])
+    assert len(graphs) == 3, [str(g.graph)[:200] for g in graphs]
+    assert sum("grace_kernels.w4a16_matmul" in str(g.graph) for g in graphs) == 1  # the layer graph
+
+
+def test_no_previous_model_or_cache_is_alive_while_the_next_path_is_measured():
+    """Peak memory of a path must not count the previous path's model or any earlier engine's KV cache:
+    at each measurement, weak references to everything measured before are dead."""
+    earlier, seen = [], []
+
+    def before_measure(path, batch, model, engine):
+        gc.collect()
+        alive = [name for name, ref in earlier if ref() is not None]
+        assert not alive, f"alive while measuring {path}@{batch}: {alive}"
+        seen.append((path, batch))
+        # the previous path's model may not live on; this path's model serves its next batch
+        earlier.extend([(f"{path}@{batch} cache", weakref.ref(engine.cache.k)),
+                        (f"{path}@{batch} engine", weakref.ref(engine))])
+        if batch == 2:
+            earlier.append((f"{path} model", weakref.ref(model)))
+
+    bd.run_decode(SMALL, batches=(1, 2), prompt_len=6, new_tokens=3, dtype=torch.float32, device="cpu", reps=1,
+                  paths=("bf16", "int4"), compile="eager", before_measure=before_measure)
+    assert seen == [(p, b) for p in (bd.NO_LINEARS, "bf16", "int4") for b in (1, 2)]
+
+
+def test_rates_use_the_bytes_per_step_and_the_fixed_cost():
+    shape = bd.LLAVA_7B_LM
+    row = {"path": "int4", "batch": 1, "prompt_len": 128, "new_tokens": 256, "decode_ms_per_step": 4.0}
+    bd._rates(row, shape, fixed_ms=1.0, peak_gbps=4800.0, copy_gbps=4300.0)
+    assert row["gb_per_step"] == pytest.approx(3.8032, abs=1e-4)
+    assert row["gb_per_s"] == pytest.approx(3.8032 / 4e-3, rel=1e-4)
+    assert row["pct_peak_bw"] == pytest.approx(100 * row["gb_per_s"] / 4800)
+    assert row["linear_gb_per_s"] == pytest.approx(3.33919 / 3e-3, rel=1e-4)  # linears over 4 - 1 ms
+    bd._rates(row, shape, fixed_ms=5.0, peak_gbps=None, copy_gbps=None)  # fixed cost above the step: no rate
+    assert row["linear_gb_per_s"] is None and row["pct_peak_bw"] is None
+
+
 def test_summary_ratios_and_targets():
     def row(b, path, tps, peak):
         return {"batch": b, "path": path, "decode_tokens_per_s": tps, "peak_mem_gib": peak}
@@ -83,3 +165,5 @@ def test_unknown_path_is_rejected():
     w = bd.gk.quantize_rtn(torch.randn(64, 128))
     with pytest.raises(ValueError, match="path must be one of"):
         bd._linear("fp8", w, torch.float32, "cpu", False)
+    with pytest.raises(ValueError, match="path must be one of"):
+        bd.path_unavailable("fp8", torch.float32, "cpu")

@@ -115,7 +115,9 @@ def cuda_kernel_unsupported(n: int, k: int, group_size: int, dtype: torch.dtype)
 def _cuda_kernel_matmul(x2d: torch.Tensor, kernel_packed: torch.Tensor, kernel_scales: torch.Tensor, group_size: int,
                         bias: torch.Tensor | None) -> torch.Tensor:
     """The fused CUDA kernel: x2d [M, K] -> [M, N] in x2d's dtype."""
-    if x2d.data_ptr() % 16:  # the kernel copies rows with 16-byte cp.async
+    # The kernel copies rows with 16-byte cp.async. A traced graph (torch.compile) has no addresses to test:
+    # there the copy is always made; inductor fuses it into the producer, and its buffers are 16-byte aligned.
+    if torch.compiler.is_compiling() or x2d.data_ptr() % 16:
         x2d = x2d.clone()
     bias32 = None if bias is None else bias.float().contiguous()
     return torch.ops.grace_kernels.w4a16_matmul_repacked(x2d, kernel_packed, kernel_scales.to(x2d.dtype), group_size,

@@ -22,7 +22,6 @@ or device cannot run raises ``RuntimeError`` naming both, rather than silently r
 from __future__ import annotations
 
 import contextlib
-import functools
 import importlib.util
 import os
 import threading
@@ -64,9 +63,13 @@ def triton_interpret() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.cache
+# Looked up once at import: torch.compile traces select_backend, and older dynamo (torch 2.11) refuses to
+# trace importlib.util.find_spec, even behind functools.cache.
+_TRITON_AVAILABLE = importlib.util.find_spec("triton") is not None
+
+
 def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _TRITON_AVAILABLE
 
 
 def cuda_ext_available() -> bool:

@@ -3,8 +3,9 @@
 The lent GPU machine has no network: the project must install and import against what its image holds.
 The first test that needs it builds a side environment under .compat/site (ignored by git, reused when
 its stamp matches): exactly those three releases, with ``pip install --no-deps --target``, layered before
-this environment on PYTHONPATH (their own small dependencies that this environment lacks are listed
-below; everything else, such as numpy and the CUDA libraries torch links, comes from this environment).
+this environment on PYTHONPATH (their own small dependencies that this environment lacks, and a NumPy
+that Triton 3.6's interpreter works with, are listed below; everything else, such as the CUDA libraries
+torch links, comes from this environment).
 About 750 MB to download and 2.5 GB on disk; two to four minutes on a fresh CI machine.
 
 In that environment: the package imports and two CPU test files pass (backend choice, the decode
@@ -37,6 +38,9 @@ SIDE_PACKAGES = [
     "triton==3.6.*", "transformers==5.17.*",
     # transformers 5.17 wants huggingface-hub 1.x, which needs httpx (newer hubs, in this environment, do not)
     "huggingface-hub>=1.5,<2", "httpx", "httpcore", "h11", "anyio", "certifi", "idna",
+    # Triton 3.6's interpreter turns 1-element arrays into ints, which NumPy 2.4 made an error: every loop
+    # with a runtime bound fails under TRITON_INTERPRET=1 with a newer NumPy (the compiled path is unaffected)
+    "numpy>=2,<2.4",
 ]
 
 # Compiles the float32 W4A16 kernel for sm_90 with whatever Triton is importable, plus a control kernel

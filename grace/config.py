@@ -19,13 +19,20 @@ INIT_METHODS = ("percentile", "mse")
 
 MIXED_PRECISION = ("auto", "bf16", "none")
 
-# The authors' released code (ForeverBlue816/GRACE: qwen-vl-finetune/scripts/finetune_qwen3vl_2b_grace.slurm,
-# Qwen3-VL 8B -> 2B) departs from Table 6 here: IB controller (IB_TAU, IB_ETA, IB_BETA_*), RCKA_WEIGHT,
-# DKD_WARMUP_STEPS=0 and RCKA_WARMUP_STEPS=400, QAT_SCALE_LR, LEARNING_RATE 1e-5 and one epoch, a per-device
-# batch of 2 with 16 accumulation steps, MODEL_MAX_LENGTH 8192, gradient checkpointing, MSE scale init.
+# Each preset is one convention, the loss's scale and the controller's budget tau together (tau only means
+# something on the scale GDKD is measured in):
+# * "paper": the paper's Eqs. 1-3 (DKD = tckd_weight TCKD + nckd_weight NCKD, no T^2 factor) and its Table 6
+#   (tau 0.35, eta 0.0015, beta in [0.1, 5], 99th-percentile LSQ init); these are TrainConfig's defaults.
+# * "released": the authors' released code (ForeverBlue816/GRACE: qwen-vl-finetune/scripts/
+#   finetune_qwen3vl_2b_grace.slurm, Qwen3-VL 8B -> 2B, and qwenvl/train/grace_modules.py, whose
+#   decoupled_kd_per_token multiplies by T * T). It departs from Table 6 in: the T^2 factor, the IB controller
+#   (IB_TAU, IB_ETA, IB_BETA_*), RCKA_WEIGHT, DKD_WARMUP_STEPS=0 and RCKA_WARMUP_STEPS=400, QAT_SCALE_LR,
+#   LEARNING_RATE 1e-5 and one epoch, a per-device batch of 2 with 16 accumulation steps, MODEL_MAX_LENGTH 8192,
+#   gradient checkpointing, MSE scale init.
 PRESETS = {
-    "paper": {},
-    "released": {"tau": 3.0, "eta": 0.003, "beta_init": 0.5, "beta_min": 0.1, "beta_max": 1.0, "omega": 3.0,
+    "paper": {"kd_t2": False, "tau": 0.35, "eta": 0.0015, "init_method": "percentile"},
+    "released": {"kd_t2": True, "tau": 3.0, "eta": 0.003, "beta_init": 0.5, "beta_min": 0.1, "beta_max": 1.0,
+                 "omega": 3.0,
                  "gdkd_warmup_steps": 0, "rcka_warmup_steps": 400, "scale_lr": 2e-4, "scale_weight_decay": 0.0,
                  "init_method": "mse", "lr": 1e-5, "epochs": 1, "batch_size": 2, "grad_accum": 16,
                  "max_length": 8192, "gradient_checkpointing": True},
@@ -67,6 +74,11 @@ class TrainConfig:
     freeze_vision: bool = True         # the paper's setup; False trains the vision tower too (pretraining)
     # objective
     temperature: float = 2.0
+    # The KD term's convention: False, the paper's Eqs. 1-3 (no T^2 factor); True, the release's and Hinton's /
+    # DKD's (per-token KD times T^2: gradients of the softened logits keep their size as T grows). The GDKD the
+    # controller compares with tau is measured on the same scale, so tau must belong to the same convention
+    # (PRESETS).
+    kd_t2: bool = False
     tckd_weight: float = 1.0
     nckd_weight: float = 4.0
     gate_temperature: float = 1.0
@@ -99,6 +111,11 @@ class TrainConfig:
         if preset not in PRESETS:
             raise ValueError(f"unknown preset {preset!r}; choose from {sorted(PRESETS)}")
         return cls(**{**PRESETS[preset], **overrides, "preset": preset})
+
+    def kd_convention(self) -> str:
+        """The KD term's convention in words, for plots and reports (``kd_t2``, see PRESETS)."""
+        return ("release convention: KD x T^2" if self.kd_t2 else "paper convention: KD without T^2 (Eqs. 1-3)") \
+            + f", T {self.temperature:g}, tau {self.tau:g}"
 
     def compute_dtype(self, device_type: str) -> torch.dtype:
         """The autocast dtype of the forward passes on ``device_type``: bfloat16 for ``mixed_precision`` "bf16";
@@ -138,6 +155,8 @@ class TrainConfig:
                             f"got {self.mixed_precision!r}")
         if self.init_method not in INIT_METHODS:
             problems.append(f"init_method must be one of {', '.join(INIT_METHODS)}, got {self.init_method!r}")
+        if not isinstance(self.kd_t2, bool):
+            problems.append(f"kd_t2 must be True or False, got {self.kd_t2!r}")
         if self.preset not in PRESETS:
             problems.append(f"preset must be one of {', '.join(sorted(PRESETS))}, got {self.preset!r}")
         if self.resume and self.overwrite:

@@ -1,5 +1,8 @@
 """GRACE's objective for one batch: L = CE + beta * s_GDKD(step) * GDKD + omega * s_RCKA(step) * RCKA.
 
+GDKD is the paper's (Eqs. 1-3: gate-weighted tckd_weight TCKD + nckd_weight NCKD, no T^2) or, with ``kd_t2``,
+the release's (the same times T^2); see grace.config.PRESETS for why the convention and tau go together.
+
 Neither model's full logits are formed: the backbones return hidden states, and
 grace_kernels.fused_linear_grace_loss applies both LM heads chunk by chunk inside the loss.
 RCKA compares the penultimate-layer (hidden_states[-2]) features at the visual-token positions.
@@ -125,12 +128,14 @@ def student_objective(student, family: Family, batch: dict, teacher: TeacherOutp
                       kd: bool, rcka: bool, gdkd_scale: float = 1.0, rcka_scale: float = 1.0,
                       temperature: float = 2.0,
                       tckd_weight: float = 1.0, nckd_weight: float = 4.0, gate: bool = True,
-                      gate_temperature: float = 1.0, kd_type: str = "dkd") -> LossParts:
+                      gate_temperature: float = 1.0, kd_type: str = "dkd", kd_t2: bool = False) -> LossParts:
     """The student's forward and the loss for one micro-batch (module docstring for the terms).
 
     ``gdkd_scale`` and ``rcka_scale`` are the warm-up weights of the two distillation terms
-    (:func:`warmup_scale`). Under FSDP the trainer registers this as a forward method of the sharded
-    student (it reads the LM head's weight directly, outside any submodule's forward).
+    (:func:`warmup_scale`). ``kd_t2`` picks the KD term's convention (TrainConfig.kd_t2): False, the paper's
+    Eqs. 1-3 without a T^2 factor; True, times T^2 as in the release. The returned ``gdkd`` (what the controller
+    compares with tau) is on the same scale as the term in ``total``. Under FSDP the trainer registers this as a
+    forward method of the sharded student (it reads the LM head's weight directly, outside any submodule's forward).
 
     Raises:
         ValueError: teacher and student hidden states of different sequence shapes; images whose token
@@ -145,12 +150,15 @@ def student_objective(student, family: Family, batch: dict, teacher: TeacherOutp
     target = labels[:, 1:].reshape(-1)
     head_s = family.lm_head(student)
     kd_weight = beta * gdkd_scale if (kd and ht is not None) else 0.0
+    # The fused loss's KD term carries T^2 (grace_kernels.gated_dkd_loss); the paper's convention divides it out.
+    # The loss is linear in kd_weight and its gradient too, so scaling the weight is exact, not an approximation.
+    kd_scale = 1.0 if kd_t2 else 1.0 / temperature ** 2
     head_t = teacher.lm_head
     lm = gk.fused_linear_grace_loss(
         hs[:, :-1].reshape(-1, hs.shape[-1]), head_s.weight, target=target, student_bias=head_s.bias,
         teacher_hidden=ht[:, :-1].reshape(-1, ht.shape[-1]) if kd_weight else None,
         teacher_weight=head_t.weight if kd_weight else None, teacher_bias=head_t.bias if kd_weight else None,
-        ce_weight=1.0, kd_weight=kd_weight, temperature=temperature, tckd_weight=tckd_weight,
+        ce_weight=1.0, kd_weight=kd_weight * kd_scale, temperature=temperature, tckd_weight=tckd_weight,
         nckd_weight=nckd_weight, gate=gate, gate_temperature=gate_temperature, kd_type=kd_type)
     total = lm.loss
     # A micro-batch without a usable image (text-only records, as in LLaVA's mix665k) adds no RCKA term: weight
@@ -165,4 +173,5 @@ def student_objective(student, family: Family, batch: dict, teacher: TeacherOutp
             rcka_images = cu.numel() - 1 - dropped
             if rcka_images:
                 total = total + omega * rcka_scale * rcka_value
-    return LossParts(total, lm.ce, lm.gdkd, rcka_value.detach(), lm.gate_mean, int(lm.num_valid), rcka_images)
+    return LossParts(total, lm.ce, lm.gdkd * kd_scale, rcka_value.detach(), lm.gate_mean, int(lm.num_valid),
+                     rcka_images)

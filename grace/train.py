@@ -524,7 +524,8 @@ def train_step(run: Run) -> dict:
                                   rcka=cfg.rcka, gdkd_scale=warmup_scale(step, cfg.gdkd_warmup_steps),
                                   rcka_scale=warmup_scale(step, cfg.rcka_warmup_steps), temperature=cfg.temperature,
                                   tckd_weight=cfg.tckd_weight, nckd_weight=cfg.nckd_weight, gate=cfg.gate,
-                                  gate_temperature=cfg.gate_temperature, kd_type=cfg.kd_type)
+                                  gate_temperature=cfg.gate_temperature, kd_type=cfg.kd_type,
+                                  kd_t2=cfg.kd_t2)
         (parts.total / cfg.grad_accum).backward()
         for k, v in zip(MEAN_KEYS, (parts.total, parts.ce, parts.gdkd, parts.gate_mean), strict=True):
             sums[k] += float(v.detach()) / cfg.grad_accum
@@ -619,7 +620,8 @@ def save_final(run: Run) -> str:
         _save_final(run.student, state, run.processor, run.cfg)
         from grace.plots import plot_controller
 
-        plot_controller(run.history, os.path.join(run.cfg.output_dir, "controller.png"))
+        plot_controller(run.history, os.path.join(run.cfg.output_dir, "controller.png"),
+                        convention=run.cfg.kd_convention())
     _barrier(run)
     return final
 

@@ -199,3 +199,32 @@ def test_trainer_passes_the_step_to_the_ramps(tmp_path, monkeypatch):
                       gdkd_warmup_steps=0, rcka_warmup_steps=2)
     train_mod.train(cfg, progress=False)
     assert seen == [(1.0, 0.0), (1.0, 0.5)]
+
+
+def test_kd_convention_divides_t2_out_of_the_loss_and_its_gradient(qwen_pair):
+    """kd_t2=False (the paper's Eqs. 1-3) is the release's T^2 term divided by T^2: the logged GDKD, the total
+    and the student's gradient all equal the T^2 run's with beta / T^2."""
+    teacher, student, processor = qwen_pair
+    family = family_of(student.config)
+    batch = two_image_batch(processor)
+    t_out = teacher_outputs(teacher, family, batch, kd=True, rcka=False)
+    temperature, beta = 2.0, 0.8
+
+    def run(kd_t2, b):
+        student.zero_grad(set_to_none=True)
+        parts = student_objective(student, family, batch, t_out, beta=b, omega=1.0, kd=True, rcka=False,
+                                  temperature=temperature, kd_t2=kd_t2)
+        parts.total.backward()
+        grads = [p.grad.clone() for p in student.parameters() if p.grad is not None]
+        return parts, grads
+
+    paper, g_paper = run(False, beta)
+    release, g_release = run(True, beta / temperature ** 2)
+    assert float(release.gdkd) > 0
+    torch.testing.assert_close(paper.gdkd * temperature ** 2, release.gdkd, rtol=1e-6, atol=0)
+    torch.testing.assert_close(paper.total, paper.ce + beta * paper.gdkd, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(paper.total, release.total, rtol=1e-6, atol=1e-7)
+    assert len(g_paper) == len(g_release) > 0
+    for a, b in zip(g_paper, g_release, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-8)
+    student.zero_grad(set_to_none=True)

@@ -217,6 +217,20 @@ class TrainConfig:
         os.replace(tmp, path)
 
 
+def saved_settings(saved: dict) -> dict:
+    """A run's saved settings (its config.json, or the ``config`` of a checkpoint's trainer state) as a dict of
+    TrainConfig fields, completed with what a field added later meant before it existed.
+
+    ``kd_t2``: before it existed the KD term always carried T^2, so a run saved with KD on reads True; a run
+    without KD (``kd`` false) has no KD term to scale, either value gives the same run, and it reads as the
+    default. The input is not modified.
+    """
+    out = dict(saved)
+    if "kd_t2" not in out:
+        out["kd_t2"] = True if out.get("kd", True) else TrainConfig.kd_t2
+    return out
+
+
 def read_json(path: str, *, what: str = "JSON file"):
     """The parsed content of ``path``. Raises GraceError naming the file when it is not valid JSON."""
     with open(path) as f:

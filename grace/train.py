@@ -60,7 +60,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from grace.config import TrainConfig, read_json
+from grace.config import TrainConfig, read_json, saved_settings
 from grace.controller import AdaptiveIBController
 from grace.data import ConversationDataset, SampleStream, build_loader
 from grace.device import resolve_device
@@ -344,7 +344,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _check_same_settings(state: dict, cfg: TrainConfig, world: int, path: str) -> None:
-    saved, now = state["config"], dataclasses.asdict(cfg)
+    saved, now = saved_settings(state["config"]), dataclasses.asdict(cfg)
     differ = [f"{k} {now[k]!r} (checkpoint: {saved[k]!r})" for k in now
               if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
     if saved["batch_size"] * state["world_size"] != cfg.batch_size * world:

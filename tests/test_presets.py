@@ -7,7 +7,7 @@ import matplotlib.figure
 import pytest
 
 from grace import TrainConfig
-from grace.config import PRESETS
+from grace.config import PRESETS, saved_settings
 from grace.controller import AdaptiveIBController
 from grace.plots import SETTLED_REL_TOL, plot_controller, settled_spans
 
@@ -103,3 +103,12 @@ def test_controller_plot_names_the_convention_and_shades_the_settled_steps(tmp_p
     boxes = [p.get_window_extent().transformed(ax.transData.inverted()) for p in ax.patches]
     assert len(boxes) == 1
     assert boxes[0].x0 == pytest.approx(lo - 0.5, abs=0.5) and boxes[0].x1 == pytest.approx(hi + 0.5, abs=0.5)
+
+
+def test_settings_saved_before_kd_t2_read_the_t2_convention():
+    """Before kd_t2 the KD term always carried T^2: a saved run with KD reads kd_t2 True; a run without KD has
+    no KD term and reads the default; a saved kd_t2 stays what it is."""
+    old = {"kd": True, "tau": 0.35}
+    assert saved_settings(old) == {"kd": True, "tau": 0.35, "kd_t2": True} and "kd_t2" not in old
+    assert saved_settings({"kd": False})["kd_t2"] is TrainConfig().kd_t2 is False
+    assert saved_settings({"kd": True, "kd_t2": False})["kd_t2"] is False

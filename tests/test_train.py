@@ -14,6 +14,7 @@ from PIL import Image
 
 from grace import TrainConfig, train
 from grace.data import ConversationDataset, SkipSample, load_records
+from grace.errors import GraceError
 from grace.families import family_of
 from grace.objective import student_objective, teacher_outputs
 from grace.quantize import quantize_model
@@ -221,6 +222,27 @@ def test_resume_continues_bit_for_bit(setup, tmp_path, monkeypatch):
     a = torch.load(os.path.join(full.final_dir, "student_state.pt"))
     b = torch.load(os.path.join(resumed.final_dir, "student_state.pt"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_of_a_run_saved_before_kd_t2_reads_the_t2_convention(setup, tmp_path):
+    """A checkpoint whose settings predate kd_t2 trained with KD x T^2: resuming it under the paper's
+    convention (kd_t2 False, the default now) is refused by name, under --kd-t2 it continues; a run without KD
+    has no KD term to scale and resumes under the default. What the resume reads is the checkpoint's trainer state."""
+    if setup["family"] != "llava":
+        pytest.skip("one family is enough for the checkpoint logic")
+    for kd in (True, False):
+        out = tmp_path / f"kd{kd}"
+        train(config(setup, out, max_steps=2, save_every=2, kd=kd, kd_t2=True), progress=False)
+        state_path = out / "checkpoint" / train_mod.TRAINER_STATE
+        state = torch.load(state_path, weights_only=False)
+        del state["config"]["kd_t2"]
+        torch.save(state, state_path)
+        if kd:
+            with pytest.raises(GraceError, match=r"kd_t2 False \(checkpoint: True\)"):
+                train_mod.check_run_dir(config(setup, out, max_steps=2, save_every=2, resume=True))
+        resumed = train_mod.check_run_dir(config(setup, out, max_steps=2, save_every=2, kd=kd, kd_t2=kd,
+                                                 resume=True))
+        assert resumed["step"] == 2 and "kd_t2" not in resumed["config"]
 
 
 def test_bad_configuration_fails_before_loading(setup, tmp_path):

@@ -4,7 +4,7 @@ micro-batch and peak memory of the process tree (trainer process + DataLoader wo
 The data is synthetic and shaped like llava_v1_5_mix665k.json: by default 665,000 records of 2 to 6
 turns, about 1 GB of JSON, most records naming one of a few shared images, some text-only, a few
 naming a missing image. It is written into a temporary directory. The processor is the tiny LLaVA
-processor of :mod:`grace.tiny` over the synthetic vocabulary (the data path, not the CLIP preprocessing,
+processor of :mod:`grace.demo.tiny` over the synthetic vocabulary (the data path, not the CLIP preprocessing,
 is what is measured).
 
 Memory is sampled every 50 ms over the process and its children: the sum of RSS (counts pages that
@@ -112,7 +112,7 @@ class TreeMemory:
 def run(n_records: int, workers: int, batch_size: int = 16, more_batches: int = 20, folder: str | None = None) -> dict:
     """Write the data (not timed), then time index + stream + first micro-batch; also time ``more_batches``."""
     from grace.data import ConversationDataset, SampleStream
-    from grace.tiny import build_processor
+    from grace.demo.tiny import build_processor
 
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         t = time.perf_counter()

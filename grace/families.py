@@ -2,7 +2,7 @@
 
 Everything family-specific in the trainer goes through :func:`family_of`. LLaVA-1.5, Qwen2-VL, Qwen2.5-VL
 and Qwen3-VL (the authors' released family) are each trained, exported, loaded and run on tiny models
-built from their configs (grace.tiny); the three Qwen families share one layout in transformers 5.
+built from their configs (grace.demo.tiny); the three Qwen families share one layout in transformers 5.
 """
 
 from __future__ import annotations

@@ -19,9 +19,9 @@ from PIL import Image
 import grace_kernels
 from grace import TrainConfig, train
 from grace.cli import main
+from grace.demo.tiny import build_tiny_vlm
 from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError
-from grace.tiny import build_tiny_vlm
 from grace.train import _read_metrics
 
 

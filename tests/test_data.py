@@ -13,6 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
 import grace.data as data
+import grace.data.index as encode
 from grace.config import TrainConfig
 from grace.data import (
     ConversationDataset,
@@ -20,12 +21,12 @@ from grace.data import (
     SampleOrder,
     SampleStream,
     SkipSample,
-    _scan_json_list,
     assistant_labels,
     build_loader,
     to_messages,
 )
-from grace.tiny import build_processor
+from grace.data.index import _scan_json_list
+from grace.demo.tiny import build_processor
 
 WORDS = "what is the color shape of this object red green blue yellow circle square one two three yes no".split()
 
@@ -87,8 +88,8 @@ def _global_batches(ds, world, workers, n, state=None, group=False):
 
 def test_index_opens_and_tokenizes_nothing(image_data, monkeypatch):
     opened, rendered = [], []
-    real_open = data.Image.open
-    monkeypatch.setattr(data.Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
+    real_open = encode.Image.open
+    monkeypatch.setattr(encode.Image, "open", lambda *a, **k: opened.append(a) or real_open(*a, **k))
     processor = build_processor(WORDS)
     real_render = processor.apply_chat_template
     monkeypatch.setattr(processor, "apply_chat_template", lambda *a, **k: rendered.append(a) or real_render(*a, **k))

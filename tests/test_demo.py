@@ -7,7 +7,7 @@ import os
 import pytest
 
 from grace.cli import main
-from grace.demo import INT4_METHODS, QUICK, _conclusion, _interval, _t95
+from grace.demo.run import INT4_METHODS, QUICK, _conclusion, _interval, _t95
 
 METHODS = ["teacher (larger)", "student", "RTN (PTQ)", *INT4_METHODS]
 

@@ -7,9 +7,9 @@ import os
 import pytest
 import torch
 
+from grace.demo.synthetic import QUESTION_TYPES, write_task
+from grace.demo.tiny import build_tiny_vlm
 from grace.evaluate import EvalResult, evaluate, generate, model_weight_bytes, normalize_answer
-from grace.synthetic import QUESTION_TYPES, write_task
-from grace.tiny import build_tiny_vlm
 
 
 @pytest.fixture(scope="module")

@@ -20,8 +20,8 @@ from PIL import Image
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from grace import tiny
 from grace.config import TrainConfig
+from grace.demo import tiny
 from grace.export import COMPRESSED_TENSORS_VERSION, export_run
 from grace.load import load_int4_model, load_model, load_student, module_checkpoint_names
 from grace.quantize import quantize_model

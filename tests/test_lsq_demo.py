@@ -1,7 +1,7 @@
 import json
 
 from grace.cli import main
-from grace.lsq_demo import run_lsq_demo
+from grace.demo.lsq import run_lsq_demo
 
 
 def test_training_the_scales_improves_on_their_initialisation(reference_backend):

@@ -9,6 +9,7 @@ import torch
 from PIL import Image
 
 from grace import TrainConfig
+from grace.demo.tiny import build_processor, build_tiny_vlm
 from grace.families import family_of
 from grace.objective import (
     MODEL_INPUTS,
@@ -19,7 +20,6 @@ from grace.objective import (
     teacher_outputs,
     warmup_scale,
 )
-from grace.tiny import build_processor, build_tiny_vlm
 
 
 @pytest.fixture(autouse=True)

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from grace import TrainConfig, train
+from grace.demo.tiny import QWEN3_IMAGE_SIZE, build_tiny_vlm
 from grace.evaluate import generate
 from grace.export import export_run
 from grace.families import family_of
 from grace.load import load_int4_model, load_student
-from grace.tiny import QWEN3_IMAGE_SIZE, build_tiny_vlm
 from grace_kernels.nn import QuantLinear, W4A16Linear
 
 

@@ -23,10 +23,10 @@ import torch
 from PIL import Image
 
 import grace_kernels
+from grace.demo.tiny import QWEN_IMAGE_SIZE, build_processor
 from grace.families import family_of
 from grace.objective import student_objective, teacher_outputs
 from grace.quantize import quantize_model
-from grace.tiny import QWEN_IMAGE_SIZE, build_processor
 from grace_kernels.ops import fused_linear_grace_loss as fused_module
 from grace_kernels.ops._kd_core import default_chunk_size
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from grace.synthetic import (
+from grace.demo.synthetic import (
     COLORS,
     QUESTION_TYPES,
     SHAPES,
@@ -18,7 +18,7 @@ from grace.synthetic import (
     render,
     write_task,
 )
-from grace.tiny import DEFAULT_WORDS, build_processor
+from grace.demo.tiny import DEFAULT_WORDS, build_processor
 
 WHITE = (255, 255, 255)
 
@@ -234,7 +234,7 @@ def test_the_random_vision_tower_tells_the_thirteen_patterns_apart(tmp_path):
     import torch
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from grace.tiny import build_tiny_vlm
+    from grace.demo.tiny import build_tiny_vlm
 
     path = build_tiny_vlm(str(tmp_path / "m"), size="demo-student", vocab_words=VOCAB, seed=1, image_size=42,
                           init="fan_in")

@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForImageTextToText
 
+from grace.demo.tiny import build_tiny_vlm
 from grace.quantize import select_linears
-from grace.tiny import build_tiny_vlm
 from grace_kernels.int4 import quantize_rtn, unpack_int4
 
 

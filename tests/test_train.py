@@ -14,11 +14,11 @@ from PIL import Image
 
 from grace import TrainConfig, train
 from grace.data import ConversationDataset, SkipSample, load_records
+from grace.demo.tiny import build_processor, build_tiny_vlm
 from grace.errors import GraceError
 from grace.families import family_of
 from grace.objective import student_objective, teacher_outputs
 from grace.quantize import quantize_model
-from grace.tiny import build_processor, build_tiny_vlm
 
 ANSWERS = ["red", "green", "blue", "yellow"]
 train_mod = importlib.import_module("grace.train")   # ``grace.train`` the attribute is the function

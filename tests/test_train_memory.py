@@ -14,9 +14,9 @@ import torch
 from test_train import write_dataset
 
 from grace import TrainConfig
+from grace.demo.tiny import build_tiny_vlm
 from grace.families import family_of
 from grace.quantize import quantize_model
-from grace.tiny import build_tiny_vlm
 
 train_mod = importlib.import_module("grace.train")
 

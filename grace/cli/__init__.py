@@ -1,5 +1,6 @@
-"""The ``grace`` command line. Each subcommand lives in its own module and registers itself here
-with an ``add_parser(subparsers)`` function that sets ``func`` on its parser.
+"""The ``grace`` command line. Each subcommand's parser lives in a module of this package (``grace.cli.train``,
+``.model``, ``.info``, ``.demo``, ``.plan``, ``.lsq``) and registers itself here with an ``add_parser(subparsers)``
+function that sets ``func`` on its parser; the work itself is done by the modules those functions call.
 
 Errors: an expected failure (:data:`EXPECTED_ERRORS`: a bad option or input, a file that is missing or
 cannot be read, a refused overwrite) is printed as one line, ``grace <command>: error: <message>``, on
@@ -11,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import sys
 
 from grace.errors import GraceError
@@ -21,12 +21,12 @@ from grace.errors import GraceError
 EXPECTED_ERRORS = (GraceError, ValueError, OSError)
 # Modules that define add_parser(subparsers); each adds one or more subcommands.
 COMMAND_MODULES = [
-    "grace.cli_info",
-    "grace.lsq_demo",
-    "grace.cli_train",
-    "grace.cli_model",
-    "grace.demo",
-    "grace.plan",
+    "grace.cli.info",
+    "grace.cli.lsq",
+    "grace.cli.train",
+    "grace.cli.model",
+    "grace.cli.demo",
+    "grace.cli.plan",
 ]
 
 
@@ -59,6 +59,3 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     return "; ".join(lines) or type(error).__name__
 
-
-def print_json(obj) -> None:
-    print(json.dumps(obj, indent=1, default=str))

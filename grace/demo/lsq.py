@@ -1,4 +1,5 @@
-"""``grace lsq-demo``: a short, CPU-friendly demonstration of group-wise LSQ on an LLM-shaped layer.
+"""``grace lsq-demo`` (its options: :mod:`grace.cli.lsq`): a short, CPU-friendly demonstration of group-wise LSQ
+on an LLM-shaped layer.
 
 It quantizes one linear layer (a weight with LLM-like outliers, activations with a few large
 channels) to INT4, group 128, three ways, and measures the output SQNR of each against the
@@ -67,23 +68,3 @@ def run_lsq_demo(*, out_features: int = 512, in_features: int = 1024, steps: int
         with open(os.path.join(out_dir, "lsq_demo.json"), "w") as f:
             json.dump(summary, f, indent=1, default=str)
     return summary
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("lsq-demo", help="INT4 LSQ on one LLM-shaped layer: RTN vs LSQ init vs trained (CPU, seconds)")
-    p.add_argument("--out", default="grace-demo", help="directory for lsq_demo.json (default: grace-demo)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    if args.steps < 0:
-        raise ValueError(f"--steps must be >= 0, got {args.steps}")
-    s = run_lsq_demo(steps=args.steps, seed=args.seed, out_dir=args.out)
-    print(f"\nINT4 (group 128) output SQNR of a {s['layer'][0]}x{s['layer'][1]} layer on held-out activations:")
-    print("| method | SQNR (dB) |\n|---|---|")
-    for name, value in s["output_sqnr_db"].items():
-        print(f"| {name} | {value:.2f} |")
-    print(f"\nwritten: {os.path.join(args.out, 'lsq_demo.json')}")
-    return 0

@@ -28,7 +28,7 @@ language model: binding an attribute to a named object, counting past a few, loc
 
   color and shape need an attribute of a named object (the other objects are distractors); count needs
   every cell and tells five from six; position needs the row and the column of a named object.
-* Every word of every question and answer is in ``grace.tiny.DEFAULT_WORDS`` (``VOCAB`` lists them),
+* Every word of every question and answer is in ``grace.demo.tiny.DEFAULT_WORDS`` (``VOCAB`` lists them),
   lower case and separated by spaces, so the tiny word-level tokenizer never sees an unknown word.
 
 Splits are drawn from independent random streams of one seed, so the eval split does not depend on
@@ -53,7 +53,7 @@ import os
 import numpy as np
 from PIL import Image
 
-from grace.tiny import PATCH
+from grace.demo.tiny import PATCH
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")

@@ -1,9 +1,15 @@
 """``grace info``: what this installation can run (backends, extension, devices)."""
 
+import json
+
 import grace_kernels
-from grace.cli import print_json
 
 
 def add_parser(sub) -> None:
     p = sub.add_parser("info", help="print the available backends and devices")
-    p.set_defaults(func=lambda args: print_json(grace_kernels.describe()))
+    p.set_defaults(func=_main)
+
+
+def _main(args) -> int:
+    print(json.dumps(grace_kernels.describe(), indent=1, default=str))
+    return 0

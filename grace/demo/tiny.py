@@ -47,7 +47,7 @@ CHAT_TEMPLATE = (
 SIZES = {  # (hidden, intermediate, layers, heads)
     "student": (128, 256, 2, 4),
     "teacher": (256, 512, 3, 4),
-    # The demo's pair (grace.demo): same width, the teacher twice as deep (as LLaVA-1.5 13B has 40 layers to 7B's
+    # The demo's pair (grace.demo.run): same width, the teacher twice as deep (as LLaVA-1.5 13B has 40 layers to 7B's
     # 32); on the demo's task the 4-layer model learns what the 2-layer one cannot in the same steps.
     "demo-student": (128, 256, 2, 4),
     "demo-teacher": (128, 256, 4, 4),

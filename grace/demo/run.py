@@ -1,10 +1,11 @@
-"""``grace demo``: the whole GRACE method, end to end, on a synthetic task small enough for a laptop CPU.
+"""``grace demo`` (its options: :mod:`grace.cli.demo`): the whole GRACE method, end to end, on a synthetic task
+small enough for a laptop CPU.
 
-1. Writes a synthetic visual question-answering task (``grace.synthetic``: colored shapes in a 3 x 3
+1. Writes a synthetic visual question-answering task (``grace.demo.synthetic``: colored shapes in a 3 x 3
    grid, one cell per image token; the color of a named shape, the shape of a named color, how many
    objects of a named color (one to six), the cell of a named color) in the LLaVA conversation format.
 2. Trains, from scratch and in full precision, a tiny LLaVA-1.5 teacher and a student of the same width
-   and half its depth (``grace.tiny.SIZES["demo-teacher"]`` and ``["demo-student"]``; language layers
+   and half its depth (``grace.demo.tiny.SIZES["demo-teacher"]`` and ``["demo-student"]``; language layers
    initialised heavy-tailed, Student-t at std 1 / sqrt(fan_in), as trained LLMs' weights are) on it, their
    random vision towers frozen. Both are trained once and cached: a second run reuses them.
 3. Makes INT4 (group 128) students four ways, as in the paper's tables: round-to-nearest PTQ of the
@@ -26,7 +27,6 @@ settings, so an interrupted demo continues where it stopped.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -43,7 +43,7 @@ QUESTION_TYPES = ("color", "shape", "count", "position")
 INT4_METHODS = ("QAT only", "QAT + naive KD", "GRACE")
 _RUN_DIRS = {"QAT only": "qat", "QAT + naive KD": "qat-kd", "GRACE": "grace"}
 # Both models' language layers start heavy-tailed, as pretrained LLMs' weights are: from a Gaussian start the
-# toy student loses almost nothing to round-to-nearest INT4, and PTQ would have nothing to show (grace.tiny).
+# toy student loses almost nothing to round-to-nearest INT4, and PTQ would have nothing to show (grace.demo.tiny).
 INIT = "heavy_tailed"
 
 
@@ -240,12 +240,12 @@ def run_demo(out: str = "grace-demo", settings: DemoSettings = FULL, *, progress
 def _run(out: str, s: DemoSettings, progress: bool) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
+    from grace.demo.synthetic import IMAGE_SIZE, VOCAB, write_task
+    from grace.demo.tiny import build_tiny_vlm
     from grace.evaluate import evaluate, generate
     from grace.export import export_run
     from grace.load import load_int4_model
     from grace.quantize import rtn_int4_model
-    from grace.synthetic import IMAGE_SIZE, VOCAB, write_task
-    from grace.tiny import build_tiny_vlm
 
     t_start = time.perf_counter()
     n_eval = 4 * s.n_eval_per_type
@@ -514,19 +514,3 @@ def _machine() -> str:
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, {gpu}, torch {torch.__version__}"
-
-
-def add_parser(sub) -> None:
-    p = sub.add_parser("demo", help="end-to-end GRACE on a synthetic VQA task: teacher, student, four INT4 students "
-                                    "over 3 seeds, evaluation table with intervals (about 8 minutes on 2 CPU cores)")
-    p.add_argument("--out", default="grace-demo", help="output directory (default: grace-demo)")
-    p.add_argument("--quick", action="store_true", help="a few steps per stage: checks the pipeline, not the method")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task and the FP32 pretraining (default 0)")
-    p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="show progress bars")
-    p.set_defaults(func=_main)
-
-
-def _main(args) -> int:
-    settings = dataclasses.replace(QUICK if args.quick else FULL, seed=args.seed)
-    run_demo(args.out, settings, progress=args.progress)
-    return 0

@@ -1,0 +1,34 @@
+"""LLaVA-format conversation data, read lazily: a compact record index built at start-up
+(:mod:`grace.data.index`), each sample encoded (image opened, chat template rendered, tokenized, labels built)
+only when a DataLoader worker needs it (:mod:`grace.data.encode`), in a deterministic order that does not
+depend on the number of workers or ranks (:mod:`grace.data.stream`).
+
+Format (ShareGPT4V / LLaVA mixtures): a JSON list of
+    {"id": ..., "image": "relative/path.png", "conversations": [{"from": "human", "value": "<image>\\n..."},
+                                                                 {"from": "gpt", "value": "..."}, ...]}
+
+Bad samples (empty or malformed conversation, no assistant turn, image and ``<image>`` placeholder not
+matching, missing or unreadable image, longer than ``max_length``, ...) are never trained on and never
+fatal: they are found when drawn, counted by reason and replaced by a substitute chosen from the stream
+position alone (see :class:`SampleStream`).
+"""
+
+from grace.data.index import (  # noqa: F401
+    GROUP_CHUNK,
+    IGNORE,
+    MAX_DRAWS,
+    MAX_RECORD_BYTES,
+    ROLES,
+    ConversationDataset,
+    RecordIndex,
+    SampleOrder,
+    SampleStream,
+    SkipSample,
+    assistant_labels,
+    build_loader,
+    collate,
+    load_image,
+    load_records,
+    parse_record,
+    to_messages,
+)

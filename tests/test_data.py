@@ -13,7 +13,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast, Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
 
 import grace.data as data
-import grace.data.index as encode
+import grace.data.encode as encode
 from grace.config import TrainConfig
 from grace.data import (
     ConversationDataset,

@@ -13,22 +13,16 @@ fatal: they are found when drawn, counted by reason and replaced by a substitute
 position alone (see :class:`SampleStream`).
 """
 
-from grace.data.index import (  # noqa: F401
-    GROUP_CHUNK,
+from grace.data.encode import (  # noqa: F401
     IGNORE,
-    MAX_DRAWS,
-    MAX_RECORD_BYTES,
     ROLES,
     ConversationDataset,
-    RecordIndex,
-    SampleOrder,
-    SampleStream,
     SkipSample,
     assistant_labels,
-    build_loader,
     collate,
     load_image,
-    load_records,
     parse_record,
     to_messages,
 )
+from grace.data.index import MAX_RECORD_BYTES, RecordIndex, load_records  # noqa: F401
+from grace.data.stream import GROUP_CHUNK, MAX_DRAWS, SampleOrder, SampleStream, build_loader  # noqa: F401

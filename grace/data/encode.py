@@ -1,0 +1,198 @@
+"""Encoding one sample: a record's turns checked and turned into chat messages (:func:`parse_record`), its
+image opened, the chat template rendered and tokenized, and labels set on the assistant turns only
+(:class:`ConversationDataset`, :func:`assistant_labels`); :func:`collate` pads samples into a batch.
+
+A record that cannot be used raises :class:`SkipSample` with the reason it is counted under.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from grace.data.index import RecordIndex
+
+IGNORE = -100
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+
+
+class SkipSample(Exception):
+    """A record that cannot be trained on or evaluated; ``reason`` is the key it is counted under."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+def to_messages(conversations: list[dict]) -> list[dict]:
+    """LLaVA turns ({"from": "human"|"gpt", "value"}) as chat-template messages; the ``<image>`` placeholder
+    becomes an image content item. Raises ValueError on a malformed turn."""
+    msgs = []
+    for turn in conversations:
+        role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
+        text = turn.get("value") if isinstance(turn, dict) else None
+        if role is None or not isinstance(text, str):
+            raise ValueError("malformed turn")
+        content = []
+        if "<image>" in text:
+            content.append({"type": "image"})
+            text = text.replace("<image>", "").strip()
+        content.append({"type": "text", "text": text})
+        msgs.append({"role": role, "content": content})
+    return msgs
+
+
+def parse_record(rec) -> tuple[list[dict], str | None]:
+    """(chat messages, image path or None) of a record, or SkipSample with the reason it is unusable:
+    empty or malformed conversation, no assistant turn, no user turn before the first assistant turn,
+    an image without exactly one ``<image>`` placeholder, or a placeholder without an image. Opens nothing."""
+    convs = rec.get("conversations") if isinstance(rec, dict) else None
+    if not isinstance(convs, list) or not convs:
+        raise SkipSample("empty conversation")
+    try:
+        msgs = to_messages(convs)
+    except ValueError:
+        raise SkipSample("malformed conversation") from None
+    first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
+    if first is None:
+        raise SkipSample("no assistant turn")
+    if first == 0:
+        raise SkipSample("no user turn before the first assistant turn")
+    image = rec.get("image") or None
+    if image is not None and not isinstance(image, str):
+        raise SkipSample("malformed conversation")
+    n_items = sum(c["type"] == "image" for m in msgs for c in m["content"])
+    if image is not None and n_items != 1:
+        raise SkipSample("image without exactly one <image> token")
+    if image is None and n_items:
+        raise SkipSample("<image> token without an image")
+    return msgs, image
+
+
+def load_image(path: str) -> Image.Image:
+    """The image at ``path`` as RGB; SkipSample("missing or unreadable image") when it cannot be decoded."""
+    try:
+        with Image.open(path) as im:
+            return im.convert("RGB")
+    except (OSError, ValueError, Image.DecompressionBombError):
+        raise SkipSample("missing or unreadable image") from None
+
+class ConversationDataset(torch.utils.data.Dataset):
+    """The records of a :class:`RecordIndex`, each checked and encoded on access.
+
+    ``dataset[i]`` -> {"input_ids": int64 [T], "attention_mask": [T], "labels": int64 [T] (IGNORE outside
+    the assistant turns), and the processor's image tensors ("pixel_values", "image_grid_thw") when the
+    record has an image}, T <= max_length; raises SkipSample when the record is unusable (see
+    :func:`parse_record`; also a missing or unreadable image, longer than max_length, rejected by the
+    processor, or assistant turns that cannot be located, see :func:`assistant_labels`).
+
+    ``cache=True`` keeps every encoded sample (and every skip) after its first access, in this process (each
+    DataLoader worker holds its own): for small data read for many epochs, where encoding (the processor's
+    image transforms and chat template, ~4 ms a sample on one CPU core) would cost as much as the training
+    step. Memory grows with the data (~25 KB a sample for a 42 px image), so leave it off at real size.
+    """
+
+    def __init__(self, records: list[dict] | RecordIndex, processor, image_folder: str, max_length: int,
+                 cache: bool = False):
+        if max_length < 1:
+            raise ValueError(f"max_length must be >= 1, got {max_length}")
+        self.index = records if isinstance(records, RecordIndex) else RecordIndex.from_records(records)
+        self.processor, self.image_folder, self.max_length = processor, image_folder, max_length
+        self._cache: dict[int, dict | SkipSample] | None = {} if cache else None
+
+    @classmethod
+    def from_json(cls, path: str, processor, image_folder: str, max_length: int,
+                  cache: bool = False) -> ConversationDataset:
+        return cls(RecordIndex.from_json(path), processor, image_folder, max_length, cache)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def __getitem__(self, i: int) -> dict:
+        if self._cache is None:
+            return self._encode(i)
+        if i not in self._cache:
+            try:
+                self._cache[i] = self._encode(i)
+            except SkipSample as skip:
+                self._cache[i] = skip
+        hit = self._cache[i]
+        if isinstance(hit, SkipSample):
+            raise SkipSample(hit.reason)
+        # collate pads and stacks into new tensors, so handing out the cached ones is safe; the dict is copied
+        return dict(hit)
+
+    def _encode(self, i: int) -> dict:
+        msgs, image_name = parse_record(self.index[i])
+        image = load_image(os.path.join(self.image_folder, image_name)) if image_name else None
+        text = self.processor.apply_chat_template(msgs, tokenize=False)
+        try:
+            enc = self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
+        except ValueError:   # e.g. an image too small for the processor's patching
+            raise SkipSample("processor rejected the sample") from None
+        input_ids = enc["input_ids"][0]
+        if input_ids.numel() > self.max_length:
+            raise SkipSample("longer than max_length")
+        sample = {k: v[0] for k, v in enc.items() if k not in ("pixel_values", "image_grid_thw") and v.dim() > 1}
+        for key in ("pixel_values", "image_grid_thw"):
+            if key in enc:
+                sample[key] = enc[key]
+        sample["labels"] = assistant_labels(self.processor, msgs, text, input_ids)
+        return sample
+
+
+def assistant_labels(processor, msgs: list[dict], text: str, input_ids: torch.Tensor) -> torch.Tensor:
+    """Labels for ``input_ids`` (int64 [T], the processor's encoding of ``text``, the rendering of
+    ``msgs``): the token id where the token holds a character of an assistant turn, IGNORE elsewhere.
+
+    An assistant turn is the text its rendering adds after the generation prompt (its content and
+    end-of-turn marker): characters [len(render(msgs[:k], generation prompt)), len(render(msgs[:k+1]))).
+    Token boundaries come from one tokenization of the whole text with character offsets, never from
+    tokenizing prefixes apart: a BPE or SentencePiece merge across a turn boundary cannot shift them (a
+    token straddling the boundary, such as " red" after "ASSISTANT:", is supervised). The processor's
+    ids are matched to the tokenizer's with image placeholder runs set aside, which checks that the
+    processor only expanded placeholders. Raises SkipSample when the template renders a prefix that is
+    not a prefix of the whole, or the processor's ids do not match the tokenizer's.
+    """
+    tok = processor.tokenizer
+    spans = []
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        lo_text = processor.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
+        hi_text = processor.apply_chat_template(msgs[:k + 1], tokenize=False)
+        if not (text.startswith(lo_text) and text.startswith(hi_text) and len(lo_text) <= len(hi_text)):
+            raise SkipSample("chat template renders a conversation prefix inconsistently")
+        spans.append((len(lo_text), len(hi_text)))
+    plain = tok(text, return_offsets_mapping=True)
+    plain_ids = np.asarray(plain["input_ids"], np.int64)
+    offsets = np.asarray(plain["offset_mapping"], np.int64).reshape(-1, 2)
+    supervised = np.zeros(len(plain_ids), bool)
+    for lo, hi in spans:   # overlap with [lo, hi); special tokens added by the tokenizer have empty spans
+        supervised |= (offsets[:, 1] > lo) & (offsets[:, 0] < hi) & (offsets[:, 1] > offsets[:, 0])
+    ids = input_ids.numpy()
+    placeholder = getattr(processor, "image_token", None)
+    image_id = tok.convert_tokens_to_ids(placeholder) if placeholder else None
+    keep_ids, keep_plain = ids != image_id, plain_ids != image_id
+    if keep_ids.sum() != keep_plain.sum() or not np.array_equal(ids[keep_ids], plain_ids[keep_plain]):
+        raise SkipSample("processor and tokenizer disagree on the text tokens")
+    labels = np.full(len(ids), IGNORE, np.int64)
+    labels[keep_ids] = np.where(supervised[keep_plain], ids[keep_ids], IGNORE)
+    return torch.from_numpy(labels)
+
+
+def collate(samples: list[dict], pad_id: int) -> dict:
+    """Right-pad token tensors; concatenate the images of the samples that have one, in sample order (a
+    model matches them to its image tokens in that order; Qwen2-VL's pixel_values are already flat patches)."""
+    longest = max(s["input_ids"].numel() for s in samples)
+    batch = {}
+    for key, fill in (("input_ids", pad_id), ("attention_mask", 0), ("labels", IGNORE), ("mm_token_type_ids", 0)):
+        if key in samples[0]:
+            batch[key] = torch.stack([torch.nn.functional.pad(s[key], (0, longest - s[key].numel()), value=fill)
+                                      for s in samples])
+    for key in ("pixel_values", "image_grid_thw"):
+        if any(key in s for s in samples):
+            batch[key] = torch.cat([s[key] for s in samples if key in s])
+    return batch

@@ -39,7 +39,7 @@ def cuda_ext():
 
 
 @pytest.fixture
-def reference_backend():
-    """Run the test on the PyTorch references (for model-level tests, where the interpreter is too slow)."""
-    with grace_kernels.use_backend("reference"):
-        yield
+def reference_backend(monkeypatch):
+    """Run the test on the PyTorch references (for model-level tests, where the interpreter is too slow): set
+    through the environment, so the processes the test starts (torchrun ranks, ``python -m grace``) run them too."""
+    monkeypatch.setenv(grace_kernels._backend.ENV_VAR, "reference")

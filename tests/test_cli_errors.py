@@ -69,9 +69,7 @@ def run_copy(finished_run, tmp_path):
     return dst
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setenv("GRACE_KERNELS_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")   # the kernels are parity-tested in their own files
 
 
 def snapshot(root) -> dict:

@@ -63,8 +63,7 @@ def test_quick_demo_writes_table_plot_and_int4_model(first_run, capsys):
     assert sum(stages.values()) <= result["timing"]["seconds"] + 0.1 * len(stages)
 
 
-def test_two_fresh_runs_give_the_same_results(first_run, tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("GRACE_KERNELS_BACKEND", "reference")
+def test_two_fresh_runs_give_the_same_results(first_run, tmp_path, capsys, reference_backend):
     assert main(["demo", "--quick", "--out", str(tmp_path / "b")]) == 0
     captured = capsys.readouterr()
     assert _reproducible_part(tmp_path / "b") == _reproducible_part(first_run)
@@ -76,8 +75,7 @@ def test_two_fresh_runs_give_the_same_results(first_run, tmp_path, monkeypatch, 
     assert "quantize_model:" not in captured.out   # the trainer's messages go to each run's log.txt
 
 
-def test_second_run_reuses_every_trained_stage(first_run, monkeypatch, capsys):
-    monkeypatch.setenv("GRACE_KERNELS_BACKEND", "reference")
+def test_second_run_reuses_every_trained_stage(first_run, capsys, reference_backend):
     before = _reproducible_part(first_run)
     assert main(["demo", "--quick", "--out", str(first_run), "--no-progress"]) == 0
     assert capsys.readouterr().out.count("cached in") == 2 + len(INT4_METHODS) * len(QUICK.seeds)

@@ -21,10 +21,7 @@ from grace.objective import (
     warmup_scale,
 )
 
-
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setenv("GRACE_KERNELS_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")   # the kernels are parity-tested in their own files
 
 
 def cka64(s: torch.Tensor, t: torch.Tensor) -> float:

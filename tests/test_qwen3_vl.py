@@ -17,10 +17,7 @@ from grace.families import family_of
 from grace.load import load_int4_model, load_student
 from grace_kernels.nn import QuantLinear, W4A16Linear
 
-
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setenv("GRACE_KERNELS_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")   # the kernels are parity-tested in their own files
 
 
 @pytest.fixture(scope="module")

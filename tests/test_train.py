@@ -25,12 +25,12 @@ train_mod = importlib.import_module("grace.train")   # ``grace.train`` the attri
 
 
 @pytest.fixture(autouse=True)
-def reference_kernels(request, monkeypatch):
+def reference_kernels(request):
     """The trainer's logic is under test here, the kernels are parity-tested in their own files: run the
     PyTorch references (the Triton interpreter is ~10x slower on these shapes), except in the tests that
     exercise the kernels inside the trainer on purpose."""
     if "triton_in_trainer" not in request.keywords:
-        monkeypatch.setenv("GRACE_KERNELS_BACKEND", "reference")
+        request.getfixturevalue("reference_backend")
 
 
 def write_dataset(root, n=8, corrupt=True):

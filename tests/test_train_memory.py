@@ -21,9 +21,7 @@ from grace.quantize import quantize_model
 train_mod = importlib.import_module("grace.train")
 
 
-@pytest.fixture(autouse=True)
-def reference_kernels(monkeypatch):
-    monkeypatch.setenv("GRACE_KERNELS_BACKEND", "reference")
+pytestmark = pytest.mark.usefixtures("reference_backend")   # the kernels are parity-tested in their own files
 
 
 def _bf16_setup(root, family, tie=False):

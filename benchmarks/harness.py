@@ -8,7 +8,6 @@ of the references are not the product).
 
 from __future__ import annotations
 
-import json
 import os
 import platform
 import re
@@ -19,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 import grace_kernels
+from grace.io import write_json
 
 # GRACE_BENCH_RESULTS redirects the JSON files (gpu_acceptance.py collects them into one file).
 RESULTS_DIR = os.environ.get("GRACE_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
@@ -136,11 +136,9 @@ class Report:
         os.makedirs(RESULTS_DIR, exist_ok=True)
         slug = re.sub(r"[^A-Za-z0-9]+", "-", device_name()).strip("-")
         path = os.path.join(RESULTS_DIR, f"{self.op}-{slug}.json")
-        tmp = f"{path}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"op": self.op, "device": device_name(), "env": grace_kernels.describe(),
-                       "rows": self.rows}, f, indent=1)
-        os.replace(tmp, path)  # never a half-written file, even when the run is killed
+        # never a half-written file, even when the run is killed
+        write_json({"op": self.op, "device": device_name(), "env": grace_kernels.describe(), "rows": self.rows},
+                   path)
         return path
 
 

@@ -4,14 +4,13 @@ the ablation switches of the paper's Tables 3 and 4."""
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import sys
 
 import torch
 
-from grace.errors import GraceError
+from grace.io import read_json, write_json
 from grace_kernels.int4 import GROUP_SIZES
 
 # The LSQ scale initialisations grace_kernels.lsq_init_log_scale offers.
@@ -200,7 +199,7 @@ class TrainConfig:
                 if not path or not os.path.isfile(config):
                     problems.append(f"{name} checkpoint not found: {path!r} has no config.json")
                 else:
-                    read_json(config, what=f"the {name}'s model config")
+                    read_json(config, what=f"the {name}'s model config", hint="fix or replace the file")
             if not self.data or not os.path.isfile(self.data):
                 problems.append(f"data file not found: {self.data!r}")
             blocker = _file_above(self.output_dir)
@@ -211,10 +210,7 @@ class TrainConfig:
 
     def to_json(self, path: str) -> None:
         """Write the configuration atomically (temp file + rename): a reader never sees half a file."""
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(dataclasses.asdict(self), f, indent=1)
-        os.replace(tmp, path)
+        write_json(dataclasses.asdict(self), path)
 
 
 def saved_settings(saved: dict) -> dict:
@@ -230,15 +226,6 @@ def saved_settings(saved: dict) -> dict:
         out["kd_t2"] = True if out.get("kd", True) else TrainConfig.kd_t2
     return out
 
-
-def read_json(path: str, *, what: str = "JSON file"):
-    """The parsed content of ``path``. Raises GraceError naming the file when it is not valid JSON."""
-    with open(path) as f:
-        text = f.read()
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as e:
-        raise GraceError(f"{path}: {what} is not valid JSON ({e}); fix or replace the file") from None
 
 
 def _finite(value) -> bool:

@@ -41,18 +41,9 @@ import tempfile
 import torch
 from torch import nn
 
-from grace.load import (
-    DTYPES,
-    adopt_checkpoint_layout,
-    final_dir,
-    linear_names,
-    load_student,
-    matches_ignore,
-    module_checkpoint_names,
-    read_json,
-    read_quantization,
-    safetensors_keys,
-)
+from grace.io import read_json
+from grace.load import DTYPES, final_dir, load_student, read_quantization, safetensors_keys
+from grace.naming import adopt_checkpoint_layout, linear_names, matches_ignore, module_checkpoint_names
 from grace.quantize import replace_module
 from grace_kernels.nn import QuantLinear, W4A16Linear
 

@@ -8,23 +8,26 @@
 Files are checked where they are read: a missing, truncated or malformed file raises ValueError
 naming the file and what to do, never a raw parser traceback.
 
-Tensor names. transformers renames checkpoint tensors on load (LLaVA's ``language_model.model.*``
-becomes ``model.language_model.*``; the llava-hf Hub layout's ``vision_tower.vision_model.*`` becomes
-``model.vision_tower.*``) and reverses the renaming on save. :func:`checkpoint_names` gives the name
-a tensor has in a particular file layout, by letting transformers' own conversion rules recognise
-that file's tensor names, exactly as ``from_pretrained`` does.
+Tensor names on disk and in memory: :mod:`grace.naming`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
-import re
 
 import torch
 from torch import nn
 
+import grace_kernels
+from grace.io import one_line, read_json
+from grace.naming import (
+    adopt_checkpoint_layout,
+    checkpoint_names,
+    linear_names,
+    matches_ignore,
+    module_checkpoint_names,
+)
 from grace.quantize import quantize_model, replace_module
 from grace_kernels.int4 import SCALE_DTYPES
 from grace_kernels.nn import W4A16Linear, convert_to_kernel_layout
@@ -35,20 +38,6 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
 
 
 # --------------------------------------------------------------------------- files
-
-def read_json(path: str, what: str = "") -> dict:
-    """The JSON object in ``path``; ValueError naming the file when it is missing, unreadable or malformed."""
-    try:
-        with open(path) as f:
-            data = json.load(f)
-    except FileNotFoundError:
-        raise ValueError(f"{path} not found{what}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path} is not valid JSON ({_reason(e)}){what}") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{path} must hold a JSON object, found {type(data).__name__}{what}")
-    return data
-
 
 def safetensors_files(model_dir: str) -> list[str]:
     """Paths of the safetensors files of a model directory (one file, or the shards its index names)."""
@@ -63,14 +52,8 @@ def safetensors_files(model_dir: str) -> list[str]:
     raise ValueError(f"{model_dir} has no model.safetensors (or model.safetensors.index.json)")
 
 
-def _reason(e: Exception) -> str:
-    """The exception's type and the first line of its message (parsers' messages can run long)."""
-    first = (str(e).strip().splitlines() or [""])[0]
-    return f"{type(e).__name__}: {first}" if first else type(e).__name__
-
-
 def _corrupt(path: str, e: Exception) -> ValueError:
-    return ValueError(f"{path} is truncated or corrupt ({_reason(e)}); "
+    return ValueError(f"{path} is truncated or corrupt ({one_line(e, first=True, typed=True)}); "
                       "write it again (re-run `grace export`, or copy the file again)")
 
 
@@ -109,7 +92,8 @@ def read_torch_state(path: str, what_to_do: str) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError, OSError) as e:
-        raise ValueError(f"{path} is truncated or corrupt ({_reason(e)}); {what_to_do}") from None
+        reason = one_line(e, first=True, typed=True)
+        raise ValueError(f"{path} is truncated or corrupt ({reason}); {what_to_do}") from None
     if not isinstance(state, dict):
         raise ValueError(f"{path} holds a {type(state).__name__}, not a state dict; {what_to_do}")
     return state
@@ -137,7 +121,7 @@ def final_dir(run_dir: str) -> str:
 def read_quantization(final: str) -> dict:
     """final/quantization.json, checked: bits, group_size, scale_dtype and the quantized module names."""
     path = os.path.join(final, "quantization.json")
-    q = read_json(path, "; it is written when training ends (resume the run to write it again)")
+    q = read_json(path, hint="it is written when training ends (resume the run to write it again)")
     missing = [k for k in ("bits", "group_size", "scale_dtype", "modules") if k not in q]
     if missing:
         raise ValueError(f"{path} lacks {missing}")
@@ -201,67 +185,6 @@ def processor_or_none(path: str):
     if not any(os.path.isfile(os.path.join(path, n)) for n in names):
         return None
     return AutoProcessor.from_pretrained(path)
-
-
-# --------------------------------------------------------------------------- names on disk
-
-def adopt_checkpoint_layout(model: nn.Module, file_keys: list[str]) -> None:
-    """Make ``model`` save (and :func:`checkpoint_names` map) its tensors under the names of the file
-    whose tensor names are ``file_keys``, as ``from_pretrained`` would have had it loaded that file.
-
-    transformers keeps, on a model it loaded, the renaming rules that matched the file's names, and
-    reverses exactly those on save; a model built from a config gets the default rules instead, which
-    differ for some layouts (the llava-hf Hub layout's ``vision_tower.vision_model.*``). Here the file's
-    names are run through the same rules and the ones that matched are kept on the model.
-    """
-    try:
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
-    except ImportError:   # transformers 4.x: no renaming rules, names on disk are the names in memory
-        return
-    mapping = get_model_conversion_mapping(model)
-    renamings = [c for c in mapping if isinstance(c, WeightRenaming)]
-    converters = [c for c in mapping if isinstance(c, WeightConverter)]
-    state = model.state_dict()
-    for key in sorted(file_keys, key=dot_natural_key):
-        rename_source_key(key, renamings, converters, model.base_model_prefix, state)
-    model._weight_conversions = [c for c in mapping if c.was_used()]
-
-
-def checkpoint_names(model: nn.Module, keys: list[str]) -> dict[str, str]:
-    """In-memory state-dict key -> the key ``save_pretrained`` writes for it (transformers reverses its
-    load-time renamings on save, e.g. LLaVA's ``model.language_model`` -> ``language_model.model``).
-
-    Each key is sent through transformers' own reversal with a distinct one-element tensor, so the
-    tensor that comes out under a new name says which key it was.
-    """
-    try:
-        from transformers.core_model_loading import revert_weight_conversion
-    except ImportError:   # transformers 4.x saves the in-memory names as they are
-        return {k: k for k in keys}
-    probe = {k: torch.tensor([float(i)]) for i, k in enumerate(keys)}
-    out = revert_weight_conversion(model, dict(probe))
-    if len(out) != len(keys) or any(t.numel() != 1 for t in out.values()):
-        raise ValueError(f"{type(model).__name__} converts (not just renames) tensors on save; "
-                         "this project handles renaming-only model families")
-    return {keys[int(t.item())]: new for new, t in out.items()}
-
-
-def module_checkpoint_names(model: nn.Module, names: list[str]) -> dict[str, str]:
-    """Module name in memory -> its name on disk (the name of its ``.weight`` tensor, minus ``.weight``)."""
-    m = checkpoint_names(model, [f"{n}.weight" for n in names])
-    return {k.removesuffix(".weight"): v.removesuffix(".weight") for k, v in m.items()}
-
-
-def linear_names(model: nn.Module) -> list[str]:
-    """Names of the model's plain nn.Linear modules (W4A16Linear and QuantLinear are not nn.Linear)."""
-    return [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
-
-
-def matches_ignore(name: str, ignore: list[str]) -> bool:
-    """compressed-tensors' and vLLM's rule for one name: ``re:<pattern>`` is ``re.match``, anything else
-    the exact name."""
-    return any(re.match(p[3:], name) if p.startswith("re:") else p == name for p in ignore)
 
 
 # --------------------------------------------------------------------------- INT4 checkpoints
@@ -427,11 +350,8 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
         _load_strict(model, tensors, model_dir)
     model = model.to(device).eval()
     if kernel_layout is None:
-        from grace_kernels._backend import cuda_ext_available, cuda_ext_unsupported
-
-        device = torch.device(device)
         # A GPU the extension has no kernel image for runs Triton on the canonical layout.
-        kernel_layout = device.type == "cuda" and cuda_ext_available() and cuda_ext_unsupported(device) is None
+        kernel_layout = grace_kernels.cuda_ext_runs_on(device)
     if kernel_layout:
         _use_kernel_layout(model, dtype)
     return model, processor_or_none(model_dir)

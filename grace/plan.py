@@ -238,7 +238,7 @@ def loss_chunk_bytes(student: ModelCounts, teacher: ModelCounts, tokens: int) ->
     ``default_chunk_size`` rows, five float32 [rows, V] buffers (both models' logits, both
     probabilities, the gradient w.r.t. the student logits), the float32 dW accumulator of the student head
     and the float32 dX [tokens, H_S]. The [tokens, V] logits are never formed whole."""
-    from grace_kernels.ops._kd_core import default_chunk_size
+    from grace_kernels import default_chunk_size
 
     vocab = max(student.vocab, teacher.vocab)
     rows = default_chunk_size(tokens, vocab, torch.device("cuda"))

@@ -60,12 +60,13 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from tqdm.auto import tqdm
 
-from grace.config import TrainConfig, read_json, saved_settings
+from grace.config import TrainConfig, saved_settings
 from grace.controller import AdaptiveIBController
 from grace.data import ConversationDataset, SampleStream, build_loader
 from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError
 from grace.families import check_pair, family_of
+from grace.io import atomic_path, one_line, read_json
 from grace.objective import student_objective, teacher_outputs, warmup_scale
 from grace.quantize import quantize_model
 
@@ -255,14 +256,8 @@ def _schedule(total: int, warmup_ratio: float):
 def _save_atomic(obj, path: str) -> None:
     """torch.save to ``path.tmp-<pid>``, then rename: a crash before the rename leaves the previous file
     intact (and a temp file that :func:`prepare_run_dir` removes at the next start)."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-    os.replace(tmp, path)
 
 
 # --- stage 1: the run directory ---
@@ -317,8 +312,8 @@ def _read_checkpoint(path: str) -> dict:
     try:
         metadata = FileSystemReader(path).read_metadata()
     except Exception as e:   # missing, empty or cut-short .metadata
-        raise GraceError(f"{os.path.join(path, '.metadata')} cannot be read ({_first_line(e)}): the checkpoint "
-                         f"is incomplete; {hint}") from e
+        raise GraceError(f"{os.path.join(path, '.metadata')} cannot be read ({one_line(e, first=True)}): the "
+                         f"checkpoint is incomplete; {hint}") from e
     needed: dict[str, int] = {}
     for info in metadata.storage_data.values():
         needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
@@ -332,15 +327,12 @@ def _read_checkpoint(path: str) -> dict:
     try:
         state = torch.load(state_path, map_location="cpu", weights_only=False)
     except Exception as e:   # torch reports a truncated file as RuntimeError, EOFError or UnpicklingError
-        raise GraceError(f"{state_path} cannot be read ({_first_line(e)}): it is truncated or missing; {hint}") from e
+        raise GraceError(f"{state_path} cannot be read ({one_line(e, first=True)}): it is truncated or missing; "
+                         f"{hint}") from e
     missing = [k for k in TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
     if missing:
         raise GraceError(f"{state_path} is not a grace trainer state: it lacks {', '.join(missing)}")
     return state
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0]
 
 
 def _check_same_settings(state: dict, cfg: TrainConfig, world: int, path: str) -> None:

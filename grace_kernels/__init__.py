@@ -11,6 +11,8 @@ Public API (each op documented in ``grace_kernels.ops.<op>``):
     Int8Weight, pack_int8, unpack_int8, w8a16_matmul         the INT8 weight format and GEMM (grace_kernels.int8)
     nn.QuantLinear, nn.W4A16Linear, nn.W4A16KernelLinear,    modules (``gk.nn``, as ``torch.nn``)
     nn.W8A16Linear
+    default_chunk_size                                       rows per chunk of the KD losses (memory planning)
+    describe, use_backend, select_backend, cuda_ext_runs_on  what runs here, and forcing a backend
 
 Backend choice (CUDA extension / Triton / PyTorch reference) lives in ``grace_kernels._backend``.
 """
@@ -19,7 +21,7 @@ from grace_kernels import _ext
 
 # Op schemas are defined in Python by the ops modules; the extension only registers CUDA
 # implementations for them, so the ops must be imported before _C is loaded.
-from grace_kernels._backend import BACKENDS, describe, select_backend, use_backend  # noqa: F401
+from grace_kernels._backend import BACKENDS, cuda_ext_runs_on, describe, select_backend, use_backend  # noqa: F401
 from grace_kernels.int4 import (  # noqa: F401
     Int4Weight,
     pack_int4,
@@ -32,7 +34,11 @@ from grace_kernels.int8 import Int8Weight, pack_int8, unpack_int8  # noqa: F401
 
 # --- ops: one import line per op module (keep sorted) ---
 from grace_kernels.ops.cka import RCKAOutput, cka, rcka_loss  # noqa: F401
-from grace_kernels.ops.fused_linear_grace_loss import FusedGraceLossOutput, fused_linear_grace_loss  # noqa: F401
+from grace_kernels.ops.fused_linear_grace_loss import (  # noqa: F401
+    FusedGraceLossOutput,
+    default_chunk_size,
+    fused_linear_grace_loss,
+)
 from grace_kernels.ops.gated_dkd import GatedDKDOutput, gated_dkd_loss  # noqa: F401
 from grace_kernels.ops.lsq import lsq_fake_quant, lsq_init_log_scale, lsq_quantize  # noqa: F401
 from grace_kernels.ops.w4a16 import w4a16_matmul, w4a16_matmul_repacked  # noqa: F401

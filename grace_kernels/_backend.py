@@ -78,6 +78,13 @@ def cuda_ext_available() -> bool:
     return _ext.C is not None
 
 
+def cuda_ext_runs_on(device: torch.device | str) -> bool:
+    """True when ``device`` is a CUDA device and the loaded extension has a kernel image for its architecture:
+    the CUDA kernels will run there (automatic choice), so a model may hold their layout."""
+    device = torch.device(device)
+    return device.type == "cuda" and cuda_ext_available() and cuda_ext_unsupported(device) is None
+
+
 _warned_devices: set[str] = set()
 
 

@@ -23,7 +23,8 @@ from torch import nn
 from grace.config import TrainConfig
 from grace.demo import tiny
 from grace.export import COMPRESSED_TENSORS_VERSION, export_run
-from grace.load import load_int4_model, load_model, load_student, module_checkpoint_names
+from grace.load import load_int4_model, load_model, load_student
+from grace.naming import module_checkpoint_names
 from grace.quantize import quantize_model
 from grace.train import _save_final
 from grace_kernels.nn import QuantLinear, W4A16Linear
@@ -302,7 +303,7 @@ def test_layers_left_out_of_the_backbone_get_their_own_pattern(make_run, tmp_pat
     """A run that kept two backbone layers in full precision: each gets a pattern on the end of its
     name, and every client still targets exactly the INT4 layers."""
     pytest.importorskip("compressed_tensors")
-    from grace.load import matches_ignore
+    from grace.naming import matches_ignore
     from grace.quantize import DEFAULT_EXCLUDE
 
     base = make_run("llava_hf", "bfloat16")["base"]
@@ -375,7 +376,7 @@ def test_quantization_config_and_tensors_on_disk(run):
     family = {"qwen2_vl": ["re:.*visual.*", "re:.*lm_head$"]}.get(
         run["family"], ["re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*lm_head$"])
     assert qc["ignore"] == family
-    from grace.load import matches_ignore
+    from grace.naming import matches_ignore
 
     for name in full:      # kept in full precision under its in-memory and its on-disk name
         assert matches_ignore(name, qc["ignore"]) and matches_ignore(names[name], qc["ignore"]), name
@@ -713,7 +714,7 @@ def test_cli_reports_a_damaged_file_in_one_line(llava_run, tmp_path, capsys):
 
 def test_ignore_patterns_on_names_alone(caplog):
     from grace.export import ignore_patterns
-    from grace.load import matches_ignore
+    from grace.naming import matches_ignore
 
     def pair(n):   # (in memory, on disk) for LLaVA
         return n, n.replace("model.language_model.", "language_model.model.").replace("model.vision_tower.",

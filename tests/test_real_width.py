@@ -27,8 +27,8 @@ from grace.demo.tiny import QWEN_IMAGE_SIZE, build_processor
 from grace.families import family_of
 from grace.objective import student_objective, teacher_outputs
 from grace.quantize import quantize_model
+from grace_kernels import default_chunk_size
 from grace_kernels.ops import fused_linear_grace_loss as fused_module
-from grace_kernels.ops._kd_core import default_chunk_size
 
 pytestmark = pytest.mark.slow
 
@@ -89,8 +89,7 @@ class _PeakRSS:
 
 
 @pytest.mark.skipif(not os.path.exists("/proc/self/statm"), reason="RSS is read from /proc")
-def test_one_step_at_qwen2_vl_2b_width(monkeypatch):
-    monkeypatch.setenv("GRACE_KERNELS_BACKEND", "reference")
+def test_one_step_at_qwen2_vl_2b_width(monkeypatch, reference_backend):
     torch.manual_seed(0)
     words = [f"w{i}" for i in range(200)]
     processor = build_processor(words, family="qwen2_vl")

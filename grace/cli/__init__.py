@@ -15,6 +15,7 @@ import importlib
 import sys
 
 from grace.errors import GraceError
+from grace.io import one_line
 
 # ValueError covers GraceError and the library's argument checks; OSError covers files that are missing,
 # unreadable, or in the way (FileNotFoundError, NotADirectoryError, PermissionError, ...).
@@ -52,10 +53,4 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"grace {args.command}: error: {one_line(e)}", file=sys.stderr)
         return 2
-
-
-def one_line(error: BaseException) -> str:
-    """The error's message on one line (a multi-line message joined with "; ")."""
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return "; ".join(lines) or type(error).__name__
 

@@ -38,6 +38,7 @@ import time
 import torch
 
 from grace.config import TrainConfig
+from grace.io import write_json
 
 QUESTION_TYPES = ("color", "shape", "count", "position")
 INT4_METHODS = ("QAT only", "QAT + naive KD", "GRACE")
@@ -214,10 +215,7 @@ def _qat_subset(data: dict, n: int) -> str:
     if not os.path.exists(path):
         with open(data["train"]) as f:
             records = json.load(f)[:n]
-        tmp = f"{path}.tmp-{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump(records, f)
-        os.replace(tmp, path)
+        write_json(records, path, indent=None)
     return path
 
 

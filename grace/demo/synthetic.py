@@ -54,6 +54,7 @@ import numpy as np
 from PIL import Image
 
 from grace.demo.tiny import PATCH
+from grace.io import write_json
 
 COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220), "yellow": (235, 200, 30)}
 SHAPES = ("circle", "square", "triangle")
@@ -201,13 +202,6 @@ def _write_split(out_dir: str, split: str, n: int, rng: np.random.Generator, ima
     return records
 
 
-def _write_json(obj, path: str) -> None:
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def _complete(paths: dict, meta: dict) -> bool:
     try:
         with open(paths["meta"]) as f:
@@ -259,7 +253,7 @@ def write_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, image_siz
         os.remove(stale)   # images of an earlier, larger run would otherwise linger
     # One independent stream per split: the eval split does not change with n_train.
     train_rng, eval_rng = (np.random.default_rng([int(seed), k]) for k in (0, 1))
-    _write_json(_write_split(out_dir, "train", n_train, train_rng, image_size), paths["train"])
-    _write_json(_write_split(out_dir, "eval", n_eval, eval_rng, image_size), paths["eval"])
-    _write_json(meta, paths["meta"])
+    write_json(_write_split(out_dir, "train", n_train, train_rng, image_size), paths["train"])
+    write_json(_write_split(out_dir, "eval", n_eval, eval_rng, image_size), paths["eval"])
+    write_json(meta, paths["meta"])
     return paths

@@ -36,7 +36,10 @@ def _row_impl(device: torch.device):
 
 
 def default_chunk_size(n: int, v: int, device: torch.device) -> int:
-    # About 256 MiB of float32 logits per model per chunk: large GEMMs on a GPU, bounded memory on a CPU.
+    """Rows per chunk the KD losses use when ``chunk_size`` is None, for ``n`` rows of a ``v``-wide vocabulary
+    on ``device``: about 256 MiB of float32 logits per model per chunk on a GPU, 64 MiB elsewhere, at least 1
+    and at most ``n``. Public as ``grace_kernels.default_chunk_size`` (memory planning sizes the buffers with it)."""
+    # Large GEMMs on a GPU, bounded memory on a CPU.
     budget = (256 if device.type == "cuda" else 64) * 2 ** 20
     return max(1, min(n, budget // (4 * v)))
 

@@ -44,6 +44,7 @@ import torch
 
 from grace_kernels.ops import _kd_core
 from grace_kernels.ops._input_checks import check_finite_number, check_floating, check_same_device
+from grace_kernels.ops._kd_core import default_chunk_size  # noqa: F401  (public: grace_kernels.default_chunk_size)
 from grace_kernels.ops.gated_dkd import check_kd_args
 
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from grace.tiny import build_tiny_vlm
+from grace.demo.tiny import build_tiny_vlm
 
 FAMILIES = ("llava", "qwen2_vl")
 ENV = {**os.environ, "GRACE_KERNELS_BACKEND": "reference", "OMP_NUM_THREADS": "1"}
@@ -108,9 +108,9 @@ def test_text_only_micro_batch_has_no_rcka_weight_or_gradient(pair):
     from transformers import AutoModelForImageTextToText
 
     from grace.data import ConversationDataset, RecordIndex, collate
+    from grace.demo.tiny import build_processor
     from grace.families import family_of
     from grace.objective import student_objective, teacher_outputs
-    from grace.tiny import build_processor
 
     records = json.load(open(pair["data"]))
     text = [r for r in records if "image" not in r][:2]

@@ -45,6 +45,11 @@ import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+# Pure Python (no torch, no grace_kernels): this process starts before the install step makes the package
+# importable, so nothing it runs itself may import the package; only the steps' fresh interpreters can.
+import decode_report  # noqa: E402
+
 LIMIT_S = 480          # what the whole run must fit: 8 minutes
 DEFAULT_BUDGET_S = 450  # leaves half a minute for start-up and the results' transfer
 RESERVE_S = 5           # kept back from each step's timeout to write the results
@@ -393,10 +398,7 @@ def summary_markdown(results, env, decode, bench, budget_s, elapsed_s) -> str:
         lines += [f"| {k['kernel']} | {k['arch']} | {k['registers']} | {k['shared_bytes']} | {k['local_bytes']} |"
                   for k in kernels]
     if decode:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_decode import markdown
-
-        lines += ["", "## Decode", "", markdown(decode)]
+        lines += ["", "## Decode", "", decode_report.markdown(decode)]
     for report in bench:
         if report.get("op") == "w4a16_matmul":
             lines += ["", "## W4A16 GEMM (ms; speedup vs cuBLAS on the dequantized weight)", "",

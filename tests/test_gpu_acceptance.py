@@ -94,3 +94,75 @@ def test_cuda_tools_are_found_in_the_toolkit_when_not_on_path(tmp_path, monkeypa
     assert ga.find_cuda_tool("compute-sanitizer") == str(tool)
     monkeypatch.delenv("CUDA_HOME")
     assert ga.find_cuda_tool("no-such-tool") == "no-such-tool"
+
+
+# The orchestrator starts before its install step makes grace_kernels importable: on the GPU day only the
+# steps' fresh interpreters can import the package. This sitecustomize makes that so on any machine: the
+# process it starts in cannot import the named packages, and it removes its switch from the environment, so
+# the processes that process starts (the steps) import them as usual.
+_BLOCKER = '''
+import os, sys
+
+_blocked = [name for name in os.environ.pop("GRACE_TEST_BLOCK_IMPORTS", "").split(",") if name]
+
+
+class _Blocker:
+    def find_spec(self, name, path=None, target=None):
+        if name.partition(".")[0] in _blocked:
+            raise ImportError(f"{name} cannot be imported in this process (test blocker)")
+        return None
+
+
+if _blocked:
+    sys.meta_path.insert(0, _Blocker())
+'''
+BLOCKED = "grace_kernels,grace,torch"
+
+
+def _blocked_env(tmp_path) -> dict:
+    """The environment of an orchestrator process that cannot import grace_kernels, grace or torch."""
+    site = tmp_path / "blocker"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(_BLOCKER)
+    path = os.pathsep.join([str(site), ROOT, os.environ.get("PYTHONPATH", "")])
+    return {**os.environ, "PYTHONPATH": path, "GRACE_TEST_BLOCK_IMPORTS": BLOCKED}
+
+
+def test_the_blocker_blocks_this_process_and_not_its_children(tmp_path):
+    code = ("import subprocess, sys\n"
+            "try:\n    import grace_kernels\nexcept ImportError as e:\n    print('blocked:', e)\n"
+            "subprocess.run([sys.executable, '-c', 'import grace_kernels; print(\"child imports\")'], check=True)\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env=_blocked_env(tmp_path))
+    assert proc.returncode == 0, proc.stderr
+    assert "blocked: grace_kernels cannot be imported" in proc.stdout and "child imports" in proc.stdout
+
+
+def test_summary_is_written_from_decode_json_by_a_process_that_cannot_import_the_package(tmp_path):
+    """Bug 2: the decode step (a fresh interpreter) writes decode.json; the orchestrator, which cannot import
+    grace_kernels, must still write summary.md with the decode table, and go on to later steps."""
+    out, work = tmp_path / "out", tmp_path / "work"
+    code = f"""
+import sys
+sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
+import gpu_acceptance as ga
+py = sys.executable
+steps = [ga.Step("decode", 1, "toy decode on CPU", [py, "benchmarks/bench_decode.py", "--json",
+                 {str(work / "decode.json")!r}, "--compile", "none", "--batches", "1", "--reps", "1"]),
+         ga.Step("after", 1, "a later step", [py, "-c", "print('later step ran')"])]
+results = ga.run(steps, budget_s=600, out={str(out)!r}, work={str(work)!r})
+print("STATUS", [r.status for r in results])
+assert "torch" not in sys.modules and "grace_kernels" not in sys.modules
+"""
+    work.mkdir()
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=_blocked_env(tmp_path))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "STATUS ['ok', 'ok']" in proc.stdout, proc.stdout[-3000:]
+    assert sorted(os.listdir(out)) == ["acceptance.json", "acceptance.log", "decode.json", "summary.md"]
+    decode = json.loads((out / "decode.json").read_text())
+    summary = (out / "summary.md").read_text()
+    assert "## Decode" in summary
+    for row in decode["rows"]:  # every measured path is in the summary's decode table
+        assert f"| {row['batch']} | {row['path']} | {row['decode_tokens_per_s']:.4g} |" in summary
+    assert "later step ran" in (out / "acceptance.log").read_text()

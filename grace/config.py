@@ -11,6 +11,7 @@ import sys
 import torch
 
 from grace.io import read_json, write_json
+from grace_kernels import KD_TYPES
 from grace_kernels.int4 import GROUP_SIZES
 
 # The LSQ scale initialisations grace_kernels.lsq_init_log_scale offers.
@@ -145,8 +146,8 @@ class TrainConfig:
             problems.append(f"bits must be 4, 8 or None, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
             problems.append(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
-        if self.kd_type not in ("dkd", "kl"):
-            problems.append(f"kd_type must be 'dkd' or 'kl', got {self.kd_type!r}")
+        if self.kd_type not in KD_TYPES:
+            problems.append(f"kd_type must be one of {', '.join(KD_TYPES)}, got {self.kd_type!r}")
         if self.scale_dtype not in (None, "bfloat16", "float16"):
             problems.append(f"scale_dtype must be bfloat16, float16 or None, got {self.scale_dtype!r}")
         if self.mixed_precision not in MIXED_PRECISION:

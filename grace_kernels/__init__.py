@@ -4,6 +4,7 @@ Public API (each op documented in ``grace_kernels.ops.<op>``):
 
     lsq_init_log_scale, lsq_fake_quant, lsq_quantize         group-wise LSQ fake quantization
     gated_dkd_loss, fused_linear_grace_loss                  entropy-gated decoupled distillation
+    KD_TYPES                                                 their kd_type values ("dkd", "kl")
     cka, rcka_loss                                           relational CKA over visual tokens
     Int4Weight, pack_int4, unpack_int4, quantize_rtn,        the INT4 weight format (grace_kernels.int4)
     repack_for_kernel, repack_to_canonical
@@ -22,6 +23,7 @@ from grace_kernels import _ext
 # Op schemas are defined in Python by the ops modules; the extension only registers CUDA
 # implementations for them, so the ops must be imported before _C is loaded.
 from grace_kernels._backend import BACKENDS, cuda_ext_runs_on, describe, select_backend, use_backend  # noqa: F401
+from grace_kernels._kd_layout import KD_TYPES  # noqa: F401
 from grace_kernels.int4 import (  # noqa: F401
     Int4Weight,
     pack_int4,

@@ -195,7 +195,7 @@ def test_target_must_lie_in_the_common_vocabulary(backend):
 def test_triton_target_load_is_masked():
     # Past the wrapper (the kernel called directly), a target beyond the teacher's vocabulary
     # reads the masked value NaN, never memory after the row.
-    from grace_kernels.reference.gated_dkd import R
+    from grace_kernels._kd_layout import Row
     from grace_kernels.triton import gated_dkd as tri
 
     zs, zt, tgt = _logits(3, 48, 40)
@@ -203,8 +203,8 @@ def test_triton_target_load_is_masked():
     rows = tri.kd_rows(zs, zt, tgt, vc=40, temperature=2.0, gate_temperature=1.0, ignore_index=-100)
     assert torch.isfinite(rows[0]).all()
     for i in (1, 2):
-        assert torch.isnan(rows[i, R["tckd"]]) and torch.isnan(rows[i, R["kl"]])
-        assert torch.isfinite(rows[i, R["ce"]])  # the student row is Vs = 48 wide: its load is in bounds
+        assert torch.isnan(rows[i, Row.TCKD]) and torch.isnan(rows[i, Row.KL])
+        assert torch.isfinite(rows[i, Row.CE])  # the student row is Vs = 48 wide: its load is in bounds
 
 
 def _padded(z, p):

@@ -2,7 +2,7 @@
 
 Tokens are processed in chunks; a chunk's float32 logits (student [c, Vs], teacher [c, Vt]) come
 from a callback (a slice of given logits, or a GEMM of hidden states with the LM head). For each
-chunk, pass 1 computes the per-row statistics (:data:`ROW_FIELDS`), pass 2 the closed-form gradient
+chunk, pass 1 computes the per-row statistics (``grace_kernels._kd_layout.Row``), pass 2 the closed-form gradient
 of the whole loss w.r.t. the student logits, which the caller turns into dX / dW at once: the
 gradient is complete in the forward and the full [N, V] logits never exist.
 
@@ -20,9 +20,9 @@ from collections.abc import Callable
 import torch
 
 from grace_kernels._backend import select_backend
+from grace_kernels._kd_layout import Row, kd_per_token
 from grace_kernels.reference import gated_dkd as ref
 
-R = ref.R
 # Per-call statistics vector: the first entry carries the gradient.
 STATS = ("loss", "ce", "gdkd", "tckd", "nckd", "teacher_entropy", "gate_mean", "gate_sum", "num_valid")
 
@@ -79,13 +79,11 @@ def kd_core(
         tgt, ok = target[lo:hi], valid[lo:hi].float()
         rows = rows_fn(zs, zt, tgt, vc=vc, temperature=temperature, gate_temperature=gate_temperature,
                        ignore_index=ignore_index)
-        if kd_type == "dkd":
-            per_token = temperature ** 2 * (tckd_weight * rows[:, R["tckd"]] + nckd_weight * rows[:, R["nckd"]])
-        else:
-            per_token = temperature ** 2 * rows[:, R["kl"]]
-        sums += torch.stack([(rows[:, R["ce"]] * ok).sum(), (per_token * g[lo:hi]).sum(),
-                             (rows[:, R["tckd"]] * ok).sum(), (rows[:, R["nckd"]] * ok).sum(),
-                             (rows[:, R["entropy"]] * ok).sum()])
+        per_token = kd_per_token(rows[:, Row.TCKD], rows[:, Row.NCKD], rows[:, Row.KL], kd_type=kd_type,
+                                 temperature=temperature, tckd_weight=tckd_weight, nckd_weight=nckd_weight)
+        sums += torch.stack([(rows[:, Row.CE] * ok).sum(), (per_token * g[lo:hi]).sum(),
+                             (rows[:, Row.TCKD] * ok).sum(), (rows[:, Row.NCKD] * ok).sum(),
+                             (rows[:, Row.ENTROPY] * ok).sum()])
         if consume_grad is not None:
             coef_ce = ce_weight * inv_valid * ok
             coef_kd = kd_weight * inv_g * g[lo:hi]

@@ -46,6 +46,7 @@ from typing import NamedTuple
 
 import torch
 
+from grace_kernels._kd_layout import check_kd_type
 from grace_kernels.ops import _kd_core
 from grace_kernels.ops._input_checks import (
     check_finite_number,
@@ -80,8 +81,7 @@ def check_kd_args(n: int, target: torch.Tensor, vs: int, vt: int | None, *, temp
         raise ValueError(f"target has {target.shape[0]} tokens but the inputs have {n}")
     if vt is not None and min(vs, vt) < 2:
         raise ValueError(f"the common vocabulary min(Vs={vs}, Vt={vt}) must be at least 2")
-    if kd_type not in ("dkd", "kl"):
-        raise ValueError(f"kd_type must be 'dkd' or 'kl', got {kd_type!r}")
+    check_kd_type(kd_type)
     check_positive_finite("temperature", temperature)
     check_positive_finite("gate_temperature", gate_temperature)
     check_finite_number("tckd_weight", tckd_weight)

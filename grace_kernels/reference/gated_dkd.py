@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import torch
 
-# Columns of the per-row statistics returned by kd_rows_*: the losses, then what pass 2 needs.
-ROW_FIELDS = ("tckd", "nckd", "kl", "entropy", "ce", "lse_s_nt", "lse_t_nt", "lse_s", "lse_t", "log_ps_y",
-              "log_pt_y", "lse_ce")
-R = {name: i for i, name in enumerate(ROW_FIELDS)}
-
+from grace_kernels._kd_layout import N_FIELDS, Row, kd_per_token
 
 NEG_INF = float("-inf")
 
@@ -83,11 +79,10 @@ def gated_dkd_loss_ref(student_logits, teacher_logits, target, *, temperature=2.
     # Non-target distributions renormalized: log p^(v) = z_v - lse_nt.
     pt_hat = torch.where(is_y | no_nt, 0.0, (zt - lse_t_nt.unsqueeze(1)).exp())
     nckd = _xmul(pt_hat, (zt - lse_t_nt.unsqueeze(1)) - (zs - lse_s_nt.unsqueeze(1))).sum(-1)
-    if kd_type == "dkd":
-        per_token = temperature ** 2 * (tckd_weight * tckd + nckd_weight * nckd)
-    else:
-        pt = (zt - lse_t.unsqueeze(1)).exp()
-        per_token = temperature ** 2 * _xmul(pt, (zt - lse_t.unsqueeze(1)) - (zs - lse_s.unsqueeze(1))).sum(-1)
+    log_pt = zt - lse_t.unsqueeze(1)
+    kl = _xmul(log_pt.exp(), log_pt - (zs - lse_s.unsqueeze(1))).sum(-1)
+    per_token = kd_per_token(tckd, nckd, kl, kd_type=kd_type, temperature=temperature, tckd_weight=tckd_weight,
+                             nckd_weight=nckd_weight)
 
     entropy, support = teacher_entropy(teacher_logits[:, :vc].detach().to(acc), gate_temperature)
     g = gate_weight(entropy, support) if gate else torch.ones_like(entropy)
@@ -103,18 +98,18 @@ def gated_dkd_loss_ref(student_logits, teacher_logits, target, *, temperature=2.
 
 def kd_rows_ref(zs: torch.Tensor, zt: torch.Tensor | None, target: torch.Tensor, *, vc: int, temperature: float,
                 gate_temperature: float, ignore_index: int) -> torch.Tensor:
-    """Per-row statistics [c, len(ROW_FIELDS)] float32 of one chunk of float32 logits.
+    """Per-row statistics [c, N_FIELDS] (columns: :class:`Row`) float32 of one chunk of float32 logits.
 
     zs [c, Vs] student logits; zt [c, Vt] teacher logits or None (CE only: the KD columns are 0).
     Rows whose target is ignore_index get finite values that the caller masks out.
     """
     c = zs.shape[0]
-    out = torch.zeros(c, len(ROW_FIELDS), device=zs.device, dtype=torch.float32)
+    out = torch.zeros(c, N_FIELDS, device=zs.device, dtype=torch.float32)
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
     lse_ce = torch.logsumexp(zs, -1)
-    out[:, R["lse_ce"]] = lse_ce
-    out[:, R["ce"]] = lse_ce - zs.gather(1, y).squeeze(1)
+    out[:, Row.LSE_CE] = lse_ce
+    out[:, Row.CE] = lse_ce - zs.gather(1, y).squeeze(1)
     if zt is None:
         return out
     t = temperature
@@ -124,17 +119,17 @@ def kd_rows_ref(zs: torch.Tensor, zt: torch.Tensor | None, target: torch.Tensor,
     lse_s_nt, lse_t_nt = _nontarget_lse(s, is_y), _nontarget_lse(tt, is_y)
     log_ps_y, log_pt_y = s.gather(1, y).squeeze(1) - lse_s, tt.gather(1, y).squeeze(1) - lse_t
     pt_y = log_pt_y.exp()
-    out[:, R["tckd"]] = _xmul(pt_y, log_pt_y - log_ps_y) + _xmul(1 - pt_y, (lse_t_nt - lse_t) - (lse_s_nt - lse_s))
+    out[:, Row.TCKD] = _xmul(pt_y, log_pt_y - log_ps_y) + _xmul(1 - pt_y, (lse_t_nt - lse_t) - (lse_s_nt - lse_s))
     log_pt_hat = tt - lse_t_nt.unsqueeze(1)
     d_nt = log_pt_hat - (s - lse_s_nt.unsqueeze(1))
     no_nt = (lse_t_nt == NEG_INF).unsqueeze(1)  # all teacher mass on y: NCKD is 0
-    out[:, R["nckd"]] = _xmul(torch.where(is_y | no_nt, 0.0, log_pt_hat.exp()), d_nt).sum(-1)
+    out[:, Row.NCKD] = _xmul(torch.where(is_y | no_nt, 0.0, log_pt_hat.exp()), d_nt).sum(-1)
     log_pt = tt - lse_t.unsqueeze(1)
-    out[:, R["kl"]] = _xmul(log_pt.exp(), log_pt - (s - lse_s.unsqueeze(1))).sum(-1)
-    out[:, R["entropy"]] = teacher_entropy(zt[:, :vc], gate_temperature)[0]
-    for name, val in (("lse_s_nt", lse_s_nt), ("lse_t_nt", lse_t_nt), ("lse_s", lse_s), ("lse_t", lse_t),
-                      ("log_ps_y", log_ps_y), ("log_pt_y", log_pt_y)):
-        out[:, R[name]] = val
+    out[:, Row.KL] = _xmul(log_pt.exp(), log_pt - (s - lse_s.unsqueeze(1))).sum(-1)
+    out[:, Row.ENTROPY] = teacher_entropy(zt[:, :vc], gate_temperature)[0]
+    for col, val in ((Row.LSE_S_NT, lse_s_nt), (Row.LSE_T_NT, lse_t_nt), (Row.LSE_S, lse_s), (Row.LSE_T, lse_t),
+                     (Row.LOG_PS_Y, log_ps_y), (Row.LOG_PT_Y, log_pt_y)):
+        out[:, col] = val
     return out
 
 
@@ -152,7 +147,7 @@ def kd_rows_grad_ref(zs: torch.Tensor, zt: torch.Tensor | None, target: torch.Te
     """
     valid = target != ignore_index
     y = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
-    grad = (zs - rows[:, R["lse_ce"]].unsqueeze(1)).exp()
+    grad = (zs - rows[:, Row.LSE_CE].unsqueeze(1)).exp()
     grad.scatter_add_(1, y, -torch.ones_like(y, dtype=grad.dtype))
     grad.mul_(coef_ce.unsqueeze(1))
     if zt is None:
@@ -161,15 +156,15 @@ def kd_rows_grad_ref(zs: torch.Tensor, zt: torch.Tensor | None, target: torch.Te
     s, tt = zs[:, :vc] / t, zt[:, :vc] / t
     is_y = torch.arange(vc, device=zs.device).unsqueeze(0) == y
     if kd_type == "dkd":
-        ps_y, pt_y = rows[:, R["log_ps_y"]].exp(), rows[:, R["log_pt_y"]].exp()
-        ps_hat = (s - rows[:, R["lse_s_nt"]].unsqueeze(1)).exp()
+        ps_y, pt_y = rows[:, Row.LOG_PS_Y].exp(), rows[:, Row.LOG_PT_Y].exp()
+        ps_hat = (s - rows[:, Row.LSE_S_NT].unsqueeze(1)).exp()
         # A teacher with no non-target mass has NCKD = 0: no NCKD gradient on that row.
-        no_nt = (rows[:, R["lse_t_nt"]] == NEG_INF).unsqueeze(1)
-        pt_hat = torch.where(no_nt, 0.0, (tt - rows[:, R["lse_t_nt"]].unsqueeze(1)).exp())
+        no_nt = (rows[:, Row.LSE_T_NT] == NEG_INF).unsqueeze(1)
+        pt_hat = torch.where(no_nt, 0.0, (tt - rows[:, Row.LSE_T_NT].unsqueeze(1)).exp())
         w_nc = torch.where(no_nt, 0.0, nckd_weight)
         kd = tckd_weight * ps_hat * (pt_y - ps_y).unsqueeze(1) + w_nc * (ps_hat - pt_hat)
         kd = torch.where(is_y, (tckd_weight * (ps_y - pt_y)).unsqueeze(1), kd)
     else:
-        kd = (s - rows[:, R["lse_s"]].unsqueeze(1)).exp() - (tt - rows[:, R["lse_t"]].unsqueeze(1)).exp()
+        kd = (s - rows[:, Row.LSE_S].unsqueeze(1)).exp() - (tt - rows[:, Row.LSE_T].unsqueeze(1)).exp()
     grad[:, :vc] += (t * coef_kd).unsqueeze(1) * kd
     return grad

@@ -19,6 +19,10 @@ teacher probability with a log-ratio is taken as 0 where the probability is 0, a
 no non-target mass has NCKD 0. The guards test for exactly -inf or exactly 0, so NaN still
 propagates: maxima may drop a NaN on GPUs, but the running sums of exp() carry it.
 
+The row layout (which statistic sits in which column of ``out`` / ``rows``) is
+``grace_kernels._kd_layout.Row``, read in the kernels as ``_kd_layout.Row.<NAME>``: Triton resolves
+module attributes at compile time, so each offset is a constant of the compiled kernel.
+
 Every load is masked or indexed by the program id within its buffer; the target column is loaded
 under a mask as well (a target past the common vocabulary reads NaN, never another tensor's
 memory), although the op wrapper rejects such targets before any launch.
@@ -30,8 +34,9 @@ import torch
 import triton
 import triton.language as tl
 
+from grace_kernels import _kd_layout
+from grace_kernels._kd_layout import N_FIELDS
 from grace_kernels.kernel_spec import KernelSpec
-from grace_kernels.reference.gated_dkd import ROW_FIELDS
 
 BLOCK_V = 1024
 NEG_INF = tl.constexpr(float("-inf"))
@@ -48,7 +53,7 @@ def _online(m, s, x):
 
 @triton.jit
 def _kd_rows_kernel(zs_ptr, zt_ptr, tgt_ptr, out_ptr, vs, vt, vc, inv_t, inv_tg, ignore_index,
-                    HAS_TEACHER: tl.constexpr, N_FIELDS: tl.constexpr, BLOCK_V: tl.constexpr):
+                    HAS_TEACHER: tl.constexpr, BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(tgt_ptr + row)
     y = tl.where(y == ignore_index, 0, y)
@@ -90,11 +95,11 @@ def _kd_rows_kernel(zs_ptr, zt_ptr, tgt_ptr, out_ptr, vs, vt, vc, inv_t, inv_tg,
                 plogp = tl.where((cols < vc) & (g != NEG_INF), tl.exp(g - safe_g) * g, 0.0)
                 e_g = e_g * tl.exp(m_g_old - safe_g) + tl.sum(plogp, axis=0)
 
-    out = out_ptr + row * N_FIELDS
+    out = out_ptr + row * _kd_layout.N_FIELDS
     zs_y = tl.load(zs_row + y, mask=(y >= 0) & (y < vs), other=NAN)
     lse_ce = m_c + tl.log(s_c)
-    tl.store(out + 4, lse_ce - zs_y)
-    tl.store(out + 11, lse_ce)
+    tl.store(out + _kd_layout.Row.CE, lse_ce - zs_y)
+    tl.store(out + _kd_layout.Row.LSE_CE, lse_ce)
     if HAS_TEACHER:
         zt_y = tl.load(zt_row + y, mask=(y >= 0) & (y < vc), other=NAN)
         sy = zs_y * inv_t
@@ -117,35 +122,35 @@ def _kd_rows_kernel(zs_ptr, zt_ptr, tgt_ptr, out_ptr, vs, vt, vc, inv_t, inv_tg,
         kl_y = tl.where(log_pt_y == NEG_INF, 0.0, pt_y * (ty - sy))
         kl = kl_y + tl.where(no_nt, 0.0, (1.0 - pt_y) * xn) - lse_t + lse_s
         entropy = m_g + tl.log(s_g) - e_g / s_g
-        tl.store(out + 0, tckd)
-        tl.store(out + 1, nckd)
-        tl.store(out + 2, kl)
-        tl.store(out + 3, entropy)
-        tl.store(out + 5, lse_s_nt)
-        tl.store(out + 6, lse_t_nt)
-        tl.store(out + 7, lse_s)
-        tl.store(out + 8, lse_t)
-        tl.store(out + 9, log_ps_y)
-        tl.store(out + 10, log_pt_y)
+        tl.store(out + _kd_layout.Row.TCKD, tckd)
+        tl.store(out + _kd_layout.Row.NCKD, nckd)
+        tl.store(out + _kd_layout.Row.KL, kl)
+        tl.store(out + _kd_layout.Row.ENTROPY, entropy)
+        tl.store(out + _kd_layout.Row.LSE_S_NT, lse_s_nt)
+        tl.store(out + _kd_layout.Row.LSE_T_NT, lse_t_nt)
+        tl.store(out + _kd_layout.Row.LSE_S, lse_s)
+        tl.store(out + _kd_layout.Row.LSE_T, lse_t)
+        tl.store(out + _kd_layout.Row.LOG_PS_Y, log_ps_y)
+        tl.store(out + _kd_layout.Row.LOG_PT_Y, log_pt_y)
 
 
 @triton.jit
 def _kd_grad_kernel(zs_ptr, zt_ptr, tgt_ptr, rows_ptr, coef_kd_ptr, coef_ce_ptr, grad_ptr, vs, vt, vc, t, inv_t,
                     w_tc, w_nc, ignore_index, HAS_TEACHER: tl.constexpr, IS_DKD: tl.constexpr,
-                    N_FIELDS: tl.constexpr, BLOCK_V: tl.constexpr):
+                    BLOCK_V: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     y = tl.load(tgt_ptr + row)
     y = tl.where(y == ignore_index, 0, y)
-    rows = rows_ptr + row * N_FIELDS
-    lse_ce = tl.load(rows + 11)
+    rows = rows_ptr + row * _kd_layout.N_FIELDS
+    lse_ce = tl.load(rows + _kd_layout.Row.LSE_CE)
     c_ce = tl.load(coef_ce_ptr + row)
     c_kd = tl.load(coef_kd_ptr + row) * t
-    lse_s_nt = tl.load(rows + 5)
-    lse_t_nt = tl.load(rows + 6)
-    lse_s = tl.load(rows + 7)
-    lse_t = tl.load(rows + 8)
-    ps_y = tl.exp(tl.load(rows + 9))
-    pt_y = tl.exp(tl.load(rows + 10))
+    lse_s_nt = tl.load(rows + _kd_layout.Row.LSE_S_NT)
+    lse_t_nt = tl.load(rows + _kd_layout.Row.LSE_T_NT)
+    lse_s = tl.load(rows + _kd_layout.Row.LSE_S)
+    lse_t = tl.load(rows + _kd_layout.Row.LSE_T)
+    ps_y = tl.exp(tl.load(rows + _kd_layout.Row.LOG_PS_Y))
+    pt_y = tl.exp(tl.load(rows + _kd_layout.Row.LOG_PT_Y))
     # A teacher with no non-target mass has NCKD 0, hence no NCKD gradient on this row.
     no_nt = lse_t_nt == NEG_INF
     w_nc_row = tl.where(no_nt, 0.0, w_nc)
@@ -192,17 +197,19 @@ def kd_rows(zs, zt, target, *, vc, temperature, gate_temperature, ignore_index):
     zs, target = zs.contiguous(), target.contiguous()
     zt = zt.contiguous() if zt is not None else None
     c, vs = zs.shape
-    out = torch.zeros(c, len(ROW_FIELDS), device=zs.device, dtype=torch.float32)
+    out = torch.zeros(c, N_FIELDS, device=zs.device, dtype=torch.float32)
     has_t = zt is not None
     _kd_rows_kernel[(c,)](zs, zt if has_t else zs, target, out, vs, zt.shape[1] if has_t else vs, vc,
                           1.0 / temperature, 1.0 / gate_temperature, ignore_index, HAS_TEACHER=has_t,
-                          N_FIELDS=len(ROW_FIELDS), BLOCK_V=BLOCK_V)
+                          BLOCK_V=BLOCK_V)
     return out
 
 
 def kd_rows_grad(zs, zt, target, rows, coef_kd, coef_ce, *, vc, temperature, tckd_weight, nckd_weight, kd_type,
                  ignore_index):
     _check_chunk(zs, zt, target, vc, rows, coef_kd, coef_ce)
+    if rows.dim() != 2 or rows.shape[1] != N_FIELDS:
+        raise ValueError(f"rows must be [c, {N_FIELDS}] (grace_kernels._kd_layout.Row), got {tuple(rows.shape)}")
     zs, target, rows = zs.contiguous(), target.contiguous(), rows.contiguous()
     zt = zt.contiguous() if zt is not None else None
     c, vs = zs.shape
@@ -211,7 +218,7 @@ def kd_rows_grad(zs, zt, target, rows, coef_kd, coef_ce, *, vc, temperature, tck
     _kd_grad_kernel[(c,)](zs, zt if has_t else zs, target, rows, coef_kd.contiguous(), coef_ce.contiguous(), grad, vs,
                           zt.shape[1] if has_t else vs, vc, float(temperature), 1.0 / temperature, float(tckd_weight),
                           float(nckd_weight), ignore_index, HAS_TEACHER=has_t, IS_DKD=kd_type == "dkd",
-                          N_FIELDS=len(ROW_FIELDS), BLOCK_V=BLOCK_V)
+                          BLOCK_V=BLOCK_V)
     return grad
 
 
@@ -221,12 +228,8 @@ _SIG_GRAD = {"zs_ptr": "*fp32", "zt_ptr": "*fp32", "tgt_ptr": "*i64", "rows_ptr"
              "coef_ce_ptr": "*fp32", "grad_ptr": "*fp32", "vs": "i32", "vt": "i32", "vc": "i32", "t": "fp32",
              "inv_t": "fp32", "w_tc": "fp32", "w_nc": "fp32", "ignore_index": "i64"}
 AOT_SPECS = [
-    KernelSpec(_kd_rows_kernel, _SIG_ROWS, {"HAS_TEACHER": True, "N_FIELDS": len(ROW_FIELDS), "BLOCK_V": BLOCK_V},
-               label="teacher"),
-    KernelSpec(_kd_rows_kernel, _SIG_ROWS, {"HAS_TEACHER": False, "N_FIELDS": len(ROW_FIELDS), "BLOCK_V": BLOCK_V},
-               label="ce-only"),
-    KernelSpec(_kd_grad_kernel, _SIG_GRAD, {"HAS_TEACHER": True, "IS_DKD": True, "N_FIELDS": len(ROW_FIELDS),
-                                            "BLOCK_V": BLOCK_V}, label="dkd"),
-    KernelSpec(_kd_grad_kernel, _SIG_GRAD, {"HAS_TEACHER": True, "IS_DKD": False, "N_FIELDS": len(ROW_FIELDS),
-                                            "BLOCK_V": BLOCK_V}, label="kl"),
+    KernelSpec(_kd_rows_kernel, _SIG_ROWS, {"HAS_TEACHER": True, "BLOCK_V": BLOCK_V}, label="teacher"),
+    KernelSpec(_kd_rows_kernel, _SIG_ROWS, {"HAS_TEACHER": False, "BLOCK_V": BLOCK_V}, label="ce-only"),
+    KernelSpec(_kd_grad_kernel, _SIG_GRAD, {"HAS_TEACHER": True, "IS_DKD": True, "BLOCK_V": BLOCK_V}, label="dkd"),
+    KernelSpec(_kd_grad_kernel, _SIG_GRAD, {"HAS_TEACHER": True, "IS_DKD": False, "BLOCK_V": BLOCK_V}, label="kl"),
 ]

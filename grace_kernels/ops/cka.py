@@ -1,20 +1,5 @@
-"""Relational centered kernel alignment (RCKA) between student and teacher token features.
-
-Shapes and dtypes:
-    student_feats  [B, n, dS] padded-equal, or [total, dS] packed with ``cu_seqlens``
-    teacher_feats  [B, n, dT] / [total, dT]; dS and dT independent
-    cu_seqlens     int32/int64 [B + 1], cumulative token counts starting at 0 (varlen convention)
-    inputs float32 / float16 / bfloat16; results float32
-
-Math, per sample with n tokens (V_S [n, dS], V_T [n, dT]):
-    X     = V / max(||v||_2, 1e-6)            row-wise
-    K     = X X^T,   K~ = H K H = (H X)(H X)^T  with H = I - 11^T / n
-    HSIC(A, B) = trace(A~ B~) / (n - 1)^2
-    CKA   = HSIC(K_T, K_S) / sqrt(HSIC(K_T, K_T) HSIC(K_S, K_S))
-    rcka_loss = mean_b (1 - CKA_b)
-A sample with n < 2, or whose centered features are (numerically) zero for either model (all
-tokens identical after normalization), has CKA 0 (loss 1) and zero gradient, and is counted in
-``RCKAOutput.num_degenerate``. Gradients flow to the student features only.
+"""Relational centered kernel alignment (RCKA) between student and teacher token features: :func:`cka` and
+:func:`rcka_loss` (shapes, dtypes, math and errors in their docstrings).
 
 Routes: trace(K~_T K~_S) is also ||Xc_T^T Xc_S||_F^2 (a dT x dS product). Counting multiply-adds
 for the three products, the n x n Gram route costs n^2 (dS + dT) and the feature route
@@ -22,16 +7,6 @@ n (dS dT + dS^2 + dT^2), so Gram wins for n < (dS dT + dS^2 + dT^2) / (dS + dT):
 for (4096, 5120) and 3,200 for (1536, 3584). Visual tokens per image (576 for LLaVA-1.5, up to a few
 thousand for Qwen2-VL) are always on the Gram side, which is what the Triton kernel implements
 (a FLOP count, not a GPU measurement).
-
-A sample with zero tokens (an image that contributed none) is degenerate as above; a batch with no
-sample, or with no token at all, is an error. NaN or Inf in a sample's features propagates: that
-sample's CKA and the loss are NaN (unchecked; the trainer stops on a non-finite loss).
-
-Raises TypeError for non-floating features and a cu_seqlens that is not int32/int64; ValueError for:
-wrong ranks, student/teacher token counts or devices that differ, a zero feature dimension, B = 0,
-no token in the batch, and a cu_seqlens that is not 1-D, not on the CPU or the features' device,
-not starting at 0, decreasing, or not ending at total_tokens. The value checks of cu_seqlens cost one
-host sync (none for a CPU cu_seqlens) and are skipped while torch.compile traces.
 """
 
 from __future__ import annotations
@@ -182,13 +157,53 @@ def _run(student_feats, teacher_feats, cu_seqlens):
 
 def cka(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *,
         cu_seqlens: torch.Tensor | None = None) -> torch.Tensor:
-    """Linear CKA per sample, float32 [B], differentiable w.r.t. ``student_feats`` (see module doc)."""
+    """Linear CKA per sample: float32 [B], differentiable w.r.t. ``student_feats``.
+
+    Args:
+        student_feats: [B, n, dS] padded-equal, or [total, dS] packed with ``cu_seqlens``; float32 / float16 /
+            bfloat16 / float64. The only input the gradient reaches.
+        teacher_feats: [B, n, dT] / [total, dT], same dtypes; dS and dT independent.
+        cu_seqlens: int32/int64 [B + 1], cumulative token counts starting at 0 (varlen convention), on the
+            CPU or the features' device; None for padded-equal [B, n, d] inputs.
+
+    Math, per sample with n tokens (V_S [n, dS], V_T [n, dT]):
+        X     = V / max(||v||_2, 1e-6)            row-wise
+        K     = X X^T,   K~ = H K H = (H X)(H X)^T  with H = I - 11^T / n
+        HSIC(A, B) = trace(A~ B~) / (n - 1)^2
+        CKA   = HSIC(K_T, K_S) / sqrt(HSIC(K_T, K_T) HSIC(K_S, K_S))
+        rcka_loss = mean_b (1 - CKA_b)
+    A sample with n < 2, or whose centered features are (numerically) zero for either model (all
+    tokens identical after normalization), has CKA 0 (loss 1) and zero gradient, and is counted in
+    ``RCKAOutput.num_degenerate``. Gradients flow to the student features only.
+
+    A sample with zero tokens (an image that contributed none) is degenerate as above; a batch with no
+    sample, or with no token at all, is an error. NaN or Inf in a sample's features propagates: that
+    sample's CKA and the loss are NaN (unchecked; the trainer stops on a non-finite loss).
+
+    Raises TypeError for non-floating features and a cu_seqlens that is not int32/int64; ValueError for:
+    wrong ranks, student/teacher token counts or devices that differ, a zero feature dimension, B = 0,
+    no token in the batch, and a cu_seqlens that is not 1-D, not on the CPU or the features' device,
+    not starting at 0, decreasing, or not ending at total_tokens. The value checks of cu_seqlens cost one
+    host sync (none for a CPU cu_seqlens) and are skipped while torch.compile traces.
+    """
     return _run(student_feats, teacher_feats, cu_seqlens)[0]
 
 
 def rcka_loss(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *, cu_seqlens: torch.Tensor | None = None,
               return_stats: bool = False) -> torch.Tensor | RCKAOutput:
-    """mean over samples of 1 - CKA, a float32 scalar; with ``return_stats`` an :class:`RCKAOutput`."""
+    """RCKA: the mean over samples of 1 - CKA (see :func:`cka` for the math and the errors).
+
+    Args:
+        student_feats, teacher_feats, cu_seqlens: as in :func:`cka`.
+        return_stats: also return the per-sample CKA and the count of degenerate samples.
+
+    Returns:
+        A float32 scalar, differentiable w.r.t. ``student_feats``; with ``return_stats`` an
+        :class:`RCKAOutput` (loss, cka [B] detached, num_degenerate int64).
+
+    Raises:
+        TypeError, ValueError: as :func:`cka`.
+    """
     vals, stats = _run(student_feats, teacher_feats, cu_seqlens)
     loss = (1.0 - vals).mean()
     if not return_stats:

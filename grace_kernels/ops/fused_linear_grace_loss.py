@@ -1,39 +1,6 @@
-"""GRACE's language loss fused with both LM heads: ce_weight * CE + kd_weight * GDKD.
+"""GRACE's language loss fused with both LM heads, ce_weight * CE + kd_weight * GDKD: :func:`fused_linear_grace_loss`.
 
-Shapes and dtypes:
-    student_hidden [N, Hs], student_weight [Vs, Hs], student_bias [Vs] or None
-    teacher_hidden [N, Ht], teacher_weight [Vt, Ht], teacher_bias [Vt] or None
-        or teacher_logits [N, Vt] precomputed (offline teacher logits)
-    target [N] integer in [0, min(Vs, Vt)) (in [0, Vs) when kd_weight = 0) or ignore_index
-    float32 / float16 / bfloat16 inputs; logits are produced in float32 (float32 accumulation,
-    never rounded to bf16 before a softmax), statistics are float32, the weight gradient is
-    accumulated in float32 and cast to the weight's dtype once at the end.
-
-Math: CE is the student's next-token cross-entropy (temperature 1, full vocabulary Vs, mean over
-valid tokens); GDKD is :func:`grace_kernels.gated_dkd_loss` (same keywords, same definition);
-``kd_weight = 0`` skips the teacher (QAT only); ``kd_type="kl"`` is the paper's "naive KD" ablation.
-
-Memory: tokens are processed in chunks (``chunk_size`` rows; default about 64 MiB of float32 logits
-per model per chunk on a CPU, 256 MiB on a GPU). Per chunk: one GEMM per model into float32
-logits, the row statistics, the closed-form gradient w.r.t. the student logits, then
-dX = grad @ W and dW += grad^T @ X. The gradient is therefore computed in the forward, and the
-backward only multiplies it by grad_output. Teacher logits are computed under no_grad. With the
-gate on, the teacher head runs twice per chunk (the gate pass needs sum_i g_i before any gradient
-can be formed; see grace_kernels/ops/_kd_core.py). On a CPU, a float16/bfloat16 head is copied to
-float32 once per call (CPU matmuls cannot produce float32 from half-precision operands); on CUDA
-torch.mm(..., out_dtype=torch.float32) avoids the copy.
-
-Non-finite inputs: as in :func:`grace_kernels.gated_dkd_loss`, on the logits the heads produce
-(or the teacher_logits given): -inf is probability 0 (a bias of -inf on padded vocabulary rows of
-both heads gives exactly the loss of the unpadded vocabulary, and zero gradient on those rows);
-NaN or +inf anywhere in the inputs the loss reads propagates to a loss that is not finite
-(unchecked: a check would cost a pass over the weights and a host sync).
-
-Raises TypeError for non-floating inputs and a non-integer (or bool) target; ValueError for: ranks
-or sizes that do not match, tensors on different devices, neither or both of teacher
-hidden+weight and teacher_logits, ce_weight/kd_weight not finite, and everything gated_dkd_loss
-rejects (a target must lie in the common vocabulary min(Vs, Vt) when the teacher is used, in
-[0, Vs) when kd_weight = 0).
+Shapes, dtypes, math, memory and errors are in that function's docstring.
 """
 
 from __future__ import annotations
@@ -167,7 +134,50 @@ def fused_linear_grace_loss(
     tckd_weight: float = 1.0, nckd_weight: float = 4.0, gate: bool = True, gate_temperature: float = 1.0,
     kd_type: str = "dkd", ignore_index: int = -100, chunk_size: int | None = None,
 ) -> FusedGraceLossOutput:
-    """ce_weight * CE + kd_weight * GDKD from hidden states and LM heads (see the module docstring)."""
+    """ce_weight * CE + kd_weight * GDKD from hidden states and LM heads, without materializing [N, V] logits.
+
+    Args:
+        student_hidden: [N, Hs]; student_weight: [Vs, Hs]; student_bias: [Vs] or None. The gradient
+            reaches these three (the weight gradient accumulated in float32, cast to its dtype once).
+        teacher_hidden: [N, Ht] and teacher_weight: [Vt, Ht] (teacher_bias [Vt] or None), or instead
+            teacher_logits: [N, Vt] precomputed (offline teacher logits). Never differentiated.
+        target: [N] integer, in [0, min(Vs, Vt)) (in [0, Vs) when kd_weight = 0) or ignore_index.
+        ce_weight, kd_weight: the two terms' weights; ``kd_weight = 0`` skips the teacher (QAT only).
+        chunk_size: rows per chunk (None: about 64 MiB of float32 logits per model per chunk on a
+            CPU, 256 MiB on a GPU; see :func:`default_chunk_size`).
+        Every other keyword as in :func:`grace_kernels.gated_dkd_loss`.
+        Inputs are float32 / float16 / bfloat16; logits are produced in float32 (float32 accumulation,
+        never rounded to bf16 before a softmax).
+
+    Returns:
+        :class:`FusedGraceLossOutput`: ``loss`` (differentiable) and, detached float32, CE, GDKD,
+        TCKD, NCKD, the teacher entropy, the gate's mean and sum, and the count of valid tokens.
+
+    Math: CE is the student's next-token cross-entropy (temperature 1, full vocabulary Vs, mean over
+    valid tokens); GDKD is :func:`grace_kernels.gated_dkd_loss` (same keywords, same definition);
+    ``kd_type="kl"`` is the paper's "naive KD" ablation.
+
+    Memory: tokens are processed in chunks of ``chunk_size`` rows. Per chunk: one GEMM per model into float32
+    logits, the row statistics, the closed-form gradient w.r.t. the student logits, then
+    dX = grad @ W and dW += grad^T @ X. The gradient is therefore computed in the forward, and the
+    backward only multiplies it by grad_output. Teacher logits are computed under no_grad. With the
+    gate on, the teacher head runs twice per chunk (the gate pass needs sum_i g_i before any gradient
+    can be formed; see grace_kernels/ops/_kd_core.py). On a CPU, a float16/bfloat16 head is copied to
+    float32 once per call (CPU matmuls cannot produce float32 from half-precision operands); on CUDA
+    torch.mm(..., out_dtype=torch.float32) avoids the copy.
+
+    Non-finite inputs: as in :func:`grace_kernels.gated_dkd_loss`, on the logits the heads produce
+    (or the teacher_logits given): -inf is probability 0 (a bias of -inf on padded vocabulary rows of
+    both heads gives exactly the loss of the unpadded vocabulary, and zero gradient on those rows);
+    NaN or +inf anywhere in the inputs the loss reads propagates to a loss that is not finite
+    (unchecked: a check would cost a pass over the weights and a host sync).
+
+    Raises TypeError for non-floating inputs and a non-integer (or bool) target; ValueError for: ranks
+    or sizes that do not match, tensors on different devices, neither or both of teacher
+    hidden+weight and teacher_logits, ce_weight/kd_weight not finite, and everything gated_dkd_loss
+    rejects (a target must lie in the common vocabulary min(Vs, Vt) when the teacher is used, in
+    [0, Vs) when kd_weight = 0).
+    """
     if target is None:
         raise ValueError("target is required")
     check_floating("student_hidden", student_hidden, 2)

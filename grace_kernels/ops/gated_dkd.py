@@ -1,43 +1,6 @@
-"""Entropy-gated decoupled knowledge distillation (GRACE's GDKD) on given logits.
+"""Entropy-gated decoupled knowledge distillation (GRACE's GDKD) on given logits: :func:`gated_dkd_loss`.
 
-Shapes and dtypes:
-    student_logits [N, Vs], teacher_logits [N, Vt]: float32 / float16 / bfloat16 (upcast to float32,
-                   never rounded down before a softmax); Vs and Vt may differ by padding rows
-    target         [N] integer (not bool), in [0, Vc) or ignore_index; all three on one device
-    result         GatedDKDOutput of float32 scalars; the gradient reaches student_logits only
-
-Math, per valid token i, over the common vocabulary Vc = min(Vs, Vt) (padding never enters a softmax):
-    p_T = softmax(z_T / T), p_S = softmax(z_S / T)
-    TCKD_i = KL([p_T(y), 1 - p_T(y)] || [p_S(y), 1 - p_S(y)])
-    NCKD_i = KL(p^_T || p^_S), p^ the distribution over v != y renormalized
-    DKD_i  = T^2 (tckd_weight TCKD_i + nckd_weight NCKD_i)        (kd_type="kl": T^2 KL(p_T || p_S))
-    H_i    = entropy of softmax(z_T / gate_temperature);  g_i = exp(-H_i / log V_i)  (1 if gate=False),
-             V_i = the number of teacher logits in [0, Vc) that are not -inf (Vc when all are finite;
-             log 2 when V_i < 2, so a one-hot teacher has gate 1)
-    GDKD   = sum_i g_i DKD_i / sum_i g_i         (0, with zero gradient, when no token is valid)
-All of it in log space: log(1 - p(y)) is the non-target logsumexp minus the full one, so
-p_S(y) -> 0, p_T(y) -> 1 and logits of magnitude 100+ stay finite and accurate. The gate carries no
-gradient. Defaults follow the paper (T = 2, weights 1 and 4, gate at temperature 1).
-Targets must lie in the common vocabulary: past it there is no teacher logit to distill from.
-
-Non-finite logits:
-    -inf in teacher_logits is probability 0 (the usual way to mask padded vocabulary columns):
-        p log p -> 0 in the entropy, KL terms skip the column, and the gate counts only the other
-        columns, so padding both models with -inf gives exactly the loss of the unpadded
-        vocabulary. A teacher with all its mass on the target has NCKD = 0 (p^_T is undefined).
-    -inf in student_logits is probability 0 for the student: where the teacher also has
-        probability 0 it changes nothing; where the teacher has mass the KL is infinite and the
-        loss is +inf (at the target column, not finite).
-    NaN or +inf in either (any row, ignored rows included), or a teacher row whose first Vc logits
-        are all -inf, propagates: the loss is not finite (NaN or +inf). It is not checked here (a
-        check would cost one more pass over [N, V] and a host sync); the trainer stops on a
-        non-finite loss.
-    Teacher columns >= Vc are never read.
-
-Raises TypeError for non-floating logits or a target that is not an integer tensor (bool included);
-ValueError for: ranks or token counts that do not match, tensors on different devices, a common
-vocabulary below 2, targets outside [0, Vc) other than ignore_index, N = 0, kd_type other than
-"dkd"/"kl", temperatures that are not finite and > 0, weights that are not finite.
+The math, shapes, dtypes and errors are in that function's docstring (``help(grace_kernels.gated_dkd_loss)``).
 """
 
 from __future__ import annotations
@@ -71,7 +34,7 @@ class GatedDKDOutput(NamedTuple):
 def check_kd_args(n: int, target: torch.Tensor, vs: int, vt: int | None, *, temperature: float,
                   gate_temperature: float, tckd_weight: float, nckd_weight: float, kd_type: str,
                   ignore_index: int) -> None:
-    """The checks gated_dkd_loss and fused_linear_grace_loss share (see the module docstring)."""
+    """The checks gated_dkd_loss and fused_linear_grace_loss share (see gated_dkd_loss's docstring)."""
     if n == 0:
         raise ValueError("no tokens: N = 0")
     check_integer("target", target)
@@ -145,7 +108,57 @@ def gated_dkd_loss(
     tckd_weight: float = 1.0, nckd_weight: float = 4.0, gate: bool = True, gate_temperature: float = 1.0,
     ignore_index: int = -100, kd_type: str = "dkd",
 ) -> GatedDKDOutput:
-    """The gated DKD loss and the statistics a trainer logs (see the module docstring)."""
+    """The gated DKD loss and the statistics a trainer logs.
+
+    Args:
+        student_logits: [N, Vs] float32 / float16 / bfloat16 (upcast to float32, never rounded down
+            before a softmax); the only input the gradient reaches.
+        teacher_logits: [N, Vt], same dtypes; Vt may differ from Vs by padding rows.
+        target: [N] integer (not bool): the next token, in [0, Vc) or ``ignore_index``. All three
+            tensors on one device.
+        temperature: the distillation temperature T (> 0). tckd_weight, nckd_weight: DKD's weights.
+        gate: weight each token by the teacher's confidence g_i (False: g_i = 1).
+        gate_temperature: the temperature of the teacher softmax whose entropy sets the gate.
+        ignore_index: target value of tokens that take no part. kd_type: "dkd" or "kl" (naive KD).
+
+    Returns:
+        :class:`GatedDKDOutput` of float32 scalars: ``loss`` (differentiable) and, detached, the means
+        over valid tokens of TCKD, NCKD and the teacher entropy, the gate's mean and sum, and the count
+        of valid tokens.
+
+    Math, per valid token i, over the common vocabulary Vc = min(Vs, Vt) (padding never enters a softmax):
+        p_T = softmax(z_T / T), p_S = softmax(z_S / T)
+        TCKD_i = KL([p_T(y), 1 - p_T(y)] || [p_S(y), 1 - p_S(y)])
+        NCKD_i = KL(p^_T || p^_S), p^ the distribution over v != y renormalized
+        DKD_i  = T^2 (tckd_weight TCKD_i + nckd_weight NCKD_i)        (kd_type="kl": T^2 KL(p_T || p_S))
+        H_i    = entropy of softmax(z_T / gate_temperature);  g_i = exp(-H_i / log V_i)  (1 if gate=False),
+                 V_i = the number of teacher logits in [0, Vc) that are not -inf (Vc when all are finite;
+                 log 2 when V_i < 2, so a one-hot teacher has gate 1)
+        GDKD   = sum_i g_i DKD_i / sum_i g_i         (0, with zero gradient, when no token is valid)
+    All of it in log space: log(1 - p(y)) is the non-target logsumexp minus the full one, so
+    p_S(y) -> 0, p_T(y) -> 1 and logits of magnitude 100+ stay finite and accurate. The gate carries no
+    gradient. Defaults follow the paper (T = 2, weights 1 and 4, gate at temperature 1).
+    Targets must lie in the common vocabulary: past it there is no teacher logit to distill from.
+
+    Non-finite logits:
+        -inf in teacher_logits is probability 0 (the usual way to mask padded vocabulary columns):
+            p log p -> 0 in the entropy, KL terms skip the column, and the gate counts only the other
+            columns, so padding both models with -inf gives exactly the loss of the unpadded
+            vocabulary. A teacher with all its mass on the target has NCKD = 0 (p^_T is undefined).
+        -inf in student_logits is probability 0 for the student: where the teacher also has
+            probability 0 it changes nothing; where the teacher has mass the KL is infinite and the
+            loss is +inf (at the target column, not finite).
+        NaN or +inf in either (any row, ignored rows included), or a teacher row whose first Vc logits
+            are all -inf, propagates: the loss is not finite (NaN or +inf). It is not checked here (a
+            check would cost one more pass over [N, V] and a host sync); the trainer stops on a
+            non-finite loss.
+        Teacher columns >= Vc are never read.
+
+    Raises TypeError for non-floating logits or a target that is not an integer tensor (bool included);
+    ValueError for: ranks or token counts that do not match, tensors on different devices, a common
+    vocabulary below 2, targets outside [0, Vc) other than ignore_index, N = 0, kd_type other than
+    "dkd"/"kl", temperatures that are not finite and > 0, weights that are not finite.
+    """
     check_floating("student_logits", student_logits, 2)
     check_floating("teacher_logits", teacher_logits, 2)
     if student_logits.shape[0] != teacher_logits.shape[0]:

@@ -17,13 +17,7 @@ Backward (straight-through estimator, Esser et al. 2020):
     d log_s    = g * s * sum_group dout * (q - v if -Qn <= v <= Qp else q)
     g          = grad_scale, or 1 / sqrt(group_size * Qp) when None (LSQ's gradient scale)
 
-Every function raises TypeError for a non-floating weight or a log_scale that is not float32, and
-ValueError naming the problem for: a weight that is not 2-D, ``in`` not a multiple of
-``group_size``, bits outside 2..8, a group size outside {32, 64, 128, 256}, a log_scale of the wrong
-shape or on another device, NaN/Inf in the weight, and a log_scale that is NaN, infinite or outside
-[-87, 88] (where exp(log_scale) is no longer a normal float32 > 0: the group would quantize to 0
-or NaN). The value checks share one reduction per tensor and one host sync, and are skipped while
-torch.compile traces and on fake/meta tensors.
+The errors every function raises are listed in :func:`lsq_fake_quant`'s docstring.
 """
 
 from __future__ import annotations
@@ -162,6 +156,14 @@ def lsq_fake_quant(
 
     Returns:
         [out, in] in weight's dtype: q * s, exactly what :func:`lsq_quantize` returns as codes * scales.
+
+    Raises (every LSQ function):
+        TypeError for a non-floating weight or a log_scale that is not float32, and ValueError naming the
+        problem for: a weight that is not 2-D, ``in`` not a multiple of ``group_size``, bits outside 2..8, a
+        group size outside {32, 64, 128, 256}, a log_scale of the wrong shape or on another device, NaN/Inf in
+        the weight, and a log_scale that is NaN, infinite or outside [-87, 88] (where exp(log_scale) is no
+        longer a normal float32 > 0: the group would quantize to 0 or NaN). The value checks share one reduction
+        per tensor and one host sync, and are skipped while torch.compile traces and on fake/meta tensors.
     """
     _check_weight(weight, bits, group_size)
     _check_log_scale(weight, log_scale, group_size)
@@ -182,6 +184,9 @@ def lsq_quantize(
         codes int8 [out, in] in [-Qn, Qp] and scales [out, in // group_size] (``scale_dtype`` or
         float32), such that ``(codes.float() * scales.float().repeat_interleave(group_size, 1))
         .to(weight.dtype)`` equals :func:`lsq_fake_quant` bit for bit.
+
+    Raises:
+        TypeError, ValueError: as :func:`lsq_fake_quant`.
     """
     _check_weight(weight, bits, group_size)
     _check_log_scale(weight, log_scale, group_size)
@@ -205,6 +210,10 @@ def lsq_init_log_scale(
     below 7e-8) gets log(1e-8) ~ -18.4, finite and inside the range lsq_fake_quant accepts; its
     codes are all 0 and its weights stay exactly 0, and the LSQ gradient moves the scale once the
     weights do.
+
+    Raises:
+        TypeError, ValueError: as :func:`lsq_fake_quant`, and ValueError for an unknown ``method`` or a
+        ``percentile`` outside (0, 1].
     """
     _check_weight(weight, bits, group_size)
     _check_values(weight, None)

@@ -1,16 +1,17 @@
-"""Export a trained GRACE student as an INT4 Hugging Face checkpoint (loading lives in :mod:`grace.load`).
+"""Export a trained GRACE student as a Hugging Face checkpoint (loading lives in :mod:`grace.load`).
 
-Export format: compressed-tensors "pack-quantized" (what llm-compressor writes and vLLM serves with
-its own INT4 kernels). Every quantized nn.Linear ``<name>`` becomes
+The run's scheme (:mod:`grace.schemes`) picks the format. INT4 and INT8: compressed-tensors "pack-quantized"
+(what llm-compressor writes and vLLM serves with its WNA16 kernels). Every quantized nn.Linear ``<name>`` becomes
 
-    <name>.weight_packed  int32 [N, K / 8]            u = q + 8, eight per word, low nibble first along K
-    <name>.weight_scale   [N, K / group_size]         float16 or bfloat16 (the scale dtype of training)
+    <name>.weight_packed  int32 [N, K * bits / 32]    u = q + 2**(bits - 1), low bits first along K
+    <name>.weight_scale   [N, K / group_size]         the export dtype (float32 by default: the trained
+                                                      half-precision scales, widened exactly)
     <name>.weight_shape   int64 [2]                   (N, K)
     <name>.bias           when the layer has one
 
-with W = weight_scale * q, q in [-8, 7] (symmetric, no zero point). Every other tensor is stored as it
-is; config.json gains the ``quantization_config`` block that compressed-tensors writes for a W4A16
-group scheme.
+with W = weight_scale * q, q in [-2**(bits-1), 2**(bits-1) - 1] (symmetric, no zero point). Every other tensor
+is stored as it is; config.json gains the ``quantization_config`` block that compressed-tensors writes for a
+W4A16 / W8A16 group scheme. A full-precision run becomes a plain checkpoint (no ``quantization_config``).
 
 Tensor names are those of the student checkpoint the run trained from (``student`` in the run's
 config.json), whatever its layout: the llava-hf Hub layout ``vision_tower.vision_model.*`` stays as it
@@ -45,44 +46,17 @@ from grace.io import read_json
 from grace.load import DTYPES, final_dir, load_student, read_quantization, safetensors_keys
 from grace.naming import adopt_checkpoint_layout, linear_names, matches_ignore, module_checkpoint_names
 from grace.quantize import replace_module
-from grace_kernels.nn import QuantLinear, W4A16Linear
+from grace.schemes import COMPRESSED_TENSORS_VERSION, Scheme, scheme_for_bits  # noqa: F401
+from grace_kernels.nn import QuantLinear
 
 logger = logging.getLogger(__name__)
 
-# The compressed-tensors release whose on-disk schema this module writes (and the tests check).
-COMPRESSED_TENSORS_VERSION = "0.20.0"
 # Family-level ignore patterns (llm-compressor's VLM recipes write these): the vision tower, the
 # projector (LLaVA's multi_modal_projector; Qwen2-VL's merger sits inside ``visual``) and the LM head.
 FAMILY_IGNORE = ("re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*visual.*", "re:.*lm_head$")
 
 
 # --------------------------------------------------------------------------- export
-
-def pack_quantized_config(*, group_size: int, ignore: list[str]) -> dict:
-    """The ``quantization_config`` block of config.json, as compressed-tensors 0.20 writes it for a
-    symmetric INT weight-only group scheme (``QuantizationConfig.model_dump()`` plus the version,
-    sparsity and transform entries of ``ModelCompressor.update_config``)."""
-    return {
-        "config_groups": {"group_0": {
-            "targets": ["Linear"],
-            "weights": {"num_bits": 4, "type": "int", "symmetric": True, "group_size": group_size,
-                        "strategy": "group", "dynamic": False},
-            "input_activations": None,
-            "output_activations": None,
-            "format": "pack-quantized",
-        }},
-        "quant_method": "compressed-tensors",
-        "kv_cache_scheme": None,
-        "format": "pack-quantized",
-        "quantization_status": "compressed",
-        "global_compression_ratio": None,
-        "ignore": list(ignore),
-        "moe_sparsity_config": None,
-        "sparsity_config": {},
-        "transform_config": {},
-        "version": COMPRESSED_TENSORS_VERSION,
-    }
-
 
 def _suffix_pattern(name: str) -> str:
     # Matches the name itself or any name that ends in "." + name.
@@ -175,17 +149,62 @@ def _adopt_source_layout(model: nn.Module, run_dir: str, final: str) -> None:
                        "transformers' default tensor names", e)
 
 
+def _checkpoint_scales(layer: nn.Module, name: str, dtype: str | None) -> None:
+    """Store ``layer``'s scales in the dtype of the exported model, in place, or refuse.
+
+    transformers before 5.21 (the declared minimum is 5.17) decompresses a layer to its scales' dtype and
+    then multiplies it with activations of the model's dtype, so any other scale dtype fails at the first
+    forward. float32 (the default export) holds every half-precision scale exactly, and compressed-tensors
+    then dequantizes to exactly the trained float32 product; a half-precision export keeps the trained
+    scales only where that dtype holds them exactly.
+
+    Raises:
+        ValueError: a scale the export dtype cannot hold exactly (overflow, lost bits), naming the layer.
+    """
+    scale = layer.weight_scale
+    target = DTYPES[dtype or "float32"]
+    if scale.dtype == target:
+        return
+    converted = scale.to(target)
+    if not torch.equal(converted.to(scale.dtype), scale) or not bool(torch.isfinite(converted).all()):
+        i = int((converted.to(scale.dtype) != scale).flatten().nonzero()[0])
+        raise ValueError(f"{name}: its trained {str(scale.dtype).removeprefix('torch.')} scales do not fit "
+                         f"{dtype} exactly (e.g. {scale.flatten()[i].item():.6g} -> "
+                         f"{converted.flatten()[i].item():.6g}); export with --dtype "
+                         f"{str(scale.dtype).removeprefix('torch.')} or float32")
+    layer.weight_scale = converted
+
+
+def _convert(model: nn.Module, scheme: Scheme, dtype: str | None) -> list[str]:
+    """Replace every QuantLinear by the scheme's served layer holding its trained codes and scales (stored in
+    the export dtype, see :func:`_checkpoint_scales`); returns their names."""
+    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+    for name in quantized:
+        try:
+            served = scheme.convert(model.get_submodule(name))
+        except ValueError as e:   # e.g. an exp(log_scale) that overflows the training scale dtype
+            raise ValueError(f"{name}: {e}") from None
+        _checkpoint_scales(served, name, dtype)
+        replace_module(model, name, served)
+    return quantized
+
+
 def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False) -> str:
-    """Write the trained student of ``run_dir`` as an INT4 Hugging Face checkpoint in ``out_dir``.
+    """Write the trained student of ``run_dir`` as a Hugging Face checkpoint in ``out_dir``.
+
+    The run's scheme (:mod:`grace.schemes`, from its ``bits``) decides the format: INT4 and INT8 runs become
+    compressed-tensors pack-quantized checkpoints (config.json with a ``quantization_config``), a
+    full-precision run a plain checkpoint transformers loads as it is.
 
     Args:
         run_dir: a finished training run (with ``final/``), or its ``final/`` directory.
-        out_dir: the model directory to create: model.safetensors, config.json with the
-            compressed-tensors ``quantization_config``, generation config, processor/tokenizer files.
+        out_dir: the model directory to create: model.safetensors, config.json, generation config,
+            processor/tokenizer files.
         dtype: "bfloat16", "float16" or "float32" for the tensors kept in full precision (vision
-            tower, projector, embeddings, norms, LM head, biases); None keeps the float32 master
-            weights, so the export is exactly the trained student. The INT4 scales keep the scale
-            dtype the run trained with (bfloat16 when it trained with float32 scales), whatever ``dtype``.
+            tower, projector, embeddings, norms, LM head, biases) and for the quantized layers' scales;
+            None keeps the float32 master weights, so the export is exactly the trained student, with the
+            trained scales widened exactly to float32. A half-precision export needs the trained scales to
+            fit that dtype exactly (:func:`_checkpoint_scales`).
         overwrite: replace an existing non-empty ``out_dir``.
 
     Returns:
@@ -194,16 +213,15 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
         student checkpoint the run trained from; ``ignore`` holds patterns (see the module docstring).
 
     Raises:
-        ValueError: no finished run, a run without 4-bit quantization, an unknown dtype,
-            a non-empty ``out_dir`` without ``overwrite``; a file of final/ missing, truncated or
-            malformed (the message names it and what to do).
+        ValueError: no finished run, a run whose bits no scheme serves, an unknown dtype, a non-empty
+            ``out_dir`` without ``overwrite``; a file of final/ missing, truncated or malformed (the
+            message names it and what to do); a layer whose scales are not finite or do not fit ``dtype``.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
     final = final_dir(run_dir)
     q = read_quantization(final)
-    if q["bits"] != 4:
-        raise ValueError(f"the pack-quantized export holds 4-bit weights; this run was trained with bits={q['bits']}")
+    scheme = scheme_for_bits(q["bits"])
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ValueError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
@@ -211,21 +229,27 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
         raise ValueError(f"{out_dir} exists and is not a directory")
 
     model, processor = load_student(final)
-    quantized = [n for n, m in model.named_modules() if isinstance(m, QuantLinear)]
     with torch.no_grad():
-        for name in quantized:
-            replace_module(model, name, W4A16Linear.from_quant_linear(model.get_submodule(name)))
+        quantized = _convert(model, scheme, dtype)
         if dtype is not None:
-            # Parameters only: the INT4 scales are buffers and keep their trained dtype.
+            # Parameters only: the scales are buffers, stored by _convert.
             for p in model.parameters():
                 if p.is_floating_point():
                     p.data = p.data.to(DTYPES[dtype])
     _adopt_source_layout(model, run_dir, final)
-    full = linear_names(model)   # the quantized ones are W4A16Linear now, no longer nn.Linear
-    names = module_checkpoint_names(model, full + quantized)
-    ignore = ignore_patterns([(n, names[n]) for n in full], [(n, names[n]) for n in quantized])
-    qconfig = pack_quantized_config(group_size=q["group_size"], ignore=ignore)
+    qconfig = None
+    if scheme.quantized:
+        full = linear_names(model)   # the quantized ones are served layers now, no longer nn.Linear
+        names = module_checkpoint_names(model, full + quantized)
+        ignore = ignore_patterns([(n, names[n]) for n in full], [(n, names[n]) for n in quantized])
+        qconfig = scheme.checkpoint_config(group_size=q["group_size"], ignore=ignore)
+    _write_model_dir(model, processor, qconfig, out_dir)
+    return out_dir
 
+
+def _write_model_dir(model: nn.Module, processor, qconfig: dict | None, out_dir: str) -> None:
+    """save_pretrained into a temporary sibling of ``out_dir`` (config.json gaining ``qconfig`` when given),
+    then renamed into place."""
     parent = os.path.dirname(out_dir)
     os.makedirs(parent, exist_ok=True)
     tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.tmp-", dir=parent)
@@ -235,18 +259,18 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
         os.umask(umask)
         os.chmod(tmp, 0o777 & ~umask)
         model.save_pretrained(tmp)
-        with open(os.path.join(tmp, "config.json")) as f:
-            config = json.load(f)
-        config["quantization_config"] = qconfig
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(config, f, indent=2, sort_keys=True)
+        if qconfig is not None:
+            with open(os.path.join(tmp, "config.json")) as f:
+                config = json.load(f)
+            config["quantization_config"] = qconfig
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(config, f, indent=2, sort_keys=True)
         if processor is not None:
             processor.save_pretrained(tmp)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _move_into_place(tmp: str, out_dir: str) -> None:

@@ -1,7 +1,7 @@
 """Load the model directories this project produces or consumes, for ``grace eval`` / ``grace generate``.
 
-* :func:`load_int4_model`: a compressed-tensors "pack-quantized" INT4 checkpoint (``grace export``'s,
-  or another producer's such as llm-compressor's) into :class:`W4A16Linear` modules;
+* :func:`load_quantized_model`: a compressed-tensors "pack-quantized" INT4 or INT8 checkpoint (``grace
+  export``'s, or another producer's such as llm-compressor's) into :class:`W4A16Linear` / :class:`W8A16Linear`;
 * :func:`load_student`: the fake-quantized student a training run left in ``final/``;
 * :func:`load_model`: whichever of these (or a plain Hugging Face checkpoint) a directory holds.
 
@@ -29,8 +29,9 @@ from grace.naming import (
     module_checkpoint_names,
 )
 from grace.quantize import quantize_model, replace_module
+from grace.schemes import Scheme, read_checkpoint_config
 from grace_kernels.int4 import SCALE_DTYPES
-from grace_kernels.nn import W4A16Linear, convert_to_kernel_layout
+from grace_kernels.nn import convert_to_kernel_layout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -187,57 +188,33 @@ def processor_or_none(path: str):
     return AutoProcessor.from_pretrained(path)
 
 
-# --------------------------------------------------------------------------- INT4 checkpoints
+# --------------------------------------------------------------------------- quantized checkpoints
 
-def _check_pack_quantized(qc: dict, where: str) -> tuple[int, list[str]]:
-    """(group_size, ignore) of a quantization_config this loader supports; ValueError naming the rest."""
-    if qc.get("quant_method") != "compressed-tensors":
-        raise ValueError(f"{where}: quant_method {qc.get('quant_method')!r} is not 'compressed-tensors'")
-    groups = qc.get("config_groups")
-    if not isinstance(groups, dict) or len(groups) != 1:
-        raise ValueError(f"{where}: expected one config group, found {len(groups or {})}")
-    g = next(iter(groups.values()))
-    # The format may be given per group (what compressed-tensors writes), at the top, or both.
-    fmt = g.get("format") or qc.get("format")
-    if fmt != "pack-quantized":
-        raise ValueError(f"{where}: format {fmt!r} is not 'pack-quantized'")
-    w = g.get("weights") or {}
-    problems = []
-    if g.get("targets") != ["Linear"]:
-        problems.append(f"targets {g.get('targets')} (supported: ['Linear'])")
-    if g.get("input_activations") or g.get("output_activations"):
-        problems.append("activation quantization (only weight-only W4A16 is supported)")
-    if (w.get("num_bits"), w.get("type"), w.get("symmetric"), w.get("strategy")) != (4, "int", True, "group"):
-        problems.append(f"weights {w} (supported: num_bits 4, type int, symmetric, strategy group)")
-    if w.get("actorder") or w.get("block_structure"):
-        problems.append("activation ordering / block structure")
-    if not isinstance(w.get("group_size"), int) or w["group_size"] < 1:
-        problems.append(f"group_size {w.get('group_size')!r}")
-    ignore = qc.get("ignore") or []
-    if not isinstance(ignore, list) or not all(isinstance(p, str) for p in ignore):
-        problems.append(f"ignore {ignore!r} (a list of names or 're:' patterns)")
-    if problems:
-        raise ValueError(f"{where}: unsupported {'; '.join(problems)}")
-    return w["group_size"], ignore
+def _served_scale_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The dtype a served layer keeps a file's scales in (the kernels take float16 / bfloat16 scales).
 
-
-def _int4_scale_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
-    """The dtype the W4A16 layer keeps a file's scales in (the kernels take float16 / bfloat16 scales)."""
+    float32 scales (what a float32 ``grace export`` writes: the trained half-precision scales widened
+    exactly) go back to a half dtype that holds every one of them exactly when there is one, the
+    activation dtype first; otherwise to the activation dtype when it is a half dtype, else float16 when
+    every scale lies in its normal range (3 more mantissa bits than bfloat16), else bfloat16."""
     if scale.dtype in SCALE_DTYPES:
         return scale.dtype
+    order = [dtype] + [d for d in SCALE_DTYPES if d != dtype] if dtype in SCALE_DTYPES else list(SCALE_DTYPES)
+    for cand in order:
+        if torch.equal(scale.to(cand).to(scale.dtype), scale):
+            return cand
     if dtype in SCALE_DTYPES:
         return dtype
-    # float32 scales with float32 activations: float16 keeps 3 more mantissa bits than bfloat16,
-    # when every scale lies in its normal range.
     fp16 = torch.finfo(torch.float16)
     a = scale.float().abs()
     return torch.float16 if bool((a <= fp16.max).all() and (a >= fp16.smallest_normal).all()) else torch.bfloat16
 
 
-def _swap_in_int4_linears(model: nn.Module, tensors: dict, names: dict[str, str], ignore: list[str],
-                          group_size: int, dtype: torch.dtype, model_dir: str) -> None:
-    """Step 1: replace every nn.Linear the config quantizes (not matched by ``ignore``, under its
-    in-memory or its on-disk name) by an empty W4A16Linear of the same shape."""
+def _swap_in_served_linears(model: nn.Module, tensors: dict, names: dict[str, str], ignore: list[str],
+                            scheme: Scheme, group_size: int, dtype: torch.dtype, model_dir: str) -> None:
+    """Step 1: replace every nn.Linear the config quantizes (not matched by ``ignore``, under its in-memory
+    or its on-disk name) by an empty served layer of ``scheme`` of the same shape, after checking the
+    file's scales for it (shape, dtype, finite and > 0: a NaN, Inf or zero scale would generate garbage)."""
     for name, ckpt in names.items():
         if matches_ignore(ckpt, ignore) or matches_ignore(name, ignore):
             continue
@@ -246,14 +223,24 @@ def _swap_in_int4_linears(model: nn.Module, tensors: dict, names: dict[str, str]
         if scale is None or f"{ckpt}.weight_packed" not in tensors:
             raise ValueError(f"{model_dir}: {ckpt} is quantized by the config (not under 'ignore') but the "
                              f"checkpoint has no {ckpt}.weight_packed / {ckpt}.weight_scale")
+        if f"{ckpt}.weight_g_idx" in tensors:
+            raise ValueError(f"{model_dir}: {ckpt}.weight_g_idx holds an activation-order permutation (GPTQ "
+                             "actorder 'group'), which this loader cannot apply")
+        if f"{ckpt}.weight_zero_point" in tensors:
+            raise ValueError(f"{model_dir}: {ckpt}.weight_zero_point: asymmetric weights (zero points) are not "
+                             "supported")
         if scale.dim() != 2 or lin.in_features != scale.shape[-1] * group_size:
             raise ValueError(f"{model_dir}: {ckpt}.weight_scale {tuple(scale.shape)} does not fit "
                              f"in_features {lin.in_features} with group_size {group_size}")
         if not scale.is_floating_point():
             raise ValueError(f"{model_dir}: {ckpt}.weight_scale is {scale.dtype}, not a float tensor")
-        replace_module(model, name, W4A16Linear(lin.in_features, lin.out_features, bias=lin.bias is not None,
-                                                group_size=group_size, scale_dtype=_int4_scale_dtype(scale, dtype),
-                                                bias_dtype=dtype))
+        bad = ~(torch.isfinite(scale) & (scale > 0))
+        if bool(bad.any()):
+            raise ValueError(f"{model_dir}: {ckpt}.weight_scale holds {int(bad.sum())} scale(s) that are not finite "
+                             f"and > 0 (such as {scale[bad].flatten()[0].item()}); the checkpoint is corrupt")
+        replace_module(model, name, scheme.empty_layer(lin, group_size=group_size,
+                                                       scale_dtype=_served_scale_dtype(scale, dtype),
+                                                       bias_dtype=dtype))
 
 
 def _load_strict(model: nn.Module, tensors: dict, model_dir: str) -> None:
@@ -278,8 +265,9 @@ def _load_strict(model: nn.Module, tensors: dict, model_dir: str) -> None:
     # load_state_dict copies into the existing tensors, converting dtypes (float32 scales included).
     model.load_state_dict(loaded, strict=False)
     for name, m in model.named_modules():
-        if isinstance(m, W4A16Linear) and m.weight_shape.tolist() != [m.out_features, m.in_features]:
-            raise ValueError(f"{model_dir}: {to_disk[name + '.weight_shape']} is {m.weight_shape.tolist()}, "
+        shape = getattr(m, "weight_shape", None)
+        if isinstance(shape, torch.Tensor) and shape.tolist() != [m.out_features, m.in_features]:
+            raise ValueError(f"{model_dir}: {to_disk[name + '.weight_shape']} is {shape.tolist()}, "
                              f"the model expects {[m.out_features, m.in_features]}")
 
 
@@ -288,38 +276,43 @@ def _use_kernel_layout(model: nn.Module, dtype: torch.dtype) -> None:
     convert_to_kernel_layout(model, dtype)
 
 
-def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
-                    kernel_layout: bool | None = None):
-    """Load a pack-quantized INT4 checkpoint into this project's modules.
+def load_quantized_model(model_dir: str, device: str | torch.device = "cpu", dtype: torch.dtype | str | None = None,
+                         kernel_layout: bool | None = None):
+    """Load a compressed-tensors pack-quantized checkpoint (INT4 or INT8) into this project's served layers.
 
     Reads what ``grace export`` writes and what other compressed-tensors producers (llm-compressor)
-    write for a symmetric INT4 group scheme: tensors in any layout transformers loads (the llava-hf Hub
-    layout ``vision_tower.vision_model.*`` included), an ``ignore`` list of exact names or ``re:``
-    patterns matched against either the on-disk or the in-memory module names, the format given per
-    config group or at the top. Steps: build the model from config.json; swap every nn.Linear the
-    config quantizes for a :class:`W4A16Linear`; load the safetensors strictly (a tensor the model does
-    not hold, or a model tensor absent from the file, tied weights excepted, is an error); optionally
-    convert the INT4 layers to the CUDA kernel's layout.
+    write for a symmetric group-wise weight-only scheme of a registered width (:mod:`grace.schemes`:
+    4 bits -> :class:`W4A16Linear`, 8 bits -> :class:`W8A16Linear`; GPTQ's ``actorder`` "weight" /
+    "static" included, as those files hold no g_idx): tensors in any layout transformers loads (the
+    llava-hf Hub layout ``vision_tower.vision_model.*`` included), an ``ignore`` list of exact names or
+    ``re:`` patterns matched against either the on-disk or the in-memory module names, the format given
+    per config group or at the top. Steps: build the model from config.json; swap every nn.Linear the
+    config quantizes for an empty served layer (its scales checked: finite and > 0); load the
+    safetensors strictly (a tensor the model does not hold, or a model tensor absent from the file, tied
+    weights excepted, is an error); optionally convert the INT4 layers to the CUDA kernel's layout.
 
     Args:
         dtype: dtype of the full-precision tensors and of the activations (torch dtype or its name);
-            None: the dtype config.json records (float32 when it records none). INT4 scales keep
-            their stored dtype when it is float16 or bfloat16. float32 scales (which the W4A16 kernels
-            do not take) are rounded to the activation dtype when that is float16 / bfloat16, else to
-            float16 (bfloat16 when a scale lies outside float16's normal range): a rounding of the
-            scales, relative error <= 2**-11 (float16) or 2**-8 (bfloat16).
+            None: the dtype config.json records (float32 when it records none). Scales keep their stored
+            dtype when it is float16 or bfloat16. float32 scales (which the kernels do not take) go to a
+            half dtype that holds them exactly when one does (a float32 ``grace export``'s always do),
+            else are rounded to the activation dtype when that is float16 / bfloat16, else to float16
+            (bfloat16 when a scale lies outside float16's normal range): relative error <= 2**-11
+            (float16) or 2**-8 (bfloat16).
         kernel_layout: hold the INT4 weights only in the CUDA kernel's layout
             (``W4A16KernelLinear`` via ``grace_kernels.nn.convert_to_kernel_layout``: the packed weight held once),
             for every layer the CUDA kernel takes (float16/bfloat16 ``dtype``, N % 64 == 0, K % 128 == 0,
-            group 128). None: when ``device`` is a GPU and the CUDA extension is built.
+            group 128). None: when ``device`` is a GPU and the CUDA extension is built. INT8 layers have no
+            CUDA kernel and always run on Triton (GPU) or the reference (CPU).
 
     Returns:
         (model in eval mode on ``device``, processor or None when the directory holds none).
 
     Raises:
-        ValueError: no or a malformed config.json; no or an unsupported quantization_config; a
-            truncated or corrupt safetensors file (named); missing or unexpected tensors; a tensor
-            whose shape does not fit the model.
+        ValueError: no or a malformed config.json; no or an unsupported quantization_config (one line
+            naming every unsupported field); a truncated or corrupt safetensors file (named); missing or
+            unexpected tensors; a tensor whose shape does not fit the model; a scale that is NaN, Inf or
+            <= 0 (the tensor named); a g_idx or zero-point tensor.
     """
     from transformers import AutoModelForImageTextToText
 
@@ -329,7 +322,8 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
     raw = read_json(config_path)
     if not raw.get("quantization_config"):
         raise ValueError(f"{config_path} has no quantization_config: not a quantized checkpoint")
-    group_size, ignore = _check_pack_quantized(raw["quantization_config"], f"{config_path} quantization_config")
+    scheme, group_size, ignore = read_checkpoint_config(raw["quantization_config"],
+                                                        f"{config_path} quantization_config")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -345,8 +339,8 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
     tensors = read_safetensors(model_dir)
     adopt_checkpoint_layout(model, list(tensors))
     with torch.no_grad():
-        _swap_in_int4_linears(model, tensors, module_checkpoint_names(model, linear_names(model)), ignore,
-                              group_size, dtype, model_dir)
+        _swap_in_served_linears(model, tensors, module_checkpoint_names(model, linear_names(model)), ignore,
+                                scheme, group_size, dtype, model_dir)
         _load_strict(model, tensors, model_dir)
     model = model.to(device).eval()
     if kernel_layout is None:
@@ -357,10 +351,14 @@ def load_int4_model(model_dir: str, device: str | torch.device = "cpu", dtype: t
     return model, processor_or_none(model_dir)
 
 
+# Kept for callers written before INT8 checkpoints existed (grace.demo); new code calls load_quantized_model.
+load_int4_model = load_quantized_model
+
+
 def load_model(model_dir: str, device: str | torch.device = "cpu"):
     """Load any model directory this project produces or consumes, for generation and evaluation.
 
-    * a compressed-tensors checkpoint (config.json with a quantization_config): :func:`load_int4_model`;
+    * a compressed-tensors checkpoint (config.json with a quantization_config): :func:`load_quantized_model`;
     * a plain Hugging Face checkpoint (config.json and weights): ``from_pretrained``;
     * a training run (with ``final/``) or its ``final/`` directory: the fake-quantized student
       (:func:`load_student`), so an export can be compared with what was trained.
@@ -380,7 +378,7 @@ def load_model(model_dir: str, device: str | torch.device = "cpu"):
         raise ValueError(f"{model_dir!r} is neither a model directory (config.json) nor a finished training run "
                          "(final/student_state.pt)")
     if read_json(config_path).get("quantization_config"):
-        return load_int4_model(model_dir, device)
+        return load_quantized_model(model_dir, device)
     if not any(os.path.isfile(os.path.join(model_dir, w)) for w in WEIGHT_FILES):
         raise ValueError(f"{model_dir!r} has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
     from transformers import AutoModelForImageTextToText

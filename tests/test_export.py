@@ -10,6 +10,7 @@ import copy
 import json
 import logging
 import os
+import re
 import shutil
 import warnings
 
@@ -43,8 +44,9 @@ def _make_run(base, out, *, bits=4, scale_dtype="bfloat16", seed=0, exclude=None
 
     model = AutoModelForImageTextToText.from_pretrained(base)
     processor = AutoProcessor.from_pretrained(base)
-    quantize_model(model, bits=bits, group_size=GROUP, scale_dtype=getattr(torch, scale_dtype), exclude=exclude,
-                   verbose=False)
+    if bits is not None:   # None: a full-precision distillation run, nothing quantized
+        quantize_model(model, bits=bits, group_size=GROUP, scale_dtype=getattr(torch, scale_dtype), exclude=exclude,
+                       verbose=False)
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.named_parameters():
@@ -185,15 +187,17 @@ def test_compressed_tensors_decompresses_our_checkpoint_bit_for_bit(run):
         assert scales.dtype == run["scale_dtype"]
         packed, shape = tensors[f"{key}.weight_packed"], tensors[f"{key}.weight_shape"]
         assert torch.equal(unpack_from_int32(packed, 4, shape), codes), key
-        assert torch.equal(tensors[f"{key}.weight_scale"], scales), key
-        # The library multiplies in the scale dtype (as vLLM's kernels do): its weight is scale * code
-        # rounded once to that dtype.
-        expected = (codes.to(scales.dtype) * scales.repeat_interleave(GROUP, dim=1)).float()
-        assert torch.equal(dense[f"{key}.weight"], expected), key
-        # Given the same scales in float32 (an exact widening) it returns exactly the student's weight.
-        wide = compressor.decompress({"weight_packed": packed, "weight_scale": scales.float(), "weight_shape": shape},
+        # A float32 export holds the trained scales widened exactly to float32 ...
+        assert tensors[f"{key}.weight_scale"].dtype == torch.float32, key
+        assert torch.equal(tensors[f"{key}.weight_scale"], scales.float()), key
+        # ... so the library, which multiplies in the scale dtype, returns exactly the student's weight.
+        assert torch.equal(dense[f"{key}.weight"], ql.fake_quant_weight()), key
+        # With the scales in their half dtype (a half-precision export) its weight is scale * code rounded once
+        # to that dtype.
+        half = compressor.decompress({"weight_packed": packed, "weight_scale": scales, "weight_shape": shape},
                                      scheme)["weight"]
-        assert torch.equal(wide, ql.fake_quant_weight()), key
+        expected = codes.to(scales.dtype) * scales.repeat_interleave(GROUP, dim=1)
+        assert half.dtype == scales.dtype and torch.equal(half, expected), key
     untouched = [k for k in tensors if not k.rpartition(".")[2].startswith("weight_")]
     assert untouched and all(torch.equal(dense[k].float(), tensors[k].float()) for k in untouched)
 
@@ -211,13 +215,17 @@ def _plain_load(path, caplog):
     return model, info, logs, caught
 
 
-@pytest.mark.parametrize("dtype", [None, "bfloat16"], ids=["float32", "bf16"])
+@pytest.mark.parametrize("dtype", [None, "half"], ids=["float32", "half"])
 def test_plain_transformers_loads_and_generates_like_grace(run, dtype, tmp_path, caplog, reference_backend):
+    """float32 exports, and half-precision exports in the dtype the run's scales trained in (the only
+    half dtype that holds them exactly)."""
     pytest.importorskip("compressed_tensors")
     from grace.evaluate import _generate_batch, generate
     from grace.load import load_model
 
-    out = run["export"] if dtype is None else export_run(run["run"], str(tmp_path / "bf16"), dtype=dtype)
+    if dtype is not None:
+        dtype = str(run["scale_dtype"]).removeprefix("torch.")
+    out = run["export"] if dtype is None else export_run(run["run"], str(tmp_path / "half"), dtype=dtype)
     model, info, logs, caught = _plain_load(out, caplog)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     assert not logs, [r.getMessage() for r in logs]
@@ -246,9 +254,10 @@ def test_plain_transformers_loads_and_generates_like_grace(run, dtype, tmp_path,
         grace = _generate_batch(ours, processor, [turns], [img], 8, torch.device("cpu"))
         assert plain[:2] == grace[:2]
         return
-    # bf16: both hold the same codes and scales, but transformers + compressed-tensors dequantize the weight to
-    # bf16 (code x scale, rounded) while ours multiplies in float32, so logits differ by bf16 rounding (measured:
-    # under 1% of the largest logit). Greedy decoding may then part only where the top two logits are that close,
+    # half: both hold the same codes and scales, but transformers + compressed-tensors dequantize the weight to
+    # the half dtype (code x scale, rounded) and run the model in it, while ours multiplies in float32, so logits
+    # differ by that rounding (measured: up to 2.6% of the largest logit in bf16). Greedy decoding may then part
+    # only where the top two logits are that close,
     # as an untrained tiny model's sometimes are: step by step, the logits agree to rounding until the tokens
     # differ, and where they first differ it is such a near-tie.
     text = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
@@ -391,8 +400,11 @@ def test_quantization_config_and_tensors_on_disk(run):
         assert f"{key}.weight" not in tensors
         assert tensors[f"{key}.weight_packed"].dtype == torch.int32
         assert tuple(tensors[f"{key}.weight_packed"].shape) == (n, k // 8)
-        assert tensors[f"{key}.weight_scale"].dtype == run["scale_dtype"]
-        assert tuple(tensors[f"{key}.weight_scale"].shape) == (n, k // GROUP)
+        # the default (float32) export holds the scales training used, in float32: an exact widening
+        scale = tensors[f"{key}.weight_scale"]
+        assert scale.dtype == torch.float32 and torch.equal(scale.to(run["scale_dtype"]).float(), scale), key
+        assert torch.equal(scale, ql.quantize()[1].float()), key
+        assert tuple(scale.shape) == (n, k // GROUP)
         assert tensors[f"{key}.weight_shape"].dtype == torch.int64
         assert tensors[f"{key}.weight_shape"].tolist() == [n, k]
     for name in full:
@@ -520,10 +532,34 @@ def test_export_rejects_bad_inputs(llava_run, tmp_path):
         export_run(str(tmp_path), str(tmp_path / "out"))
     with pytest.raises(ValueError, match="dtype"):
         export_run(run["run"], str(tmp_path / "out"), dtype="int8")
-    _make_run(run["base"], tmp_path / "run8", bits=8)
-    with pytest.raises(ValueError, match="bits=8"):
-        export_run(str(tmp_path / "run8"), str(tmp_path / "out"))
+    # a run whose width no scheme serves (a hand-edited or future quantization.json)
+    shutil.copytree(run["run"], tmp_path / "run3")
+    qpath = tmp_path / "run3" / "final" / "quantization.json"
+    qpath.write_text(json.dumps({**json.loads(qpath.read_text()), "bits": 3}))
+    with pytest.raises(ValueError, match="no quantization scheme serves bits=3; registered: int4 \\(bits=4\\), "
+                                         "int8 \\(bits=8\\), full \\(bits=None\\)"):
+        export_run(str(tmp_path / "run3"), str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_half_export_refuses_scales_it_cannot_hold(llava_run, tmp_path):
+    """bfloat16 scales below float16's range: a float16 export would round them to 0 (every code of
+    the group to 0); it is refused naming the layer, nothing is written, and float32 / bfloat16 work."""
+    run = tmp_path / "run"
+    shutil.copytree(llava_run["run"], run)
+    state = torch.load(run / "final" / "student_state.pt")
+    name = sorted(_quant_layers(llava_run["student"]))[0]
+    state[f"{name}.log_scale"][0] = -25.0    # exp(-25) ~ 1.4e-11: a bfloat16 number, 0 in float16
+    torch.save(state, run / "final" / "student_state.pt")
+    with pytest.raises(ValueError, match=f"^{re.escape(name)}: its trained bfloat16 scales do not fit float16 "
+                                         "exactly .*export with --dtype bfloat16 or float32"):
+        export_run(str(run), str(tmp_path / "fp16"), dtype="float16")
+    assert not (tmp_path / "fp16").exists() and os.listdir(tmp_path) == ["run"]
+    for dtype in (None, "bfloat16"):
+        out = export_run(str(run), str(tmp_path / str(dtype)), dtype=dtype)
+        key = module_checkpoint_names(llava_run["student"], [name])[name]
+        row = load_file(os.path.join(out, "model.safetensors"))[f"{key}.weight_scale"][0]
+        assert torch.equal(row.bfloat16(), torch.exp(torch.full_like(row, -25.0)).bfloat16()), row
 
 
 def _tampered(run, tmp_path, edit_tensors=None, edit_qc=None):
@@ -561,8 +597,29 @@ def _bad_shape(t):
     t[_first_packed(t).replace("weight_packed", "weight_shape")] = torch.tensor([1, 2])
 
 
-def _eight_bits(qc):
-    qc["config_groups"]["group_0"]["weights"]["num_bits"] = 8
+BAD_SCALE = "weight_scale holds 1 scale\\(s\\) that are not finite and > 0"
+
+
+def _scale_value(value):
+    def edit(t):
+        k = _first_packed(t).replace("weight_packed", "weight_scale")
+        t[k] = t[k].clone()
+        t[k][0, 0] = value
+    return edit
+
+
+def _g_idx(t):
+    k = _first_packed(t)
+    n_in = int(t[k.replace("weight_packed", "weight_shape")][1])
+    t[k.replace("weight_packed", "weight_g_idx")] = torch.arange(n_in, dtype=torch.int32) // GROUP
+
+
+def _group_actorder(qc):
+    qc["config_groups"]["group_0"]["weights"]["actorder"] = "group"
+
+
+def _three_bits(qc):
+    qc["config_groups"]["group_0"]["weights"]["num_bits"] = 3
 
 
 def _other_format(qc):
@@ -578,10 +635,17 @@ def _unignore_lm_head(qc):
     (_extra, None, "unexpected: \\['extra.weight'\\]"),
     (_narrow, None, "shapes do not fit"),
     (_bad_shape, None, "weight_shape is \\[1, 2\\]"),
-    (None, _eight_bits, "num_bits 4"),
+    (None, _three_bits, "num_bits 3 \\(supported: \\[4, 8\\]\\)"),
     (None, _other_format, "format 'naive-quantized'"),
     (None, _unignore_lm_head, "lm_head is quantized by the config"),
-], ids=["missing-scale", "extra-tensor", "narrow-packed", "bad-weight-shape", "8-bit", "format", "ignore-list"])
+    (_scale_value(float("nan")), None, f"{BAD_SCALE} \\(such as nan\\)"),
+    (_scale_value(float("inf")), None, f"{BAD_SCALE} \\(such as inf\\)"),
+    (_scale_value(0.0), None, f"{BAD_SCALE} \\(such as 0.0\\)"),
+    (_scale_value(-1.0), None, "that are not finite and > 0 \\(such as -1.0\\)"),
+    (_g_idx, None, "weight_g_idx holds an activation-order permutation"),
+    (None, _group_actorder, "unsupported actorder 'group' \\(a g_idx permutation"),
+], ids=["missing-scale", "extra-tensor", "narrow-packed", "bad-weight-shape", "3-bit", "format", "ignore-list",
+        "nan-scale", "inf-scale", "zero-scale", "negative-scale", "g_idx", "actorder-group"])
 def test_load_int4_model_is_strict(llava_run, tmp_path, edit_tensors, edit_qc, message):
     run = llava_run
     with pytest.raises(ValueError, match=message):
@@ -610,17 +674,20 @@ def _exact_ignore(run, on_disk):
     return list(module_checkpoint_names(run["student"], full).values()) if on_disk else full
 
 
-@pytest.mark.parametrize("style", ["llm-compressor", "in-memory-names", "on-disk-names"])
-def test_load_int4_model_reads_other_producers_configs(run, tmp_path, style, reference_backend):
+@pytest.mark.parametrize("style, actorder", [("llm-compressor", None), ("llm-compressor", "static"),
+                                             ("llm-compressor", "weight"), ("in-memory-names", None),
+                                             ("on-disk-names", None)])
+def test_load_int4_model_reads_other_producers_configs(run, tmp_path, style, actorder, reference_backend):
     """ignore as llm-compressor's VLM examples write it, as exact in-memory names, or as exact on-disk
-    names (what earlier grace exports wrote)."""
+    names (what earlier grace exports wrote); GPTQ's activation orderings that leave the layout as it is
+    (its default "static" and "weight": the files hold no g_idx)."""
     ignore = (_llm_compressor_ignore(run["family"]) if style == "llm-compressor"
               else _exact_ignore(run, on_disk=style == "on-disk-names"))
 
     def edit(qc):
         qc["ignore"] = ignore
         qc["config_groups"]["group_0"]["format"] = None   # format given at the top only, as older releases wrote
-        qc["config_groups"]["group_0"]["weights"].update(observer="minmax", actorder=None, block_structure=None)
+        qc["config_groups"]["group_0"]["weights"].update(observer="minmax", actorder=actorder, block_structure=None)
 
     path = _tampered(run, tmp_path, edit_qc=edit)
     model, processor = load_int4_model(path)
@@ -739,3 +806,99 @@ def test_ignore_patterns_on_names_alone(caplog):
     assert "layers.1.mlp" not in caplog.text
     with pytest.raises(ValueError, match="no ignore pattern keeps lm_head"):
         ignore_patterns([("lm_head", "lm_head")], [("model.lm_head", "model.lm_head")])
+
+
+# --------------------------------------------------------------------------- (g) INT8 and full-precision runs
+
+def _cli(*argv, timeout=300):
+    """``python -m grace ...`` as a user runs it on a CPU machine (no Triton interpreter)."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "grace", *argv], capture_output=True, text=True, timeout=timeout,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc.stdout
+
+
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl"])
+def test_int8_run_exports_loads_in_transformers_and_generates_like_grace(make_run, family, tmp_path, caplog,
+                                                                        reference_backend):
+    """An INT8 run (``--bits 8``): ``grace export`` writes compressed-tensors pack-quantized 8-bit, plain
+    transformers loads it with no missing or unexpected key and decompresses exactly the trained weights,
+    and its greedy tokens are those of ``grace generate`` (which serves the layers with W8A16Linear)."""
+    pytest.importorskip("compressed_tensors")
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    from grace.evaluate import generate
+    from grace_kernels.nn import W8A16Linear
+
+    student, _ = _make_run(make_run(family, "bfloat16")["base"], tmp_path / "run", bits=8)
+    out = tmp_path / "int8"
+    assert _cli("export", str(tmp_path / "run"), str(out)) == f"INT8 compressed-tensors model written to {out}\n"
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["config_groups"]["group_0"]["weights"] == {"num_bits": 8, "type": "int", "symmetric": True,
+                                                         "group_size": GROUP, "strategy": "group", "dynamic": False}
+    qlayers = _quant_layers(student)
+    names = module_checkpoint_names(student, list(qlayers))
+    tensors = load_file(str(out / "model.safetensors"))
+    for name, ql in qlayers.items():
+        codes, scales = ql.quantize()
+        packed, key = tensors[f"{names[name]}.weight_packed"], names[name]
+        assert packed.shape == (ql.out_features, ql.in_features // 4), key
+        assert torch.equal(unpack_from_int32(packed, 8, tensors[f"{key}.weight_shape"]), codes), key
+        assert torch.equal(tensors[f"{key}.weight_scale"], scales.float()), key
+
+    model, info, logs, caught = _plain_load(str(out), caplog)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not logs and not caught, [r.getMessage() for r in logs] + [str(w.message) for w in caught]
+    ours, processor = load_model(str(out))
+    assert {n for n, m in ours.named_modules() if isinstance(m, W8A16Linear)} == set(qlayers)
+    inputs = _inputs(processor)
+    # our served model is the trained student up to matmul rounding
+    assert_close_to_gold(_logits(ours, inputs).double(), _logits(student, inputs).double(),
+                         _logits(student, inputs).double(), atol=1e-4, name="int8 export vs student")
+
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(image)
+    prompt = "what color is the circle ?"
+    cli_text = _cli("generate", str(out), "--image", str(image), "--prompt", prompt, "--max-new-tokens", "8",
+                    "--device", "cpu").rstrip("\n")
+    assert generate(model, processor, str(image), prompt, max_new_tokens=8) == cli_text
+    assert generate(ours, processor, str(image), prompt, max_new_tokens=8) == cli_text
+
+
+@pytest.mark.parametrize("family", ["llava_hf", "qwen2_vl"])
+def test_full_precision_run_exports_a_plain_checkpoint(make_run, family, tmp_path, caplog):
+    """A full-precision distillation run (``bits`` None): ``grace export`` writes a plain Hugging Face
+    checkpoint in the source checkpoint's tensor names, with no quantization_config; transformers loads
+    exactly the trained weights and generates what ``grace generate`` prints for the run and the export."""
+    base = make_run(family, "bfloat16")["base"]
+    student, _ = _make_run(base, tmp_path / "run", bits=None)
+    out = tmp_path / "full"
+    assert _cli("export", str(tmp_path / "run"), str(out)) == f"full-precision model written to {out}\n"
+    config = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in config
+    assert _source_keys(str(out)) == _source_keys(base)
+    model, info, logs, caught = _plain_load(str(out), caplog)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    assert not logs and not caught, [r.getMessage() for r in logs] + [str(w.message) for w in caught]
+    trained = student.state_dict()
+    loaded = model.state_dict()
+    assert loaded.keys() == trained.keys()
+    assert all(torch.equal(loaded[k], trained[k]) for k in trained)
+
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(2).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(image)
+    from grace.evaluate import generate
+
+    processor = load_model(str(out))[1]
+    expected = generate(model, processor, str(image), "what is in the picture ?", max_new_tokens=8)
+    for where in (out, tmp_path / "run"):
+        assert _cli("generate", str(where), "--image", str(image), "--prompt", "what is in the picture ?",
+                    "--max-new-tokens", "8", "--device", "cpu").rstrip("\n") == expected, where
+    # bfloat16 export: every tensor rounded once to bfloat16
+    half = export_run(str(tmp_path / "run"), str(tmp_path / "bf16"), dtype="bfloat16")
+    tensors = load_file(os.path.join(half, "model.safetensors"))
+    assert {t.dtype for t in tensors.values()} == {torch.bfloat16}

@@ -1,4 +1,4 @@
-"""``grace export``, ``grace eval`` and ``grace generate``: from a training run to a served INT4 model."""
+"""``grace export``, ``grace eval`` and ``grace generate``: from a training run to a served model."""
 
 from __future__ import annotations
 
@@ -7,16 +7,18 @@ import os
 
 
 def add_parser(sub) -> None:
-    p = sub.add_parser("export", help="write a trained run as an INT4 compressed-tensors (pack-quantized) checkpoint")
+    p = sub.add_parser("export", help="write a trained run as a Hugging Face checkpoint: compressed-tensors "
+                                      "pack-quantized for INT4 / INT8 runs, plain for full-precision ones")
     p.add_argument("run_dir", help="a finished `grace train` run (or its final/ directory)")
     p.add_argument("out_dir", help="the model directory to create")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
-                   help="dtype of the tensors kept in full precision (default: as trained)")
+                   help="dtype of the tensors kept in full precision and of the quantized layers' scales "
+                        "(default: float32, exactly as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="greedy-decoding accuracy, weight bytes, peak memory and decode speed of a model")
-    p.add_argument("model_dir", help="an INT4 export, a Hugging Face checkpoint, or a training run")
+    p.add_argument("model_dir", help="an INT4 / INT8 export, a Hugging Face checkpoint, or a training run")
     p.add_argument("--data", required=True, help="LLaVA-format conversation JSON with the answers")
     p.add_argument("--image-folder", default=None, help="image root (default: the JSON's directory)")
     p.add_argument("--batch-size", type=int, default=16)
@@ -47,9 +49,12 @@ def _load(model_dir: str, device: str):
 
 def _export(args) -> int:
     from grace.export import export_run
+    from grace.io import read_json
 
     out = export_run(args.run_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
-    print(f"INT4 model written to {out}")
+    qc = read_json(os.path.join(out, "config.json")).get("quantization_config")
+    bits = qc["config_groups"]["group_0"]["weights"]["num_bits"] if qc else None
+    print(f"{f'INT{bits} compressed-tensors' if bits else 'full-precision'} model written to {out}")
     return 0
 
 

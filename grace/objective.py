@@ -124,6 +124,76 @@ def teacher_outputs(teacher, family: Family, batch: dict, *, kd: bool, rcka: boo
     return TeacherOutputs(hidden, pen, family.lm_head(teacher))
 
 
+class TeacherCache:
+    """The frozen teacher's outputs per micro-batch, computed once and handed again to every later run that
+    draws the same micro-batch from the same teacher.
+
+    Runs with the same data file, seed and batch size draw the same micro-batches in the same order
+    (grace.data.SampleOrder), so every distillation run of one seed (QAT + KD, GRACE, its ablations, an INT8 or
+    an unquantized GRACE) needs the teacher's forward only once: the later runs read it back, bit for bit what
+    they would have computed (the same inputs through the same frozen model; the penultimate layer is kept
+    whether or not the first run asked for it, which leaves the last hidden state unchanged).
+
+    A micro-batch is keyed by ``teacher_key`` (which teacher, in which dtypes: :func:`teacher_key`) and the bytes
+    of its model inputs (MODEL_INPUTS). Entries are kept until ``max_bytes`` of hidden states are stored; later
+    micro-batches are computed and not stored. The cache lives in memory, in the process that trains; a caller
+    keeps it no longer than the teacher's weights stay what they were (the key also holds the weight files'
+    sizes and modification times).
+
+    Raises:
+        ValueError: max_bytes < 0.
+    """
+
+    def __init__(self, max_bytes: int = 2 << 30):
+        if max_bytes < 0:
+            raise ValueError(f"max_bytes must be >= 0, got {max_bytes}")
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self.hits = self.misses = 0
+        self._store: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def outputs(self, teacher, family: Family, batch: dict, *, kd: bool, rcka: bool,
+                teacher_key: str) -> TeacherOutputs:
+        """What :func:`teacher_outputs` returns for this micro-batch, from the cache when it holds it."""
+        if teacher is None or not (kd or rcka):
+            return TeacherOutputs(None, None, None)
+        import hashlib
+
+        h = hashlib.blake2b(teacher_key.encode(), digest_size=32)
+        for k in MODEL_INPUTS:
+            if k in batch:
+                v = batch[k].detach().contiguous().cpu()
+                h.update(f"{k}{tuple(v.shape)}{v.dtype}".encode())
+                h.update(v.view(torch.uint8).numpy().tobytes() if v.numel() else b"")
+        key = h.digest()
+        found = self._store.get(key)
+        if found is None:
+            self.misses += 1
+            with torch.no_grad():
+                found = _hidden(family, teacher, batch, True)
+            size = sum(t.numel() * t.element_size() for t in found)
+            if self.bytes + size <= self.max_bytes:
+                self._store[key] = found
+                self.bytes += size
+        else:
+            self.hits += 1
+        hidden, pen = found
+        return TeacherOutputs(hidden, pen if rcka else None, family.lm_head(teacher))
+
+
+def teacher_key(path: str, *dtypes: torch.dtype) -> str:
+    """The :class:`TeacherCache` key of the teacher checkpoint at ``path`` run in ``dtypes``: its absolute
+    path, the dtypes, and the size and modification time of each weight file, so a teacher trained again into
+    the same directory is a new key."""
+    import glob
+    import os
+
+    files = sorted(glob.glob(os.path.join(glob.escape(path), "*.safetensors"))
+                   + glob.glob(os.path.join(glob.escape(path), "*.bin")))
+    stats = [(os.path.basename(f), os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in files]
+    return f"{os.path.abspath(path)}|{','.join(map(str, dtypes))}|{stats}"
+
+
 def student_objective(student, family: Family, batch: dict, teacher: TeacherOutputs, *, beta: float, omega: float,
                       kd: bool, rcka: bool, gdkd_scale: float = 1.0, rcka_scale: float = 1.0,
                       temperature: float = 2.0,

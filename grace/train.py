@@ -67,7 +67,7 @@ from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError
 from grace.families import check_pair, family_of
 from grace.io import atomic_path, one_line, read_json
-from grace.objective import student_objective, teacher_outputs, warmup_scale
+from grace.objective import TeacherCache, student_objective, teacher_key, teacher_outputs, warmup_scale
 from grace.quantize import quantize_model
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final", "controller.png")
@@ -122,6 +122,8 @@ class Run:
     step: int = 0                               # optimizer steps done
     last_checkpoint: int | None = None          # the step checkpoint/ holds, None before the first
     history: list[dict] = dataclasses.field(default_factory=list)
+    teacher_cache: TeacherCache | None = None   # shared with other runs of the same teacher (train's argument)
+    teacher_key: str = ""                       # the teacher's key in teacher_cache (build_teacher)
 
     @property
     def main(self) -> bool:
@@ -437,6 +439,7 @@ def build_teacher(run: Run) -> None:
     RCKA."""
     if run.cfg.kd or run.cfg.rcka:
         run.teacher = _load_model(run.cfg.teacher, run.frozen_dtype, run.device).eval().requires_grad_(False)
+        run.teacher_key = teacher_key(run.cfg.teacher, run.frozen_dtype, run.compute_dtype)
 
 
 def build_optimizer(run: Run) -> None:
@@ -511,7 +514,11 @@ def train_step(run: Run) -> dict:
         if run.world > 1:   # reduce-scatter gradients once per optimizer step, not per micro-batch
             run.student.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
         with torch.autocast(run.device.type, dtype=run.compute_dtype, enabled=run.compute_dtype != torch.float32):
-            t_out = teacher_outputs(run.teacher, run.family, batch, kd=cfg.kd, rcka=cfg.rcka)
+            if run.teacher_cache is None:
+                t_out = teacher_outputs(run.teacher, run.family, batch, kd=cfg.kd, rcka=cfg.rcka)
+            else:
+                t_out = run.teacher_cache.outputs(run.teacher, run.family, batch, kd=cfg.kd, rcka=cfg.rcka,
+                                                  teacher_key=run.teacher_key)
             parts = run.objective(run.family, batch, t_out, beta=run.controller.beta, omega=cfg.omega, kd=cfg.kd,
                                   rcka=cfg.rcka, gdkd_scale=warmup_scale(step, cfg.gdkd_warmup_steps),
                                   rcka_scale=warmup_scale(step, cfg.rcka_warmup_steps), temperature=cfg.temperature,
@@ -672,9 +679,12 @@ def _model_family(cfg: TrainConfig):
     return family_of(s_conf)
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE") -> TrainResult:
+def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE",
+          teacher_cache: TeacherCache | None = None) -> TrainResult:
     """Run GRACE training as ``cfg`` says (see the module docstring); returns the metrics and final/. ``desc``
-    labels the progress bar.
+    labels the progress bar. ``teacher_cache``: the teacher's outputs of earlier runs in this process that drew
+    the same micro-batches (same data, seed and batch size), read back instead of computed again (bit for bit
+    the same; :class:`grace.objective.TeacherCache`); None computes every one.
 
     Raises:
         ValueError: a bad option (:meth:`TrainConfig.validate`), before anything is loaded.
@@ -690,7 +700,7 @@ def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE") -> Tr
     rank, world = _init_distributed(dev.type)
     run = Run(cfg, dev, rank, world, family,
               frozen_dtype=torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32,
-              compute_dtype=cfg.compute_dtype(dev.type))
+              compute_dtype=cfg.compute_dtype(dev.type), teacher_cache=teacher_cache)
     state = check_run_dir(cfg, world)
     _barrier(run)   # every rank has looked at the directory before rank 0 changes it
     if run.main:

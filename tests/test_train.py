@@ -245,6 +245,35 @@ def test_resume_of_a_run_saved_before_kd_t2_reads_the_t2_convention(setup, tmp_p
         assert resumed["step"] == 2 and "kd_t2" not in resumed["config"]
 
 
+def test_teacher_cache_replays_the_teacher_bit_for_bit(setup, tmp_path):
+    """Runs of one seed draw the same micro-batches: with a shared TeacherCache the second run computes no
+    teacher forward and trains exactly as it does alone (losses, beta, final weights); another seed misses."""
+    if setup["family"] != "llava":
+        pytest.skip("the cache is family-agnostic: it keys the batch's model inputs")
+
+    def run(name, cache=None, **kw):
+        return train(config(setup, tmp_path / name, **kw), progress=False, teacher_cache=cache)
+
+    def same(x, y):
+        drop = ("tokens_per_s",)   # wall time
+        assert [{k: v for k, v in r.items() if k not in drop} for r in x.metrics] == \
+            [{k: v for k, v in r.items() if k not in drop} for r in y.metrics]
+        a = torch.load(os.path.join(x.final_dir, "student_state.pt"))
+        b = torch.load(os.path.join(y.final_dir, "student_state.pt"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    alone_kd, alone_grace = run("kd", kd_type="kl", rcka=False), run("grace")
+    cache = train_mod.TeacherCache()
+    same(run("kd-cached", cache, kd_type="kl", rcka=False), alone_kd)
+    assert (cache.hits, cache.misses) == (0, 4)   # 2 steps x 2 micro-batches, each computed once
+    same(run("grace-cached", cache), alone_grace)   # needs the penultimate layer the first run did not
+    assert (cache.hits, cache.misses) == (4, 4) and cache.bytes > 0
+    run("other-seed", cache, seed=1)
+    assert cache.misses > 4
+    with pytest.raises(ValueError, match="max_bytes"):
+        train_mod.TeacherCache(max_bytes=-1)
+
+
 def test_bad_configuration_fails_before_loading(setup, tmp_path):
     with pytest.raises(ValueError, match="checkpoint not found"):
         train(config(setup, tmp_path / "x", teacher=str(tmp_path / "nowhere")), progress=False)

@@ -3,7 +3,10 @@ the ablation switches of the paper's Tables 3 and 4."""
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import functools
+import inspect
 import math
 import os
 import sys
@@ -13,11 +16,15 @@ import torch
 from grace.io import read_json, write_json
 from grace_kernels import KD_TYPES
 from grace_kernels.int4 import GROUP_SIZES
+from grace_kernels.int4 import SCALE_DTYPES as _INT4_SCALE_DTYPES
 
 # The LSQ scale initialisations grace_kernels.lsq_init_log_scale offers.
 INIT_METHODS = ("percentile", "mse")
 
 MIXED_PRECISION = ("auto", "bf16", "none")
+
+# The scale dtypes an INT4 checkpoint may hold, by name (the dtypes themselves: grace_kernels.int4).
+SCALE_DTYPES = tuple(str(d).removeprefix("torch.") for d in _INT4_SCALE_DTYPES)
 
 # Each preset is one convention, the loss's scale and the controller's budget tau together (tau only means
 # something on the scale GDKD is measured in):
@@ -41,70 +48,132 @@ PRESETS = {
 
 @dataclasses.dataclass
 class TrainConfig:
-    teacher: str = ""                  # local Hugging Face checkpoint directories
+    """Every setting of a ``grace train`` run; each field is also a command-line flag (``--max-steps``).
+
+    The string under each field is its documentation: ``grace train --help`` shows it (:func:`field_docs`).
+    Defaults are the paper's (Table 6); ``from_preset("released")`` starts from the authors' release.
+    """
+
+    # models and data
+    teacher: str = ""
+    """The frozen teacher: a local Hugging Face checkpoint directory (required unless --no-kd and --no-rcka)."""
     student: str = ""
-    data: str = ""                     # LLaVA conversation JSON
+    """The student to quantize and train: a local Hugging Face checkpoint directory of the teacher's family."""
+    data: str = ""
+    """LLaVA-format conversation JSON: a list of records with "conversations" and an optional "image"."""
     image_folder: str = ""
+    """Root of the records' relative image paths ("": the current directory)."""
     output_dir: str = "runs/grace"
-    # quantization (None: plain distillation, no quantization)
+    """The run directory: config.json, metrics.jsonl, checkpoint/, final/, controller.png."""
+    # quantization
     bits: int | None = 4
+    """Weight bits of the student's language-model linears: 4, 8, or none (plain distillation, no
+    quantization)."""
     group_size: int = 128
+    """Weights per learned scale, consecutive along the input dimension."""
     init_method: str = "percentile"
-    scale_dtype: str | None = "bfloat16"   # the scales an INT4 checkpoint will hold
+    """LSQ scale initialisation: "percentile" (the paper's 99th percentile / Qp) or "mse" (the release's
+    clipping search)."""
+    scale_dtype: str | None = "bfloat16"
+    """The dtype the scales are rounded to while training, the one an INT4 checkpoint holds (none: float32)."""
     # optimization (paper, Table 6)
     epochs: int = 3
+    """Passes over the data."""
     max_steps: int | None = None
+    """Stop after this many optimizer steps (none: the epochs decide)."""
     batch_size: int = 4
+    """Samples per micro-batch on each process."""
     grad_accum: int = 4
+    """Micro-batches per optimizer step (effective batch: batch_size x grad_accum x processes)."""
     lr: float = 2e-5
-    scale_lr: float | None = None      # None: same as lr
+    """Peak learning rate of the weights (linear warm-up, then cosine decay to 0)."""
+    scale_lr: float | None = None
+    """Learning rate of the LSQ log-scales (none: the same as --lr)."""
     weight_decay: float = 1e-3
+    """AdamW weight decay of the weights."""
     scale_weight_decay: float | None = None
+    """AdamW weight decay of the log-scales (none: the same as --weight-decay)."""
     warmup_ratio: float = 0.03
+    """Fraction of the steps spent warming the learning rate up, in [0, 1)."""
     max_grad_norm: float = 1.0
+    """Gradient clipping norm."""
     max_length: int = 2048
-    # data loading: worker processes encoding samples (0: in the training process); fork makes them cheap on
-    # Linux. The samples and their order do not depend on it.
+    """Longest tokenized sample; longer samples are skipped and counted."""
+    # Linux forks the workers cheaply; elsewhere spawning them costs more than it saves.
     num_workers: int = min(4, os.cpu_count() or 1) if sys.platform.startswith("linux") else 0
-    group_by_length: bool = False      # micro-batches of one modality and similar length (less padding)
-    cache_samples: bool = False        # keep encoded samples in memory (small data, many epochs: the demo)
-    bf16: bool = True                  # on CUDA: bf16 teacher and vision tower weights, and mixed_precision "auto"
-    mixed_precision: str = "auto"      # autocast of the forward passes: "bf16", "none", "auto" (see compute_dtype)
+    """DataLoader worker processes encoding samples (0: in the training process). The samples and their order
+    do not depend on it."""
+    group_by_length: bool = False
+    """Micro-batches of one modality and similar length (less padding)."""
+    cache_samples: bool = False
+    """Keep encoded samples in memory (small data, many epochs: the demo)."""
+    bf16: bool = True
+    """On CUDA: bf16 teacher and vision-tower weights, and bf16 autocast when --mixed-precision is auto."""
+    mixed_precision: str = "auto"
+    """Autocast of the forward passes: bf16, none, or auto (bf16 on CUDA with --bf16, float32 elsewhere)."""
     gradient_checkpointing: bool = False
-    freeze_vision: bool = True         # the paper's setup; False trains the vision tower too (pretraining)
+    """Recompute the student's activations in the backward pass: less memory, more time."""
+    freeze_vision: bool = True
+    """Keep the vision tower frozen (the paper's setup); --no-freeze-vision trains it too (pretraining)."""
     # objective
     temperature: float = 2.0
-    # The KD term's convention: False, the paper's Eqs. 1-3 (no T^2 factor); True, the release's and Hinton's /
-    # DKD's (per-token KD times T^2: gradients of the softened logits keep their size as T grows). The GDKD the
-    # controller compares with tau is measured on the same scale, so tau must belong to the same convention
-    # (PRESETS).
+    """Distillation temperature T of the DKD softmaxes."""
+    # The KD term's convention: gradients of the softened logits keep their size as T grows with the T^2
+    # factor. The GDKD the controller compares with tau is measured on the same scale, so tau must belong to
+    # the same convention (PRESETS).
     kd_t2: bool = False
+    """Multiply the per-token KD term by T^2 (the release's, Hinton's and DKD's convention); off: the paper's
+    Eqs. 1-3."""
     tckd_weight: float = 1.0
+    """Weight of the target-class KD term (TCKD) in DKD."""
     nckd_weight: float = 4.0
+    """Weight of the non-target-class KD term (NCKD) in DKD."""
     gate_temperature: float = 1.0
+    """Temperature of the teacher softmax whose entropy sets the confidence gate g = exp(-H / log V)."""
     omega: float = 1.0
-    gdkd_warmup_steps: int = 0         # each distillation term ramps as min(1, step / warmup) (objective.warmup_scale)
+    """Weight of the relational CKA term (RCKA)."""
+    gdkd_warmup_steps: int = 0
+    """Ramp the GDKD term as min(1, step / N) (0: no ramp)."""
     rcka_warmup_steps: int = 0
+    """Ramp the RCKA term as min(1, step / N) (0: no ramp)."""
     # controller
     tau: float = 0.35
+    """The controller's target for the EMA of GDKD: beta rises while the EMA is above it."""
     eta: float = 0.0015
+    """Step size of the controller's dual ascent on beta."""
     beta_init: float = 1.0
+    """Initial weight beta of the GDKD term."""
     beta_min: float = 0.1
+    """Lower bound of beta."""
     beta_max: float = 5.0
+    """Upper bound of beta."""
     ema_decay: float = 0.99
+    """Decay of the exponential moving average of GDKD the controller reads, in [0, 1)."""
     # ablations (paper Tables 3 and 4)
-    kd: bool = True                    # False: QAT only
-    kd_type: str = "dkd"               # "kl": naive KD
+    kd: bool = True
+    """Distill from the teacher (--no-kd: QAT only, the CE term alone)."""
+    kd_type: str = "dkd"
+    """The KD term: dkd (decoupled KD, TCKD + NCKD) or kl (naive KD)."""
     gate: bool = True
+    """Weight each token's KD by the teacher's confidence (--no-gate: every token weight 1)."""
     rcka: bool = True
+    """Add the relational CKA term on the penultimate layer's visual tokens."""
     adaptive_beta: bool = True
+    """Let the controller set beta (--no-adaptive-beta: beta stays at --beta-init)."""
     # bookkeeping
-    save_every: int = 0                # steps between checkpoints (0: only at the end)
-    resume: bool = False               # continue the run in output_dir from its checkpoint/
-    overwrite: bool = False            # replace the run in output_dir (without it or resume, train refuses)
+    save_every: int = 0
+    """Write a checkpoint every N optimizer steps (0: only at the end)."""
+    resume: bool = False
+    """Continue the run in --output-dir from its checkpoint/ (the settings must match, except those that may
+    change on resume)."""
+    overwrite: bool = False
+    """Replace the run in --output-dir (without it or --resume, an existing run is refused)."""
     seed: int = 0
+    """Seed of torch's generator and of the data order."""
     device: str = "auto"
+    """cpu, cuda, cuda:N, or auto (CUDA when visible, else the CPU)."""
     preset: str = "paper"
+    """Where the defaults come from: paper (Table 6) or released (the authors' release, ForeverBlue816/GRACE)."""
 
     @classmethod
     def from_preset(cls, preset: str = "paper", **overrides) -> TrainConfig:
@@ -142,14 +211,14 @@ class TrainConfig:
             GraceError: a model's config.json is not valid JSON (the file is named).
         """
         problems = []
-        if self.bits not in (None, 4, 8):
+        if self.bits not in FIELD_CHOICES["bits"]:
             problems.append(f"bits must be 4, 8 or None, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
             problems.append(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
         if self.kd_type not in KD_TYPES:
             problems.append(f"kd_type must be one of {', '.join(KD_TYPES)}, got {self.kd_type!r}")
-        if self.scale_dtype not in (None, "bfloat16", "float16"):
-            problems.append(f"scale_dtype must be bfloat16, float16 or None, got {self.scale_dtype!r}")
+        if self.scale_dtype not in FIELD_CHOICES["scale_dtype"]:
+            problems.append(f"scale_dtype must be {', '.join(SCALE_DTYPES)} or None, got {self.scale_dtype!r}")
         if self.mixed_precision not in MIXED_PRECISION:
             problems.append(f"mixed_precision must be one of {', '.join(MIXED_PRECISION)}, "
                             f"got {self.mixed_precision!r}")
@@ -227,6 +296,26 @@ def saved_settings(saved: dict) -> dict:
         out["kd_t2"] = True if out.get("kd", True) else TrainConfig.kd_t2
     return out
 
+
+
+@functools.cache
+def field_docs() -> dict[str, str]:
+    """Each TrainConfig field's documentation: the string literal written right under it (an attribute
+    docstring), whitespace collapsed to one line. Read from the source, so the text lives in one place."""
+    tree = ast.parse(inspect.getsource(TrainConfig))
+    body = tree.body[0].body
+    docs = {}
+    for node, after in zip(body, body[1:], strict=False):
+        if (isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant) and isinstance(after.value.value, str)):
+            docs[node.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+# The fields whose values come from a fixed set (the CLI offers them as choices; validate() checks them).
+FIELD_CHOICES = {"bits": (4, 8, None), "group_size": GROUP_SIZES, "init_method": INIT_METHODS,
+                 "scale_dtype": (*SCALE_DTYPES, None), "mixed_precision": MIXED_PRECISION, "kd_type": KD_TYPES,
+                 "preset": tuple(PRESETS)}
 
 
 def _finite(value) -> bool:

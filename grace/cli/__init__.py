@@ -31,6 +31,20 @@ COMMAND_MODULES = [
 ]
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every subcommand's help: an option's default is shown after its help unless the help already states it,
+    and a required option says so (argparse only drops its brackets in the usage line)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if action.required and action.option_strings:
+            return f"{text} [required]".strip()
+        shown = action.default not in (None, argparse.SUPPRESS, False, "") and "default" not in text
+        if shown and (action.option_strings or action.nargs in (argparse.OPTIONAL, argparse.ZERO_OR_MORE)):
+            text = f"{text} (default: %(default)s)".strip()
+        return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="grace", description="GRACE: INT4 distillation of VLMs")
     debug_help = "show the traceback of an error instead of one line"
@@ -40,6 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
         importlib.import_module(name).add_parser(sub)
     for command in sub.choices.values():   # SUPPRESS: absent after the command, the top-level value stands
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=debug_help)
+        command.formatter_class = HelpFormatter
     return parser
 
 

@@ -8,8 +8,9 @@ import os
 def add_parser(sub) -> None:
     p = sub.add_parser("lsq-demo", help="INT4 LSQ on one LLM-shaped layer: RTN vs LSQ init vs trained (CPU, seconds)")
     p.add_argument("--out", default="grace-demo", help="directory for lsq_demo.json (default: grace-demo)")
-    p.add_argument("--steps", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=300,
+                   help="training steps of the weights and log-scales through the fake quantizer (0: init only)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the layer's weights and activations")
     p.set_defaults(func=_main)
 
 

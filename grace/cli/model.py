@@ -5,6 +5,10 @@ from __future__ import annotations
 import json
 import os
 
+from grace.config import field_docs
+
+DEVICE_HELP = field_docs()["device"]
+
 
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trained run as a Hugging Face checkpoint: compressed-tensors "
@@ -21,20 +25,20 @@ def add_parser(sub) -> None:
     p.add_argument("model_dir", help="an INT4 / INT8 export, a Hugging Face checkpoint, or a training run")
     p.add_argument("--data", required=True, help="LLaVA-format conversation JSON with the answers")
     p.add_argument("--image-folder", default=None, help="image root (default: the JSON's directory)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--max-new-tokens", type=int, default=8)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=8, help="longest answer generated, in tokens")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", dest="json_out", default=None,
                    help="also write the result, with every prediction, to this JSON file")
     p.add_argument("--verbose", action="store_true", help="also print the prediction for every question")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="greedy generation from one image and prompt")
-    p.add_argument("model_dir")
-    p.add_argument("--image", required=True)
-    p.add_argument("--prompt", required=True)
-    p.add_argument("--max-new-tokens", type=int, default=32)
-    p.add_argument("--device", default="auto")
+    p.add_argument("model_dir", help="an INT4 export, a Hugging Face checkpoint, or a training run")
+    p.add_argument("--image", required=True, help="the image file")
+    p.add_argument("--prompt", required=True, help="the user's question (the chat template adds the image)")
+    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated, in tokens")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_generate)
 
 

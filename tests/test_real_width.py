@@ -154,7 +154,9 @@ def test_one_step_at_qwen2_vl_2b_width(monkeypatch, reference_backend):
           f"peak RSS {rss.peak / 2 ** 30:.2f} GiB; logits blocks of {sorted(set(logit_rows))} rows")
     assert all(torch.isfinite(v) for v in (parts.total, parts.ce, parts.gdkd, parts.rcka))
     assert float(parts.gdkd) > 0 and float(parts.rcka) > 0
-    assert calls == [1.0]                                   # one fused call, with the teacher head in it
+    # one fused call, with the teacher head in it; its KD weight is beta / T^2 (the paper's convention, no T^2:
+    # the op's T^2 undone)
+    assert calls == [1.0 / 2.0 ** 2]
     # Never the whole [tokens, V] logits of either model: every logits block is at most one chunk.
     chunk = default_chunk_size(rows, TEACHER_VOCAB, torch.device("cpu"))
     assert chunk < rows                                     # the default chunking splits this batch

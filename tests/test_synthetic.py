@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from grace.demo import synthetic
 from grace.demo.synthetic import (
     COLORS,
     QUESTION_TYPES,
@@ -49,6 +50,36 @@ def test_eval_split_does_not_depend_on_n_train(tmp_path):
     b = _files(write_task(str(tmp_path / "b"), 9, 6))
     assert a["eval"] == b["eval"]
     assert all(a[k] == b[k] for k in a if k.startswith("images/eval-"))
+
+
+def test_validation_split_is_its_own_draw(tmp_path):
+    # Train and eval do not move when a validation split is added; the split is deterministic and its own.
+    plain = _files(write_task(str(tmp_path / "a"), 6, 8))
+    paths = write_task(str(tmp_path / "b"), 6, 8, n_val=8)
+    assert _files(paths) == plain
+    val = open(paths["val"], "rb").read()
+    assert val == open(write_task(str(tmp_path / "c"), 6, 8, n_val=8)["val"], "rb").read()
+    assert [r["question_type"] for r in json.loads(val)] == [r["question_type"] for r in json.loads(plain["eval"])]
+    assert json.loads(val) != json.loads(plain["eval"])
+
+
+def test_validation_split_holds_no_eval_question(tmp_path, monkeypatch):
+    # A task of four layouts per question type: one eval question per type takes one of them, and a validation
+    # split drawn without looking at eval would repeat it in about a quarter of its questions.
+    real = synthetic.make_sample
+
+    def few_layouts(rng, question_type, image_size=synthetic.IMAGE_SIZE):
+        return real(np.random.default_rng([7, int(rng.integers(4))]), question_type, image_size)
+
+    monkeypatch.setattr(synthetic, "make_sample", few_layouts)
+    paths = write_task(str(tmp_path), 0, 4, n_val=40)
+    val, test = (json.load(open(paths[split])) for split in ("val", "eval"))
+
+    def identity(rec):   # the question and the image it is asked about
+        return rec["conversations"][0]["value"], (tmp_path / rec["image"]).read_bytes()
+
+    assert len(val) == 40 and not {identity(r) for r in val} & {identity(r) for r in test}
+    assert len({identity(r) for r in val}) == 12   # the other three layouts of each type, all drawn
 
 
 def test_cached_directory_is_reused_and_regenerated_on_change(tmp_path):
@@ -217,7 +248,8 @@ def test_questions_and_answers_use_only_the_tiny_vocabulary(tmp_path):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    ({"n_train": -1, "n_eval": 2}, "n_train and n_eval"),
+    ({"n_train": -1, "n_eval": 2}, "n_train, n_eval and n_val"),
+    ({"n_train": 2, "n_eval": 2, "n_val": -1}, "n_train, n_eval and n_val"),
     ({"n_train": 2, "n_eval": 2.5}, "n_eval must be an integer"),
     ({"n_train": 2, "n_eval": 2, "seed": "x"}, "seed must be an integer"),
     ({"n_train": 2, "n_eval": 2, "seed": -1}, "seed must be >= 0"),

@@ -33,12 +33,15 @@ language model: binding an attribute to a named object, counting past a few, loc
 
 Splits are drawn from independent random streams of one seed, so the eval split does not depend on
 n_train. An eval image can repeat a training layout by chance: the eval split is held out in the sense
-of separately drawn samples.
+of separately drawn samples. The validation split (``n_val``, for choosing settings without looking at the eval
+split) has a stream of its own and leaves out every draw that repeats an eval question (the same shapes in the
+same cells and the same question), so no question is in both.
 
 Files written by :func:`write_task`::
 
-    out_dir/images/{train,eval}-NNNNN.png
-    out_dir/train.json, out_dir/eval.json   lists of {"id", "image", "question_type", "answer", "conversations"}
+    out_dir/images/{train,eval,val}-NNNNN.png
+    out_dir/train.json, out_dir/eval.json, out_dir/val.json
+                                            lists of {"id", "image", "question_type", "answer", "conversations"}
     out_dir/meta.json                       the generation parameters; written last, so a complete
                                             directory with the same parameters is reused as is
 """
@@ -191,15 +194,23 @@ def _record(split: str, i: int, question_type: str, question: str, answer: str) 
                                                 {"from": "gpt", "value": answer}]}
 
 
-def _write_split(out_dir: str, split: str, n: int, rng: np.random.Generator, image_size: int) -> list[dict]:
-    records = []
+def _write_split(out_dir: str, split: str, n: int, rng: np.random.Generator, image_size: int,
+                 exclude: frozenset = frozenset()) -> tuple[list[dict], set]:
+    """The split's records (images written), and the identity of each question: (question, its shapes).
+    A draw whose identity is in ``exclude`` is dropped and drawn again (same question type)."""
+    records, seen = [], set()
     for i in range(n):
         qtype = QUESTION_TYPES[i % len(QUESTION_TYPES)]
-        shapes, question, answer = make_sample(rng, qtype, image_size)
+        while True:
+            shapes, question, answer = make_sample(rng, qtype, image_size)
+            key = (question, tuple(sorted(dataclasses.astuple(sh) for sh in shapes)))
+            if key not in exclude:
+                break
+        seen.add(key)
         rec = _record(split, i, qtype, question, answer)
         Image.fromarray(render(shapes, image_size)).save(os.path.join(out_dir, rec["image"]))
         records.append(rec)
-    return records
+    return records, seen
 
 
 def _complete(paths: dict, meta: dict) -> bool:
@@ -207,7 +218,7 @@ def _complete(paths: dict, meta: dict) -> bool:
         with open(paths["meta"]) as f:
             if json.load(f) != meta:
                 return False
-        for split in ("train", "eval"):
+        for split in ("train", "eval", "val"):
             with open(paths[split]) as f:
                 records = json.load(f)
             if len(records) != meta[f"n_{split}"]:
@@ -219,20 +230,24 @@ def _complete(paths: dict, meta: dict) -> bool:
     return True
 
 
-def write_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, image_size: int = IMAGE_SIZE) -> dict:
+def write_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, image_size: int = IMAGE_SIZE,
+               n_val: int = 0) -> dict:
     """Write the task to ``out_dir`` (see the module docstring for the layout) and return its paths:
-    {"image_folder": out_dir (what records' "image" paths are relative to), "images", "train", "eval", "meta"}.
+    {"image_folder": out_dir (what records' "image" paths are relative to), "images", "train", "eval", "val",
+    "meta"}.
 
-    Deterministic: the same (n_train, n_eval, seed, image_size) give byte-identical files. When
-    ``out_dir`` already holds a complete task with the same parameters nothing is rewritten.
+    Deterministic: the same (n_train, n_eval, seed, image_size, n_val) give byte-identical files; the train and
+    eval splits do not depend on n_val, and the val split holds no eval question. When ``out_dir`` already
+    holds a complete task with the same parameters nothing is rewritten.
     Raises ValueError for negative counts, a non-integer seed or an image smaller than
     ``MIN_IMAGE_SIZE`` (24 px).
     """
-    for name, v in (("n_train", n_train), ("n_eval", n_eval), ("seed", seed), ("image_size", image_size)):
+    for name, v in (("n_train", n_train), ("n_eval", n_eval), ("seed", seed), ("image_size", image_size),
+                    ("n_val", n_val)):
         if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
             raise ValueError(f"{name} must be an integer, got {v!r}")
-    if n_train < 0 or n_eval < 0:
-        raise ValueError(f"n_train and n_eval must be >= 0, got {n_train} and {n_eval}")
+    if n_train < 0 or n_eval < 0 or n_val < 0:
+        raise ValueError(f"n_train, n_eval and n_val must be >= 0, got {n_train}, {n_eval} and {n_val}")
     if seed < 0:
         raise ValueError(f"seed must be >= 0, got {seed}")
     if image_size < MIN_IMAGE_SIZE:
@@ -240,20 +255,22 @@ def write_task(out_dir: str, n_train: int, n_eval: int, seed: int = 0, image_siz
                          f"got {image_size}")
     paths = {"image_folder": out_dir, "images": os.path.join(out_dir, "images"),
              "train": os.path.join(out_dir, "train.json"), "eval": os.path.join(out_dir, "eval.json"),
-             "meta": os.path.join(out_dir, "meta.json")}
-    meta = {"format": _FORMAT, "n_train": int(n_train), "n_eval": int(n_eval), "seed": int(seed),
-            "image_size": int(image_size)}
+             "val": os.path.join(out_dir, "val.json"), "meta": os.path.join(out_dir, "meta.json")}
+    meta = {"format": _FORMAT, "n_train": int(n_train), "n_eval": int(n_eval), "n_val": int(n_val),
+            "seed": int(seed), "image_size": int(image_size)}
     if _complete(paths, meta):
         return paths
     if os.path.exists(paths["meta"]):
         os.remove(paths["meta"])   # a run interrupted from here on must not look complete
     os.makedirs(paths["images"], exist_ok=True)
-    for stale in glob.glob(os.path.join(paths["images"], "train-*.png")) + \
-            glob.glob(os.path.join(paths["images"], "eval-*.png")):
-        os.remove(stale)   # images of an earlier, larger run would otherwise linger
-    # One independent stream per split: the eval split does not change with n_train.
-    train_rng, eval_rng = (np.random.default_rng([int(seed), k]) for k in (0, 1))
-    write_json(_write_split(out_dir, "train", n_train, train_rng, image_size), paths["train"])
-    write_json(_write_split(out_dir, "eval", n_eval, eval_rng, image_size), paths["eval"])
+    for split in ("train", "eval", "val"):
+        for stale in glob.glob(os.path.join(paths["images"], f"{split}-*.png")):
+            os.remove(stale)   # images of an earlier, larger run would otherwise linger
+    # One independent stream per split: the eval split does not change with n_train, nor train and eval with n_val.
+    train_rng, eval_rng, val_rng = (np.random.default_rng([int(seed), k]) for k in (0, 1, 2))
+    write_json(_write_split(out_dir, "train", n_train, train_rng, image_size)[0], paths["train"])
+    eval_records, eval_questions = _write_split(out_dir, "eval", n_eval, eval_rng, image_size)
+    write_json(eval_records, paths["eval"])
+    write_json(_write_split(out_dir, "val", n_val, val_rng, image_size, frozenset(eval_questions))[0], paths["val"])
     write_json(meta, paths["meta"])
     return paths

@@ -76,3 +76,52 @@ def plot_controller(history: list[dict], path: str, convention: str | None = Non
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_ladder(rows: list[dict], comparisons: dict, path: str) -> str:
+    """Write the ablation ladder (the paper's Table 3 in miniature) as a PNG to ``path`` and return ``path``.
+
+    rows: one dict per rung, top to bottom, with "rung" (its label), "average" and "average_sd" (test accuracy,
+    mean and standard deviation over seeds, as fractions), "val" and "val_sd" (the same on the validation split).
+    comparisons: one entry per rung after the first, in order, each {"test": {...}, "val": {...}} with the
+    paired bootstrap's "mean", "lo", "hi" and "verdict" of that rung minus the one above (grace.demo.stats).
+    Left: the accuracies with their seed spread; right: each rung's difference with its 95% interval on both
+    splits, "better" or "worse" written above the resolved ones.
+
+    Raises:
+        ValueError: a comparison count other than len(rows) - 1.
+    """
+    if len(comparisons) != len(rows) - 1:
+        raise ValueError(f"need one comparison per rung after the first ({len(rows) - 1}), got {len(comparisons)}")
+    labels = [r["rung"] for r in rows]
+    x = list(range(len(rows)))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.4))
+    for offset, key, name in ((-0.18, "average", "test"), (0.18, "val", "validation")):
+        ax1.bar([i + offset for i in x], [100 * r[key] for r in rows], width=0.36, label=name,
+                yerr=[100 * r[f"{key}_sd"] for r in rows], capsize=3)
+    ax1.set_xticks(x, labels)
+    ax1.set_ylabel("accuracy, % (mean ± sd over seeds)")
+    lo = min(100 * min(r["average"], r["val"]) for r in rows)
+    ax1.set_ylim(max(0.0, lo - 10), 100)
+    ax1.set_title("the ladder of GRACE's parts", fontsize=10)
+    ax1.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    steps = list(comparisons.values())
+    for offset, split, color, name in ((-0.12, "test", "tab:blue", "test"), (0.12, "val", "tab:orange", "validation")):
+        for i, c in enumerate(steps, start=1):
+            d = c[split]
+            err = [[100 * (d["mean"] - d["lo"])], [100 * (d["hi"] - d["mean"])]]
+            ax2.errorbar(i + offset, 100 * d["mean"], yerr=err, fmt="o", color=color, capsize=3,
+                         label=name if i == 1 else None)
+            if d["verdict"] != "no resolved difference":   # an interval across zero speaks for itself
+                ax2.annotate(d["verdict"], (i + offset, 100 * d["hi"]), textcoords="offset points", xytext=(0, 4),
+                             ha="center", fontsize=7, color=color)
+    ax2.axhline(0, color="gray", linewidth=0.8)
+    ax2.set_xticks(range(1, len(rows)), labels[1:])
+    ax2.set_xlim(0.5, len(rows) - 0.5)
+    ax2.set_ylabel("rung - rung above, points (95% interval)")
+    ax2.set_title("what each part adds (paired bootstrap over questions and seeds)", fontsize=10)
+    ax2.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, frameon=False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

@@ -1,27 +1,33 @@
 """``grace demo`` (its options: :mod:`grace.cli.demo`): the whole GRACE method, end to end, on a synthetic task
-small enough for a laptop CPU.
+small enough for a laptop CPU, with the comparison rows of the paper's tables in miniature.
 
 1. Writes a synthetic visual question-answering task (``grace.demo.synthetic``: colored shapes in a 3 x 3
    grid, one cell per image token; the color of a named shape, the shape of a named color, how many
-   objects of a named color (one to six), the cell of a named color) in the LLaVA conversation format.
+   objects of a named color (one to six), the cell of a named color) in the LLaVA conversation format: a
+   training split, a test split (``eval.json``) and a validation split drawn apart from the test questions.
 2. Trains, from scratch and in full precision, a tiny LLaVA-1.5 teacher and a student of the same width
    and half its depth (``grace.demo.tiny.SIZES["demo-teacher"]`` and ``["demo-student"]``; language layers
    initialised heavy-tailed, Student-t at std 1 / sqrt(fan_in), as trained LLMs' weights are) on it, their
    random vision towers frozen. Both are trained once and cached: a second run reuses them.
-3. Makes INT4 (group 128) students four ways, as in the paper's tables: round-to-nearest PTQ of the
-   student, QAT only, QAT + naive KD (plain KL, no gate, no RCKA, fixed beta), and full GRACE. The three
-   trained methods run once per seed of ``DemoSettings.seeds`` (the seed sets their data order); RTN
-   has no randomness and runs once.
-4. Evaluates every model with batched greedy decoding on the held-out split; the QAT students are first
-   exported in the compressed-tensors pack-quantized format and loaded back as real INT4 (W4A16Linear)
-   models, so what is scored is what would be served.
-5. Prints the table (mean and spread over seeds), the differences GRACE - QAT only (paired by seed) and
-   GRACE - FP32 student (paired by question) with 95% intervals, and one sentence saying what the
-   numbers show; writes results.md, results.json and the controller plot of the first GRACE run.
+3. Continues the student in the runs of :data:`RUNS`, once per seed of ``DemoSettings.seeds`` (the seed sets the
+   data order; all runs of a seed draw the same batches, so the frozen teacher's outputs are computed once per
+   seed and replayed to the others: grace.objective.TeacherCache): the full-precision controls (the student
+   trained on for the same steps with CE alone, and with GRACE's losses but no quantization: the paper's
+   Table 1 and its reviewers' control), the INT4 students (QAT only, QAT + naive KD, GRACE) and an INT8 GRACE
+   student (the paper's Table 2). RTN rounds the student and has no randomness: it runs once.
+   With ``ablation``, also the component ladder of the paper's Table 3 (QAT, + DKD, + gate, + RCKA,
+   + controller = GRACE).
+4. Exports every trained student (INT4 and INT8 as compressed-tensors pack-quantized checkpoints, the
+   full-precision ones as plain checkpoints), loads it back as it would be served and scores it with batched
+   greedy decoding on the test and the validation split.
+5. Prints the table (mean and spread over seeds), the comparisons of :data:`COMPARISONS` on both splits, each
+   with a 95% interval of a paired bootstrap over questions and seeds (:mod:`grace.demo.stats`) and a verdict
+   only where the interval excludes zero, and what the numbers show; writes results.md, results.json, the
+   controller plot of the first GRACE run and, with ``ablation``, ablation.png.
 
 Reproducible: the same settings on the same machine and torch give the same table bit for bit (fixed
-thread count, deterministic algorithms, every initialisation and data order seeded; nothing depends on
-timing). Every stage writes into ``--out`` and is skipped when its result is already there with the same
+thread count, deterministic algorithms, every initialisation, data order and bootstrap seeded; nothing depends
+on timing). Every stage writes into ``--out`` and is skipped when its result is already there with the same
 settings, so an interrupted demo continues where it stopped.
 """
 
@@ -37,26 +43,64 @@ import time
 
 import torch
 
-from grace.config import TrainConfig
+from grace.config import TrainConfig, saved_settings
 from grace.io import write_json
 
 QUESTION_TYPES = ("color", "shape", "count", "position")
-INT4_METHODS = ("QAT only", "QAT + naive KD", "GRACE")
-_RUN_DIRS = {"QAT only": "qat", "QAT + naive KD": "qat-kd", "GRACE": "grace"}
+SPLITS = {"test": "eval", "val": "val"}   # the split's name in the report -> its file in the task (write_task)
 # Both models' language layers start heavy-tailed, as pretrained LLMs' weights are: from a Gaussian start the
 # toy student loses almost nothing to round-to-nearest INT4, and PTQ would have nothing to show (grace.demo.tiny).
 INIT = "heavy_tailed"
 
+# The models trained once per seed from the FP32 student: row name -> (run directory, weights, the changes to
+# the common configuration of _run_configs, which is the paper's GRACE). Everything else is shared: data,
+# steps, batch, learning rate.
+RUNS = {
+    "student + CE (same steps)": ("fp-ce", "FP32", {"bits": None, "kd": False, "rcka": False}),
+    "student + GRACE losses (unquantized)": ("fp-grace", "FP32", {"bits": None}),
+    "QAT only": ("qat", "INT4", {"kd": False, "rcka": False}),
+    "QAT + naive KD": ("qat-kd", "INT4", {"kd_type": "kl", "gate": False, "rcka": False, "adaptive_beta": False}),
+    "GRACE": ("grace", "INT4", {}),
+    "GRACE (INT8)": ("grace-int8", "INT8", {"bits": 8}),
+    # the ladder's middle rungs (--ablation): fixed beta until the controller's rung
+    "QAT + DKD": ("dkd", "INT4", {"gate": False, "rcka": False, "adaptive_beta": False}),
+    "QAT + DKD + gate": ("dkd-gate", "INT4", {"rcka": False, "adaptive_beta": False}),
+    "QAT + DKD + gate + RCKA": ("dkd-gate-rcka", "INT4", {"adaptive_beta": False}),
+}
+BASELINES = {"teacher (larger)": "FP32", "student": "FP32", "RTN (PTQ)": "INT4"}   # one model each, no seed
+# The main table's rows, in order.
+MAIN_ROWS = ("teacher (larger)", "student", "student + CE (same steps)", "student + GRACE losses (unquantized)",
+             "RTN (PTQ)", "QAT only", "QAT + naive KD", "GRACE", "GRACE (INT8)")
+# The paper's Table 3 ladder: each rung adds one of GRACE's parts to the one above (label, row of RUNS).
+LADDER = (("QAT", "QAT only"), ("+ DKD", "QAT + DKD"), ("+ gate", "QAT + DKD + gate"),
+          ("+ RCKA", "QAT + DKD + gate + RCKA"), ("+ controller", "GRACE"))
+# Every difference the demo reports, A - B, and what it measures.
+COMPARISONS = (
+    ("GRACE", "QAT only", "GRACE's distillation on top of QAT"),
+    ("GRACE", "QAT + naive KD", "GRACE against plain KD"),
+    ("QAT + naive KD", "QAT only", "plain KD on top of QAT"),
+    ("QAT only", "RTN (PTQ)", "what QAT recovers over rounding"),
+    ("GRACE", "student", "the INT4 GRACE student against its FP32 start"),
+    ("GRACE", "student + CE (same steps)", "against the FP32 student trained for the same steps"),
+    ("student + CE (same steps)", "student", "continued training alone"),
+    ("student + GRACE losses (unquantized)", "student + CE (same steps)", "GRACE's losses without quantization"),
+    ("GRACE", "student + GRACE losses (unquantized)", "what INT4 costs under the same losses"),
+    ("GRACE (INT8)", "GRACE", "INT8 against INT4"),
+)
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoSettings:
-    """What the demo trains and evaluates. ``n_eval_per_type`` held-out questions of each type (the eval split
-    has 4 x that many); ``n_qat_train`` of the ``n_train`` training samples feed the INT4 stages; the FP32
-    pretraining takes batches of ``pretrain_batch_size``, the INT4 stages of ``batch_size``; ``seeds``
-    are the INT4 runs' seeds; ``threads`` is torch's intra-op thread count (fixed: results depend on it)."""
+    """What the demo trains and evaluates. ``n_eval_per_type`` test questions of each type (the test split
+    has 4 x that many), ``n_val_per_type`` validation questions of each type; ``n_qat_train`` of the ``n_train``
+    training samples feed the runs of :data:`RUNS`; the FP32 pretraining takes batches of
+    ``pretrain_batch_size``, the runs of RUNS of ``batch_size``, for ``qat_steps`` steps; ``seeds`` are those
+    runs' seeds; ``threads`` is torch's intra-op thread count (fixed: results depend on it); ``replicates``
+    the bootstrap's."""
     n_train: int = 8000
     n_qat_train: int = 1000
     n_eval_per_type: int = 200
+    n_val_per_type: int = 200
     teacher_steps: int = 600
     student_steps: int = 600
     qat_steps: int = 200
@@ -68,20 +112,22 @@ class DemoSettings:
     seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     threads: int = 2
+    replicates: int = 10_000
     quick: bool = False
 
 
 FULL = DemoSettings()
 # CI's shortened run: every stage and file, a handful of steps, two seeds (accuracies are meaningless there).
-QUICK = DemoSettings(n_train=48, n_qat_train=48, n_eval_per_type=3, teacher_steps=3, student_steps=3, qat_steps=2,
-                     pretrain_batch_size=8, batch_size=8, eval_batch_size=12, seeds=(0, 1), quick=True)
+QUICK = DemoSettings(n_train=48, n_qat_train=48, n_eval_per_type=3, n_val_per_type=3, teacher_steps=3,
+                     student_steps=3, qat_steps=2, pretrain_batch_size=8, batch_size=8, eval_batch_size=12,
+                     seeds=(0, 1), replicates=1000, quick=True)
 
 # Seconds per unit of work on an idle 2-core x86 machine (2 threads), for the time-left estimate only: one
-# sample written, one sample encoded, one optimizer step of each kind, one INT4 run's export, one evaluated
+# sample written, one sample encoded, one optimizer step of each kind, one run's export, one evaluated
 # question, one model loaded (measured in a full run: results.json's timing.stages). Measured stages rescale
 # them as the demo runs.
 _COST = {"task": 0.001, "encode": 0.004, "teacher": 0.23, "student": 0.093, "int4": 0.07, "export": 2.5,
-         "eval": 0.0012, "load": 0.3, "report": 1.0}
+         "eval": 0.0012, "load": 0.3, "report": 3.0}
 
 
 def _log(msg: str) -> None:
@@ -152,10 +198,12 @@ def _quiet_transformers():
             hf_logging.enable_progress_bar()
 
 
-def _train_cached(cfg: TrainConfig, what: str, progress: bool) -> tuple[str, bool]:
+def _train_cached(cfg: TrainConfig, what: str, progress: bool, teacher_cache=None) -> tuple[str, bool]:
     """(final dir, cached): train unless ``cfg.output_dir`` already holds a finished run of exactly this
-    configuration; a run of this configuration that was interrupted resumes from its last checkpoint.
-    The trainer's own messages go to ``output_dir/log.txt``; its progress bar is labelled ``what``."""
+    configuration (its config.json read as :func:`grace.config.saved_settings` completes it, so a run saved
+    before a later option existed still counts); a run of this configuration that was interrupted resumes from
+    its last checkpoint. The trainer's own messages go to ``output_dir/log.txt``; its progress bar is labelled
+    ``what``; ``teacher_cache`` is handed to the trainer (grace.objective.TeacherCache)."""
     from grace.train import train
 
     cfg = dataclasses.replace(cfg, resume=True)
@@ -164,7 +212,7 @@ def _train_cached(cfg: TrainConfig, what: str, progress: bool) -> tuple[str, boo
     same = False
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
-            same = json.load(f) == json.loads(json.dumps(dataclasses.asdict(cfg)))
+            same = saved_settings(json.load(f)) == json.loads(json.dumps(dataclasses.asdict(cfg)))
         if not same:   # a run with other settings: the demo owns its directories, start over
             shutil.rmtree(cfg.output_dir)
     if same and os.path.exists(os.path.join(final, "student_state.pt")):
@@ -173,7 +221,7 @@ def _train_cached(cfg: TrainConfig, what: str, progress: bool) -> tuple[str, boo
     os.makedirs(cfg.output_dir, exist_ok=True)
     t0 = time.perf_counter()
     with open(os.path.join(cfg.output_dir, "log.txt"), "a") as log, contextlib.redirect_stdout(log):
-        train(cfg, progress=progress, desc=what)
+        train(cfg, progress=progress, desc=what, teacher_cache=teacher_cache)
     _log(f"{what}: {cfg.max_steps} steps in {time.perf_counter() - t0:.0f} s -> {cfg.output_dir}")
     return final, False
 
@@ -193,24 +241,22 @@ def _pretrain_config(s: DemoSettings, init: str, data: dict, out: str, steps: in
                        **_SMALL_DATA)
 
 
-def _qat_configs(s: DemoSettings, teacher: str, student: str, data: str, image_folder: str, out: str,
-                 seed: int) -> dict[str, TrainConfig]:
+def _run_configs(s: DemoSettings, names: list[str], teacher: str, student: str, data: str, image_folder: str,
+                 out: str, seed: int) -> dict[str, TrainConfig]:
+    """The TrainConfig of each run of ``names`` (keys of :data:`RUNS`) with ``seed``: the paper's GRACE at
+    group 128, changed as RUNS says."""
     base = TrainConfig(teacher=teacher, student=student, data=data, image_folder=image_folder,
                        bits=4, group_size=128, max_steps=s.qat_steps, batch_size=s.batch_size, grad_accum=1,
                        lr=s.qat_lr, warmup_ratio=0.05, save_every=max(1, s.qat_steps // 2), seed=seed,
                        device="cpu", max_length=128, **_SMALL_DATA)
-    runs = {   # the paper's ablation ladder (Tables 3 and 4); everything else at the paper's defaults
-        "QAT only": dict(kd=False, rcka=False),
-        "QAT + naive KD": dict(kd_type="kl", gate=False, rcka=False, adaptive_beta=False),
-        "GRACE": {},
-    }
-    return {name: dataclasses.replace(base, output_dir=os.path.join(out, f"{_RUN_DIRS[name]}-seed{seed}"), **kw)
-            for name, kw in runs.items()}
+    return {name: dataclasses.replace(base, output_dir=os.path.join(out, f"{RUNS[name][0]}-seed{seed}"),
+                                      **RUNS[name][2])
+            for name in names}
 
 
 def _qat_subset(data: dict, n: int) -> str:
-    """The first ``n`` training records as their own file: the INT4 stages see fewer samples than the
-    pretraining, and the trainer encodes its whole data file up front."""
+    """The first ``n`` training records as their own file: the runs from the FP32 student see fewer samples
+    than the pretraining, and the trainer encodes its whole data file up front."""
     path = os.path.join(os.path.dirname(data["train"]), f"train-first{n}.json")
     if not os.path.exists(path):
         with open(data["train"]) as f:
@@ -219,60 +265,79 @@ def _qat_subset(data: dict, n: int) -> str:
     return path
 
 
-def run_demo(out: str = "grace-demo", settings: DemoSettings = FULL, *, progress: bool = True) -> dict:
+def trained_runs(ablation: bool) -> list[str]:
+    """The rows of :data:`RUNS` a demo trains, in training order: the main table's, then (``ablation``) the
+    ladder's middle rungs."""
+    names = [n for n in MAIN_ROWS if n in RUNS]
+    if ablation:
+        names += [row for _, row in LADDER if row not in names]
+    return names
+
+
+def run_demo(out: str = "grace-demo", settings: DemoSettings = FULL, *, ablation: bool = False,
+             progress: bool = True) -> dict:
     """Run every stage; returns the results (also written to ``out/results.json``).
 
-    results.json: {"settings", "machine", "n_eval_per_type", "rows": [one per method: per-type and average
-    accuracy (mean over seeds), their sample standard deviations, "seeds", "weight_mb"], "comparisons",
-    "conclusion", "controller", "sample", "per_question": {model: "0101..."}, "timing"}. Everything but
-    "timing" is reproducible bit for bit. Raises ValueError for settings that cannot run.
+    results.json: {"settings", "machine", "n_questions": {split: count}, "rows": [one per row of MAIN_ROWS:
+    per-type test accuracy and the test and val averages (mean over seeds), their sample standard deviations,
+    "seeds", "weights", "weight_mb"], "comparisons": {"A - B": {"what", split: bootstrap interval with its
+    "verdict"}}, "ablation": null or {"rows", "comparisons"} (the ladder), "conclusion", "controller", "sample",
+    "per_question": {split: {model: "0101..."}}, "timing"}. Everything but "timing" is reproducible bit for bit.
+
+    Raises:
+        ValueError: settings that cannot run (no seeds or repeated ones, threads < 1, replicates < 100).
     """
     if not settings.seeds or len(set(settings.seeds)) != len(settings.seeds):
         raise ValueError(f"settings.seeds must be distinct seeds, at least one, got {settings.seeds}")
     if settings.threads < 1:
         raise ValueError(f"settings.threads must be >= 1, got {settings.threads}")
+    if settings.replicates < 100:
+        raise ValueError(f"settings.replicates must be >= 100, got {settings.replicates}")
     with _reproducible(settings.threads), _quiet_transformers():
-        return _run(out, settings, progress)
+        return _run(out, settings, ablation, progress)
 
 
-def _run(out: str, s: DemoSettings, progress: bool) -> dict:
+def _run(out: str, s: DemoSettings, ablation: bool, progress: bool) -> dict:
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from grace.demo.synthetic import IMAGE_SIZE, VOCAB, write_task
     from grace.demo.tiny import build_tiny_vlm
     from grace.evaluate import evaluate, generate
     from grace.export import export_run
-    from grace.load import load_int4_model
+    from grace.load import load_model
+    from grace.objective import TeacherCache
     from grace.quantize import rtn_int4_model
 
     t_start = time.perf_counter()
-    n_eval = 4 * s.n_eval_per_type
+    n_q = {"test": 4 * s.n_eval_per_type, "val": 4 * s.n_val_per_type}
     k = len(s.seeds)
-    n_models = 3 + len(INT4_METHODS) * k
+    names = trained_runs(ablation)
+    n_models = len(BASELINES) + len(names) * k
+    trained_stage = f"trained students: {len(names)} runs x {k} seeds"
+    eval_stage = f"evaluation: {n_models} models x {n_q['test']} test + {n_q['val']} validation questions"
 
     def encode(records, steps, batch):   # every run encodes each sample it draws once (_SMALL_DATA)
         return _COST["encode"] * min(records, steps * batch)
 
     stages = _Stages([
-        ("task", _COST["task"] * (s.n_train + n_eval)),
+        ("task", _COST["task"] * (s.n_train + sum(n_q.values()))),
         ("teacher pretraining (FP32)", encode(s.n_train, s.teacher_steps, s.pretrain_batch_size)
          + _COST["teacher"] * s.teacher_steps),
         ("student pretraining (FP32)", encode(s.n_train, s.student_steps, s.pretrain_batch_size)
          + _COST["student"] * s.student_steps),
-        (f"INT4 students: {len(INT4_METHODS)} methods x {k} seeds",
-         len(INT4_METHODS) * k * (encode(s.n_qat_train, s.qat_steps, s.batch_size) + _COST["int4"] * s.qat_steps
-                                  + _COST["export"])),
-        (f"evaluation: {n_models} models x {n_eval} questions", n_models * (_COST["eval"] * n_eval + _COST["load"])),
-        ("report", _COST["report"]),
+        (trained_stage, len(names) * k * (encode(s.n_qat_train, s.qat_steps, s.batch_size)
+                                          + _COST["int4"] * s.qat_steps + _COST["export"])),
+        (eval_stage, n_models * (_COST["eval"] * sum(n_q.values()) + _COST["load"])),
+        ("report", _COST["report"] * (2 if ablation else 1)),
     ])
     if s.quick:
         _log("--quick: a pipeline check with a few training steps per stage; its accuracies mean nothing")
     os.makedirs(out, exist_ok=True)
 
     stages.start("task")
-    data = write_task(os.path.join(out, "data"), s.n_train, n_eval, seed=s.seed)
-    _log(f"{s.n_train} training and {n_eval} held-out questions ({s.n_eval_per_type} per type) "
-         f"in {data['image_folder']}")
+    data = write_task(os.path.join(out, "data"), s.n_train, n_q["test"], seed=s.seed, n_val=n_q["val"])
+    _log(f"{s.n_train} training, {n_q['test']} test and {n_q['val']} validation questions (drawn apart from the "
+         f"test ones) in {data['image_folder']}")
     stages.done()
 
     inits = os.path.join(out, "init")
@@ -288,102 +353,110 @@ def _run(out: str, s: DemoSettings, progress: bool) -> dict:
             _pretrain_config(s, init_dir, data, os.path.join(out, dirname), steps), what, progress)
         stages.done(cached[size])
 
-    stages.start(f"INT4 students: {len(INT4_METHODS)} methods x {k} seeds")
+    stages.start(trained_stage)
     qat_data = _qat_subset(data, s.n_qat_train)
-    exports: dict[str, list[str]] = {m: [] for m in INT4_METHODS}
+    exports: dict[str, list[str]] = {n: [] for n in names}
     all_cached = True
     for i, seed in enumerate(s.seeds):
-        configs = _qat_configs(s, paths["teacher"], paths["student"], qat_data, data["image_folder"],
-                               os.path.join(out, "int4-train"), seed)
+        # All runs of this seed draw the same micro-batches: the teacher's outputs are computed by the first run
+        # that needs them and replayed to the others. A new seed draws new batches, so the cache starts empty.
+        teacher_cache = TeacherCache()
+        configs = _run_configs(s, names, paths["teacher"], paths["student"], qat_data, data["image_folder"],
+                               os.path.join(out, "runs"), seed)
         for j, (name, cfg) in enumerate(configs.items()):
             n = i * len(configs) + j + 1
-            final, was_cached = _train_cached(cfg, f"INT4 {name}, seed {seed} ({n}/{len(configs) * k})", progress)
+            final, was_cached = _train_cached(cfg, f"{name}, seed {seed} ({n}/{len(configs) * k})", progress,
+                                              teacher_cache)
             all_cached &= was_cached
-            target = os.path.join(out, "int4", os.path.basename(cfg.output_dir))
+            target = os.path.join(out, "models", os.path.basename(cfg.output_dir))
             if not (was_cached and os.path.exists(os.path.join(target, "config.json"))):
                 export_run(os.path.dirname(final), target, overwrite=True)
             exports[name].append(target)
     stages.done(all_cached)
 
-    stages.start(f"evaluation: {n_models} models x {n_eval} questions")
-    with open(data["eval"]) as f:
-        records = json.load(f)
+    stages.start(eval_stage)
+    records = {}
+    for split, file in SPLITS.items():
+        with open(data[file]) as f:
+            records[split] = json.load(f)
     processor = AutoProcessor.from_pretrained(paths["student"])
 
     def fp_model(path):
         return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
 
-    candidates = [("teacher (larger)", "FP32", None, lambda: fp_model(paths["teacher"])),
-                  ("student", "FP32", None, lambda: fp_model(paths["student"])),
-                  ("RTN (PTQ)", "INT4", None, lambda: rtn_int4_model(fp_model(paths["student"])))]
-    for name in INT4_METHODS:
-        candidates += [(name, "INT4", seed, lambda p=p: load_int4_model(p)[0])
-                       for seed, p in zip(s.seeds, exports[name], strict=True)]
+    candidates = [("teacher (larger)", None, lambda: fp_model(paths["teacher"])),
+                  ("student", None, lambda: fp_model(paths["student"])),
+                  ("RTN (PTQ)", None, lambda: rtn_int4_model(fp_model(paths["student"])))]
+    for name in names:
+        candidates += [(name, seed, lambda p=p: load_model(p)[0]) for seed, p in zip(s.seeds, exports[name],
+                                                                                   strict=True)]
     evals: dict[str, list[dict]] = {}
     timing = {"decode_tokens_per_s": {}}
-    for name, bits, seed, load in candidates:
+    for name, seed, load in candidates:
         model = load()
-        res = evaluate(model, processor, records, data["image_folder"], batch_size=s.eval_batch_size,
-                       max_new_tokens=4, progress=progress)
-        correct = "".join("1" if r["correct"] else "0" for r in res.predictions)
-        evals.setdefault(name, []).append({"bits": bits, "seed": seed, "correct": correct,
-                                           "weight_mb": res.weight_bytes / 2**20})
+        run = {"weights": BASELINES.get(name) or RUNS[name][1], "seed": seed, "correct": {}}
         label = name if seed is None else f"{name}, seed {seed}"
-        timing["decode_tokens_per_s"][label] = round(res.tokens_per_s, 1)
-        _log(f"evaluated {label}: {100 * res.accuracy:.1f}%")
+        for split in SPLITS:
+            res = evaluate(model, processor, records[split], data["image_folder"], batch_size=s.eval_batch_size,
+                           max_new_tokens=4, progress=progress)
+            run["correct"][split] = "".join("1" if r["correct"] else "0" for r in res.predictions)
+            run["weight_mb"] = res.weight_bytes / 2**20
+            if split == "test":
+                timing["decode_tokens_per_s"][label] = round(res.tokens_per_s, 1)
+        evals.setdefault(name, []).append(run)
+        _log(f"evaluated {label}: " + ", ".join(f"{split} {100 * _accuracy(c):.1f}%"
+                                                 for split, c in run["correct"].items()))
         del model
     stages.done()
 
     stages.start("report")
-    qtypes = [r["question_type"] for r in records]
-    rows = [_row(name, runs, qtypes) for name, runs in evals.items()]
-    comparisons = _comparisons(evals)
-    controller = _controller_summary([os.path.join(out, "int4-train", f"grace-seed{seed}") for seed in s.seeds])
-    conclusion = _conclusion(rows, comparisons, controller, s.quick)
-    shutil.copyfile(os.path.join(out, "int4-train", f"grace-seed{s.seeds[0]}", "controller.png"),
-                    os.path.join(out, "controller.png"))
-    sample = records[0]
-    int4, int4_processor = load_int4_model(exports["GRACE"][0])
+    qtypes = [r["question_type"] for r in records["test"]]
+    rows = [_row(name, evals[name], qtypes) for name in MAIN_ROWS]
+    comparisons = _comparisons(evals, [(a, b) for a, b, _ in COMPARISONS], s.replicates)
+    for (a, b, what) in COMPARISONS:
+        comparisons[f"{a} - {b}"] = {"what": what, **comparisons[f"{a} - {b}"]}
+    ladder = None
+    if ablation:
+        rungs = [_row(row, evals[row], qtypes) | {"rung": label} for label, row in LADDER]
+        steps = [(LADDER[i][1], LADDER[i - 1][1]) for i in range(1, len(LADDER))]
+        ladder = {"rows": rungs, "comparisons": _comparisons(evals, steps, s.replicates)}
+        for i, key in enumerate(ladder["comparisons"], start=1):
+            ladder["comparisons"][key]["what"] = f"{LADDER[i][0]} (rung {i + 1} - rung {i})"
+    grace_dirs = [os.path.join(out, "runs", f"{RUNS['GRACE'][0]}-seed{seed}") for seed in s.seeds]
+    controller = _controller_summary(grace_dirs)
+    conclusion = _conclusion(rows, comparisons, ladder, controller, s.quick)
+    shutil.copyfile(os.path.join(grace_dirs[0], "controller.png"), os.path.join(out, "controller.png"))
+    if ablation:
+        from grace.plots import plot_ladder
+
+        plot_ladder(ladder["rows"], ladder["comparisons"], os.path.join(out, "ablation.png"))
+    sample = records["test"][0]
+    int4, int4_processor = load_model(exports["GRACE"][0])
     question = sample["conversations"][0]["value"].replace("<image>", "").strip()
     answer = generate(int4, int4_processor or processor, os.path.join(data["image_folder"], sample["image"]), question)
     stages.done()
     timing["seconds"] = round(time.perf_counter() - t_start, 1)
     timing["stages"] = stages.seconds
-    result = {"settings": dataclasses.asdict(s), "machine": _machine(), "n_eval_per_type": s.n_eval_per_type,
-              "rows": rows, "comparisons": comparisons, "conclusion": conclusion, "controller": controller,
+    result = {"settings": dataclasses.asdict(s), "machine": _machine(), "n_questions": n_q,
+              "n_eval_per_type": s.n_eval_per_type, "rows": rows, "comparisons": comparisons, "ablation": ladder,
+              "conclusion": conclusion, "controller": controller,
               "sample": {"image": sample["image"], "question": question, "answer": answer, "truth": sample["answer"]},
-              "per_question": {f"{n}" if r["seed"] is None else f"{n}, seed {r['seed']}": r["correct"]
-                               for n, runs in evals.items() for r in runs},
+              "per_question": {split: {n if r["seed"] is None else f"{n}, seed {r['seed']}": r["correct"][split]
+                                       for n, runs in evals.items() for r in runs} for split in SPLITS},
               "timing": timing}
     report = _report(result)
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(result, os.path.join(out, "results.json"))
     with open(os.path.join(out, "results.md"), "w") as f:
         f.write(report + "\n")
     print("\n" + report + "\n")
-    print(f"INT4 GRACE student (seed {s.seeds[0]}), held-out image {sample['image']}:\n  Q: {question}\n"
+    print(f"INT4 GRACE student (seed {s.seeds[0]}), test image {sample['image']}:\n  Q: {question}\n"
           f"  A: {answer!r}   (ground truth: {sample['answer']!r})")
-    print(f"\nwritten: {out}/results.md, results.json, controller.png; INT4 models in {out}/int4/"
-          f"  ({timing['seconds']:.0f} s)")
+    written = "results.md, results.json, controller.png" + (", ablation.png" if ablation else "")
+    print(f"\nwritten: {out}/{written}; the trained students in {out}/models/  ({timing['seconds']:.0f} s)")
     return result
 
 
 # --- statistics -----------------------------------------------------------------------------------------------
-
-# Two-sided 95% quantiles of Student's t by degrees of freedom; the normal 1.96 beyond the table.
-_T95 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262, 10: 2.228,
-        15: 2.131, 20: 2.086, 30: 2.042, 60: 2.000, 120: 1.980}
-
-
-def _t95(df: int) -> float:
-    """The 97.5% quantile of Student's t with ``df`` degrees of freedom; between tabulated values the one of
-    the next smaller df (a slightly wider interval, never a narrower one); NaN for df < 1."""
-    if df < 1:
-        return math.nan
-    if df > max(_T95):
-        return 1.96
-    return _T95[max(d for d in _T95 if d <= df)]
-
 
 def _mean_sd(xs: list[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
@@ -392,87 +465,128 @@ def _mean_sd(xs: list[float]) -> tuple[float, float]:
     return m, sd
 
 
-def _interval(diffs: list[float]) -> dict:
-    """Mean of paired differences with its two-sided 95% t interval (df = n - 1); an empty interval
-    (lo = hi = mean) is reported as such, never widened."""
-    m, sd = _mean_sd(diffs)
-    half = _t95(len(diffs) - 1) * sd / math.sqrt(len(diffs)) if len(diffs) > 1 else math.nan
-    return {"mean": m, "lo": m - half, "hi": m + half, "n": len(diffs)}
-
-
 def _accuracy(correct: str, mask: list[bool] | None = None) -> float:
     picked = [c for c, keep in zip(correct, mask or [True] * len(correct), strict=True) if keep]
     return sum(c == "1" for c in picked) / len(picked) if picked else math.nan
 
 
 def _row(name: str, runs: list[dict], qtypes: list[str]) -> dict:
-    row = {"method": name, "bits": runs[0]["bits"], "seeds": [r["seed"] for r in runs],
+    """A table row: per-type accuracy on the test split and the test and val averages, each the mean over the
+    row's runs (its seeds) with the sample standard deviation."""
+    row = {"method": name, "weights": runs[0]["weights"], "seeds": [r["seed"] for r in runs],
            "weight_mb": runs[0]["weight_mb"]}
     for t in (*QUESTION_TYPES, "average"):
         mask = None if t == "average" else [q == t for q in qtypes]
-        row[t], row[f"{t}_sd"] = _mean_sd([_accuracy(r["correct"], mask) for r in runs])
+        row[t], row[f"{t}_sd"] = _mean_sd([_accuracy(r["correct"]["test"], mask) for r in runs])
+    row["val"], row["val_sd"] = _mean_sd([_accuracy(r["correct"]["val"]) for r in runs])
     return row
 
 
-def _comparisons(evals: dict[str, list[dict]]) -> dict:
-    """GRACE - QAT only: paired by seed (the two methods share each seed's data order; the spread is
-    the training runs' spread). GRACE - FP32 student: paired by question (GRACE's correctness averaged
-    over its seeds, minus the one student's), so it measures what quantization costs on these questions."""
-    grace = evals["GRACE"]
-    by_seed = _interval([_accuracy(g["correct"]) - _accuracy(q["correct"])
-                         for g, q in zip(grace, evals["QAT only"], strict=True)])
-    student = evals["student"][0]["correct"]
-    per_q = [sum(g["correct"][i] == "1" for g in grace) / len(grace) - (student[i] == "1")
-             for i in range(len(student))]
-    m, sd = _mean_sd(per_q)
-    half = 1.96 * sd / math.sqrt(len(per_q)) if len(per_q) > 1 else math.nan
-    return {"GRACE - QAT only": {**by_seed, "paired_by": "seed"},
-            "GRACE - student (FP32)": {"mean": m, "lo": m - half, "hi": m + half, "n": len(per_q),
-                                       "paired_by": "question"}}
+def _comparisons(evals: dict[str, list[dict]], pairs: list[tuple[str, str]], replicates: int) -> dict:
+    """For each (A, B) of ``pairs``, on each split: A - B with the paired bootstrap of grace.demo.stats over the
+    split's questions and the seeds (runs of one seed are paired: they share its data order; a model without
+    seeds pairs with every seed) and its verdict. Keys "A - B"."""
+    import numpy as np
+
+    from grace.demo.stats import paired_bootstrap, verdict
+
+    out = {}
+    for a, b in pairs:
+        entry = {}
+        for split in SPLITS:
+            mats = [np.array([[c == "1" for c in r["correct"][split]] for r in evals[m]], dtype=np.float64)
+                    for m in (a, b)]
+            c = paired_bootstrap(*mats, replicates=replicates, seed=0)
+            entry[split] = {**c, "verdict": verdict(c)}
+        out[f"{a} - {b}"] = entry
+    return out
 
 
 def _controller_summary(run_dirs: list[str]) -> dict:
     """What the GRACE runs' controller, gate and RCKA did, averaged over seeds: beta at the first and last
-    step and its range, the mean gate, and the last step's CE, GDKD and RCKA terms."""
+    step and its range, the mean gate, the last step's CE, GDKD and RCKA terms (RCKA over the steps that measured
+    it), and the KD convention GDKD and tau are on."""
     rows = []
     for d in run_dirs:
         with open(os.path.join(d, "metrics.jsonl")) as f:
             rows.append([json.loads(line) for line in f if line.strip()])
+    with open(os.path.join(run_dirs[0], "config.json")) as f:
+        cfg = TrainConfig(**saved_settings(json.load(f)))
 
     def avg(f):
         return sum(f(r) for r in rows) / len(rows)
+
+    def last_rcka(r):
+        measured = [x["rcka"] for x in r if x["rcka"] is not None]
+        return measured[-1] if measured else math.nan
 
     return {"beta_first": avg(lambda r: r[0]["beta"]), "beta_last": avg(lambda r: r[-1]["beta"]),
             "beta_min": min(x["beta"] for r in rows for x in r), "beta_max": max(x["beta"] for r in rows for x in r),
             "tau": rows[0][0]["tau"], "ema_gdkd_last": avg(lambda r: r[-1]["ema_gdkd"]),
             "gate_mean": avg(lambda r: sum(x["gate"] for x in r) / len(r)),
             "ce_last": avg(lambda r: r[-1]["ce"]), "gdkd_last": avg(lambda r: r[-1]["gdkd"]),
-            "rcka_last": avg(lambda r: r[-1]["rcka"])}
+            "rcka_last": avg(last_rcka), "convention": cfg.kd_convention()}
 
 
-def _verdict(c: dict) -> str:
-    if c["lo"] > 0:
-        return "better"
-    if c["hi"] < 0:
-        return "worse"
-    return "not distinguishable"
+def _points(c: dict) -> str:
+    return f"{100 * c['mean']:+.1f} [{100 * c['lo']:+.1f}, {100 * c['hi']:+.1f}]"
 
 
-def _conclusion(rows: list[dict], comparisons: dict, ctl: dict, quick: bool) -> str:
+def _both(c: dict) -> str:
+    """A comparison on both splits, in words: "test +2.1 [+0.4, +3.9] better; val +1.6 [-0.2, +3.3] no resolved
+    difference"."""
+    return "; ".join(f"{split} {_points(c[split])} {c[split]['verdict']}" for split in SPLITS)
+
+
+def _findings(comparisons: dict) -> tuple[list[str], list[str], list[str]]:
+    """The comparisons split three ways: resolved the same way on every split (a finding), resolved on some
+    split only, resolved on none."""
+    found, partial, none = [], [], []
+    for key, c in comparisons.items():
+        verdicts = {c[split]["verdict"] for split in SPLITS}
+        if len(verdicts) == 1 and verdicts != {"no resolved difference"}:
+            found.append(f"{key}: {verdicts.pop()}")
+        elif verdicts != {"no resolved difference"}:
+            partial.append(key)
+        else:
+            none.append(key)
+    return found, partial, none
+
+
+def _conclusion(rows: list[dict], comparisons: dict, ladder: dict | None, ctl: dict, quick: bool) -> str:
+    """What the numbers show, whichever way they fall: GRACE against QAT only on both splits; every comparison
+    resolved the same way on test and validation (the findings), those resolved on one split only (not findings)
+    and those resolved on none; with the ladder, which of GRACE's parts helped, hurt or showed nothing; and what
+    the controller did."""
     by = {r["method"]: r for r in rows}
-    vs_qat, vs_fp = comparisons["GRACE - QAT only"], comparisons["GRACE - student (FP32)"]
+    vs_qat = comparisons["GRACE - QAT only"]
     p = 100
-    text = (f"INT4 GRACE averaged {p * by['GRACE']['average']:.1f}% against {p * by['QAT only']['average']:.1f}% "
-            f"for QAT only ({p * vs_qat['mean']:+.1f} points, 95% interval [{p * vs_qat['lo']:+.1f}, "
-            f"{p * vs_qat['hi']:+.1f}] over {vs_qat['n']} seeds: {_verdict(vs_qat)}) and "
-            f"{p * by['student']['average']:.1f}% for the FP32 student ({p * vs_fp['mean']:+.1f} points, "
-            f"[{p * vs_fp['lo']:+.1f}, {p * vs_fp['hi']:+.1f}] over {vs_fp['n']} questions: {_verdict(vs_fp)}).")
-    if vs_qat["lo"] <= 0:
-        text += (f" GRACE did not beat QAT only here: its controller moved beta from {ctl['beta_first']:.3f} to "
-                 f"{ctl['beta_last']:.3f} (EMA of GDKD {ctl['ema_gdkd_last']:.3f} against tau {ctl['tau']}), the gate "
-                 f"kept {ctl['gate_mean']:.2f} of the tokens' distillation weight on average, and at the last step "
-                 f"RCKA was {ctl['rcka_last']:.3f} next to CE {ctl['ce_last']:.3f} and GDKD {ctl['gdkd_last']:.3f} "
-                 f"(controller.png).")
+    text = (f"INT4 GRACE scored {p * by['GRACE']['average']:.1f}% on the test split and {p * by['GRACE']['val']:.1f}% "
+            f"on the validation split, QAT only {p * by['QAT only']['average']:.1f}% and "
+            f"{p * by['QAT only']['val']:.1f}% (GRACE - QAT only, points with 95% interval over questions and "
+            f"seeds: {_both(vs_qat)}).")
+    found, partial, none = _findings(comparisons)
+    text += (" Resolved the same way on both splits: " + "; ".join(found) + "." if found
+             else " No comparison is resolved the same way on both splits.")
+    if partial:
+        text += " Resolved on one split only, so not a finding: " + "; ".join(partial) + "."
+    if none:
+        text += " No resolved difference on either split: " + "; ".join(none) + "."
+    if ladder is not None:
+        parts = {"helped": [], "hurt": [], "showed no resolved effect": []}
+        for c in ladder["comparisons"].values():
+            label = c["what"].split(" (")[0]
+            verdicts = {c[split]["verdict"] for split in SPLITS}
+            kind = ("helped" if verdicts == {"better"} else "hurt" if verdicts == {"worse"}
+                    else "showed no resolved effect")
+            parts[kind].append(label.lstrip("+ "))
+        text += " On the ladder of GRACE's parts (each rung against the one above, both splits): " + "; ".join(
+            f"{', '.join(v)} {k}" for k, v in parts.items() if v) + "."
+    text += (f" GRACE's controller ({ctl['convention']}) moved beta from {ctl['beta_first']:.3f} to "
+             f"{ctl['beta_last']:.3f} (EMA of GDKD {ctl['ema_gdkd_last']:.3f} at the end), the gate kept "
+             f"{ctl['gate_mean']:.2f} of the tokens' distillation weight on average, and at the last step RCKA was "
+             f"{ctl['rcka_last']:.3f} next to CE {ctl['ce_last']:.3f} and GDKD {ctl['gdkd_last']:.3f} "
+             "(controller.png).")
     if quick:
         text = "Pipeline check only (--quick), these numbers mean nothing: " + text
     return text
@@ -480,29 +594,46 @@ def _conclusion(rows: list[dict], comparisons: dict, ctl: dict, quick: bool) -> 
 
 # --- output ---------------------------------------------------------------------------------------------------
 
-def _report(result: dict) -> str:
-    s = result["settings"]
-    k = len(s["seeds"])
-    lines = []
-    if s["quick"]:
-        lines += ["**Pipeline check (--quick): a few training steps per stage; these numbers mean nothing.**", ""]
-    lines += [f"Accuracy in % (exact match, greedy decoding) on {result['n_eval_per_type']} held-out questions per "
-              f"type ({4 * result['n_eval_per_type']} in all). INT4 QAT rows: mean ± standard deviation over {k} "
-              f"seeds ({', '.join(map(str, s['seeds']))}); RTN is deterministic (one run). Weight MB: every "
-              "parameter and buffer of the model as served (the vision tower, projector, embeddings and LM head "
-              "stay FP32; INT4 layers count their packed 4-bit weights and scales).", ""]
-    head = "| method | weights | " + " | ".join(QUESTION_TYPES) + " | average | weight MB |"
-    lines += [head, "|" + "---|" * (len(QUESTION_TYPES) + 4)]
-    for r in result["rows"]:
+def _table(rows: list[dict], first: str = "method") -> list[str]:
+    head = f"| {first} | weights | " + " | ".join(QUESTION_TYPES) + " | test average | val average | weight MB |"
+    lines = [head, "|" + "---|" * (len(QUESTION_TYPES) + 5)]
+    for r in rows:
         def cell(t, r=r):
             v, sd = 100 * r[t], 100 * r[f"{t}_sd"]
             return f"{v:.1f} ± {sd:.1f}" if len(r["seeds"]) > 1 else f"{v:.1f}"
         accs = " | ".join(cell(t) for t in QUESTION_TYPES)
-        lines.append(f"| {r['method']} | {r['bits']} | {accs} | {cell('average')} | {r['weight_mb']:.2f} |")
-    lines.append("")
-    for name, c in result["comparisons"].items():
-        lines.append(f"- {name}: {100 * c['mean']:+.1f} points, 95% interval [{100 * c['lo']:+.1f}, "
-                     f"{100 * c['hi']:+.1f}] (paired by {c['paired_by']}, n = {c['n']})")
+        name = r.get("rung", r["method"])
+        lines.append(f"| {name} | {r['weights']} | {accs} | {cell('average')} | {cell('val')} | "
+                     f"{r['weight_mb']:.2f} |")
+    return lines
+
+
+def _comparison_lines(comparisons: dict) -> list[str]:
+    return [f"- {key} ({c['what']}): {_both(c)}" for key, c in comparisons.items()]
+
+
+def _report(result: dict) -> str:
+    s = result["settings"]
+    k = len(s["seeds"])
+    n = result["n_questions"]
+    lines = []
+    if s["quick"]:
+        lines += ["**Pipeline check (--quick): a few training steps per stage; these numbers mean nothing.**", ""]
+    lines += [f"Accuracy in % (exact match, greedy decoding) on {result['n_eval_per_type']} test questions per "
+              f"type ({n['test']} in all) and on {n['val']} validation questions drawn apart from them. Trained "
+              f"rows: mean ± standard deviation over {k} seeds ({', '.join(map(str, s['seeds']))}), each run "
+              f"{s['qat_steps']} steps from the FP32 student; the teacher, the student and RTN are one model each. "
+              "Weight MB: every parameter and buffer of the model as served (the vision tower, projector, "
+              "embeddings and LM head stay FP32; INT4 and INT8 layers count their packed weights and scales).", ""]
+    lines += _table(result["rows"])
+    lines += ["", f"Differences A - B in points, 95% interval of a paired bootstrap over questions and seeds "
+                  f"({s['replicates']} replicates); \"better\" or \"worse\" only where the interval excludes zero:", ""]
+    lines += _comparison_lines(result["comparisons"])
+    if result.get("ablation"):
+        lines += ["", "The ladder of GRACE's parts (the paper's Table 3): each rung adds one part to the rung above "
+                      "(fixed beta until the controller's rung).", ""]
+        lines += _table(result["ablation"]["rows"], first="rung")
+        lines += [""] + _comparison_lines(result["ablation"]["comparisons"])
     lines += ["", result["conclusion"]]
     return "\n".join(lines)
 

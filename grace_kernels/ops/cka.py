@@ -184,7 +184,8 @@ def cka(student_feats: torch.Tensor, teacher_feats: torch.Tensor, *,
     wrong ranks, student/teacher token counts or devices that differ, a zero feature dimension, B = 0,
     no token in the batch, and a cu_seqlens that is not 1-D, not on the CPU or the features' device,
     not starting at 0, decreasing, or not ending at total_tokens. The value checks of cu_seqlens cost one
-    host sync (none for a CPU cu_seqlens) and are skipped while torch.compile traces.
+    host sync (none for a CPU cu_seqlens); under torch.compile the op checks the same rules at run time,
+    with one combined message.
     """
     return _run(student_feats, teacher_feats, cu_seqlens)[0]
 

@@ -12,7 +12,7 @@ import torch
 from grace_kernels.ops import _kd_core
 from grace_kernels.ops._input_checks import check_finite_number, check_floating, check_same_device
 from grace_kernels.ops._kd_core import default_chunk_size  # noqa: F401  (public: grace_kernels.default_chunk_size)
-from grace_kernels.ops.gated_dkd import check_kd_args
+from grace_kernels.ops.gated_dkd import check_kd_args, check_target_values
 
 
 class FusedGraceLossOutput(NamedTuple):
@@ -47,6 +47,9 @@ def _fused_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (stats, d hidden, d weight, d bias); gradients are empty tensors when not computed."""
     n, vs = student_hidden.shape[0], student_weight.shape[0]
+    vt = (None if kd_weight == 0.0 else teacher_logits.shape[1] if teacher_logits is not None
+          else teacher_weight.shape[0])
+    check_target_values(target, vs, vt, ignore_index)
     dev = student_hidden.device
     # One float32 copy of a half-precision head on CPUs, never one per chunk.
     ws = student_weight if (dev.type == "cuda" or student_weight.dtype == torch.float32) else student_weight.float()

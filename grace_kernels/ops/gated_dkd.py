@@ -51,6 +51,12 @@ def check_kd_args(n: int, target: torch.Tensor, vs: int, vt: int | None, *, temp
     check_finite_number("nckd_weight", nckd_weight)
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+
+
+def check_target_values(target: torch.Tensor, vs: int, vt: int | None, ignore_index: int) -> None:
+    """ValueError unless every target is in [0, Vc) or ignore_index. Called inside the ops' implementations,
+    which run on real tensors in eager mode and inside compiled graphs alike (torch.compile traces only their
+    fake implementations), so the rule holds the same under torch.compile."""
     # Targets index both vocabularies' logits: beyond the common one there is no teacher logit.
     vc = vs if vt is None else min(vs, vt)
     if values_visible(target):
@@ -67,6 +73,7 @@ def _gated_dkd_op(student_logits: torch.Tensor, teacher_logits: torch.Tensor, ta
                   kd_type: str, ignore_index: int, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """Returns (stats [len(STATS)] float32, d loss / d student_logits or an empty tensor)."""
     n, vs = student_logits.shape
+    check_target_values(target, vs, teacher_logits.shape[1], ignore_index)
     grad = torch.empty_like(student_logits) if compute_grad else student_logits.new_empty(0)
 
     def put(lo, hi, g):

@@ -88,6 +88,8 @@ def _check_scale_dtype(scale_dtype: torch.dtype | None) -> None:
 @torch.library.custom_op("grace_kernels::lsq_fake_quant", mutates_args=())
 def _lsq_fake_quant_op(weight: torch.Tensor, log_scale: torch.Tensor, bits: int, group_size: int,
                        grad_scale: float, scale_dtype: torch.dtype | None) -> torch.Tensor:
+    # Here, not in the wrapper: an op's implementation runs on real tensors inside compiled graphs too.
+    _check_values(weight, log_scale)
     if select_backend("lsq_fake_quant", weight.device) == "triton":
         from grace_kernels.triton import lsq as tri
 
@@ -163,12 +165,12 @@ def lsq_fake_quant(
         group size outside {32, 64, 128, 256}, a log_scale of the wrong shape or on another device, NaN/Inf in
         the weight, and a log_scale that is NaN, infinite or outside [-87, 88] (where exp(log_scale) is no
         longer a normal float32 > 0: the group would quantize to 0 or NaN). The value checks share one reduction
-        per tensor and one host sync, and are skipped while torch.compile traces and on fake/meta tensors.
+        per tensor and one host sync. lsq_fake_quant runs them inside its op, so they hold under torch.compile
+        too; lsq_quantize and lsq_init_log_scale (export and init, not compiled) skip them while it traces.
     """
     _check_weight(weight, bits, group_size)
     _check_log_scale(weight, log_scale, group_size)
     _check_scale_dtype(scale_dtype)
-    _check_values(weight, log_scale)
     gs = ref.default_grad_scale(group_size, bits) if grad_scale is None else float(grad_scale)
     return _lsq_fake_quant_op(weight.contiguous(), log_scale.contiguous(), bits, group_size, gs, scale_dtype)
 

@@ -42,18 +42,22 @@ import tempfile
 import torch
 from torch import nn
 
+from grace.families import family_of
 from grace.io import read_json
 from grace.load import DTYPES, final_dir, load_student, read_quantization, safetensors_keys
-from grace.naming import adopt_checkpoint_layout, linear_names, matches_ignore, module_checkpoint_names
+from grace.naming import (
+    adopt_checkpoint_layout,
+    checkpoint_names,
+    linear_names,
+    matches_ignore,
+    module_checkpoint_names,
+)
 from grace.quantize import replace_module
-from grace.schemes import COMPRESSED_TENSORS_VERSION, Scheme, scheme_for_bits  # noqa: F401
+from grace.schemes import Scheme, scheme_for_bits
 from grace_kernels.nn import QuantLinear
 
 logger = logging.getLogger(__name__)
 
-# Family-level ignore patterns (llm-compressor's VLM recipes write these): the vision tower, the
-# projector (LLaVA's multi_modal_projector; Qwen2-VL's merger sits inside ``visual``) and the LM head.
-FAMILY_IGNORE = ("re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*visual.*", "re:.*lm_head$")
 
 
 # --------------------------------------------------------------------------- export
@@ -63,23 +67,25 @@ def _suffix_pattern(name: str) -> str:
     return f"re:(.*\\.)?{re.escape(name)}$"
 
 
-def ignore_patterns(full: list[tuple[str, str]], quantized: list[tuple[str, str]]) -> list[str]:
-    """The ``ignore`` list for a model whose full-precision linears are ``full`` and whose INT4
+def ignore_patterns(full: list[tuple[str, str]], quantized: list[tuple[str, str]], *,
+                    family_patterns: tuple[str, ...]) -> list[str]:
+    """The ``ignore`` list for a model whose full-precision linears are ``full`` and whose quantized
     linears are ``quantized``, each given as (in-memory name, on-disk name).
 
-    The family patterns of :data:`FAMILY_IGNORE` that cover a full-precision linear and no INT4 one
-    come first. Each full-precision linear they leave uncovered gets the shortest pattern on the end of
-    its name (starting at a component that is not a layer index) that matches its in-memory and
-    on-disk names and no INT4 linear: names differ between clients only at the front
+    The family's patterns (``family_patterns``: :meth:`grace.families.Family.ignore_patterns`, in the style
+    of llm-compressor's VLM recipes) that cover a full-precision linear and no quantized one come first.
+    Each full-precision linear they leave uncovered gets the shortest pattern on the end of its name
+    (starting at a component that is not a layer index) that matches its in-memory and on-disk names
+    and no quantized linear: names differ between clients only at the front
     (``model.language_model.`` in memory, ``language_model.model.`` on disk and in vLLM), so a
     pattern on the end matches under every naming.
 
     Raises:
-        ValueError: no pattern separates some full-precision linear from the INT4 ones (a model whose
-            names only differ at the front), or the result does not leave exactly the INT4 linears.
+        ValueError: no pattern separates some full-precision linear from the quantized ones (a model whose
+            names only differ at the front), or the result does not leave exactly the quantized linears.
     """
     q_names = [n for pair in quantized for n in pair]
-    ignore = [p for p in FAMILY_IGNORE
+    ignore = [p for p in family_patterns
               if any(matches_ignore(n, [p]) for pair in full for n in pair)
               and not any(matches_ignore(n, [p]) for n in q_names)]
     for pair in full:
@@ -135,18 +141,27 @@ def source_checkpoint(run_dir: str, final: str) -> str | None:
 
 
 def _adopt_source_layout(model: nn.Module, run_dir: str, final: str) -> None:
-    """Give ``model`` the tensor names of the checkpoint the run started from; when that cannot be read,
-    keep transformers' default names and say so (a warning: the export itself is still correct)."""
+    """Give ``model`` the tensor names of the checkpoint the run started from, in the family's Hub layout
+    (:meth:`grace.families.Family.hub_checkpoint_keys`: for LLaVA the llava-hf names vLLM maps, whichever
+    layout transformers saved the student in); when that checkpoint cannot be read, transformers' default
+    names in that layout, and a warning (the export itself is still correct)."""
+    family = family_of(model.config)
     source = source_checkpoint(run_dir, final)
+    keys = None
     if source is None:
         logger.warning("export: the run names no student checkpoint that still exists; writing transformers' "
                        "default tensor names")
-        return
-    try:
-        adopt_checkpoint_layout(model, safetensors_keys(source))
-    except ValueError as e:
-        logger.warning("export: cannot read the student checkpoint's tensor names (%s); writing "
-                       "transformers' default tensor names", e)
+    else:
+        try:
+            keys = safetensors_keys(source)
+        except ValueError as e:
+            logger.warning("export: cannot read the student checkpoint's tensor names (%s); writing "
+                           "transformers' default tensor names", e)
+    if keys is None:
+        keys = list(checkpoint_names(model, list(model.state_dict())).values())
+    hub = family.hub_checkpoint_keys(keys)
+    if source is not None or hub != keys:
+        adopt_checkpoint_layout(model, hub)
 
 
 def _checkpoint_scales(layer: nn.Module, name: str, dtype: str | None) -> None:
@@ -241,7 +256,8 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
     if scheme.quantized:
         full = linear_names(model)   # the quantized ones are served layers now, no longer nn.Linear
         names = module_checkpoint_names(model, full + quantized)
-        ignore = ignore_patterns([(n, names[n]) for n in full], [(n, names[n]) for n in quantized])
+        ignore = ignore_patterns([(n, names[n]) for n in full], [(n, names[n]) for n in quantized],
+                                 family_patterns=family_of(model.config).ignore_patterns())
         qconfig = scheme.checkpoint_config(group_size=q["group_size"], ignore=ignore)
     _write_model_dir(model, processor, qconfig, out_dir)
     return out_dir

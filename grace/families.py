@@ -8,6 +8,8 @@ built from their configs (grace.demo.tiny); the three Qwen families share one la
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
+import re
 
 import torch
 from torch import nn
@@ -15,9 +17,50 @@ from torch import nn
 
 @dataclasses.dataclass(frozen=True)
 class Family:
+    """One model family: where its parts live and which of its linears stay in full precision.
+
+    Attributes:
+        name: the family's name (``llava``, ``qwen2_vl`` ...).
+        model_types: the ``config.model_type`` values it covers.
+        vision_attr: the attribute of ``model.model`` holding the vision encoder.
+        full_precision: fnmatch patterns over in-memory module names kept in full precision (the paper
+            quantizes the language model's linears only): training never quantizes them and an export's
+            ``ignore`` list is written from them (:meth:`ignore_patterns`).
+        language_model: the qualified name of the language model (the decoder stack and its norms), the
+            default set of modules a scheme quantizes.
+        vision_checkpoint_prefix: for families whose vision tower transformers saves under two layouts, the
+            on-disk prefix of the Hub layout (llava-hf's ``vision_tower.vision_model.``), which vLLM's weight
+            mapper expects; an export writes it (:meth:`hub_checkpoint_keys`). None: one layout only.
+    """
+
     name: str
     model_types: tuple[str, ...]
-    vision_attr: str          # attribute of model.model holding the vision encoder
+    vision_attr: str
+    full_precision: tuple[str, ...]
+    language_model: str = "model.language_model"
+    vision_checkpoint_prefix: str | None = None
+
+    def is_full_precision(self, module_name: str) -> bool:
+        return any(fnmatch.fnmatchcase(module_name, p) for p in self.full_precision)
+
+    def ignore_patterns(self) -> tuple[str, ...]:
+        """:attr:`full_precision` as compressed-tensors / vLLM ``ignore`` entries (``re:`` + ``re.match``
+        pattern): ``*vision_tower*`` -> ``re:.*vision_tower.*``, ``*lm_head`` -> ``re:.*lm_head$``."""
+        out = []
+        for glob in self.full_precision:
+            body = ".*".join(re.escape(part) for part in glob.split("*"))
+            out.append("re:" + body + ("" if glob.endswith("*") else "$"))
+        return tuple(out)
+
+    def hub_checkpoint_keys(self, keys: list[str]) -> list[str]:
+        """``keys`` (on-disk tensor names) renamed to the family's Hub layout: a vision-tower tensor
+        ``vision_tower.<rest>`` becomes ``<vision_checkpoint_prefix><rest>`` (names already in that layout,
+        and every other name, unchanged)."""
+        if self.vision_checkpoint_prefix is None:
+            return list(keys)
+        tower = self.vision_attr + "."
+        return [self.vision_checkpoint_prefix + k.removeprefix(tower)
+                if k.startswith(tower) and not k.startswith(self.vision_checkpoint_prefix) else k for k in keys]
 
     def backbone(self, model: nn.Module) -> nn.Module:
         """The module whose forward returns hidden states (never logits)."""
@@ -31,7 +74,7 @@ class Family:
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         """The language model's transformer blocks: the units FSDP shards one by one."""
-        return model.model.language_model.layers
+        return model.get_submodule(self.language_model).layers
 
     def image_token_id(self, config) -> int:
         for name in ("image_token_id", "image_token_index"):
@@ -70,11 +113,14 @@ class Family:
         return int(getattr(config, "text_config", config).vocab_size)
 
 
+# Qwen's patch merger (and Qwen3-VL's deepstack mergers) sit inside ``visual``; LLaVA's projector does not.
+_QWEN_FULL_PRECISION = ("*visual*", "*lm_head")
 FAMILIES = (
-    Family("llava", ("llava",), "vision_tower"),
-    Family("qwen2_vl", ("qwen2_vl",), "visual"),
-    Family("qwen2_5_vl", ("qwen2_5_vl",), "visual"),
-    Family("qwen3_vl", ("qwen3_vl",), "visual"),
+    Family("llava", ("llava",), "vision_tower", ("*vision_tower*", "*multi_modal_projector*", "*lm_head"),
+           vision_checkpoint_prefix="vision_tower.vision_model."),
+    Family("qwen2_vl", ("qwen2_vl",), "visual", _QWEN_FULL_PRECISION),
+    Family("qwen2_5_vl", ("qwen2_5_vl",), "visual", _QWEN_FULL_PRECISION),
+    Family("qwen3_vl", ("qwen3_vl",), "visual", _QWEN_FULL_PRECISION),
 )
 
 

@@ -12,36 +12,23 @@ from grace_kernels.nn import QuantLinear
 
 log = logging.getLogger(__name__)
 
-# The paper keeps the vision encoder in BF16 and quantizes every linear layer of the LLM
-# backbone; the multimodal projector and the LM head stay in full precision too.
-DEFAULT_EXCLUDE = ("*vision_tower*", "*visual*", "*multi_modal_projector*", "*merger*", "lm_head", "*.lm_head")
-
-
-def language_backbone_prefix(model: nn.Module) -> str:
-    """Qualified name of the language model inside a Hugging Face VLM (transformers >= 4.52 layout:
-    ``model.language_model``; older releases: ``language_model``), or "" for a plain LM."""
-    for name in ("model.language_model", "language_model", "model"):
-        try:
-            model.get_submodule(name)
-        except AttributeError:
-            continue
-        return name
-    return ""
-
-
 def select_linears(model: nn.Module, *, group_size: int, include: list[str] | None = None,
                    exclude: list[str] | None = None) -> list[tuple[str, nn.Linear]]:
-    """The (name, nn.Linear) pairs GRACE quantizes: by default every linear layer of the language backbone
-    (see :func:`language_backbone_prefix`), never the vision tower, projector/merger or LM head.
+    """The (name, nn.Linear) pairs GRACE quantizes: by default every linear layer of the family's language
+    model (:attr:`Family.language_model`), never one the family keeps in full precision
+    (:attr:`Family.full_precision`: the vision tower, projector/merger and LM head), as the paper does.
 
     Raises:
-        ValueError: nothing matched, or a selected layer's in_features is not a multiple of
-            ``group_size`` (every offender named; checked before anything is changed).
+        ValueError: a model of no supported family with ``include`` or ``exclude`` left to the family;
+            nothing matched; or a selected layer's in_features is not a multiple of ``group_size``
+            (every offender named; checked before anything is changed).
     """
-    if include is None:
-        prefix = language_backbone_prefix(model)
-        include = [f"{prefix}.*"] if prefix else ["*"]
-    exclude = list(DEFAULT_EXCLUDE if exclude is None else exclude)
+    if include is None or exclude is None:
+        from grace.families import family_of
+
+        family = family_of(getattr(model, "config", None))
+        include = [f"{family.language_model}.*"] if include is None else include
+        exclude = list(family.full_precision) if exclude is None else exclude
 
     def selected(name: str) -> bool:
         return (any(fnmatch.fnmatchcase(name, p) for p in include)
@@ -86,9 +73,10 @@ def quantize_model(
     """Replace selected nn.Linear modules of ``model`` by :class:`QuantLinear`, in place.
 
     Args:
-        include: fnmatch patterns over qualified module names; default: everything under the
-            language backbone (see :func:`language_backbone_prefix`).
-        exclude: patterns never quantized; default: vision tower, projector/merger, LM head.
+        include: fnmatch patterns over qualified module names; default: everything under the family's
+            language model (:attr:`grace.families.Family.language_model`).
+        exclude: patterns never quantized; default: the family's :attr:`~grace.families.Family.full_precision`
+            (vision tower, projector/merger, LM head).
         method, scale_dtype: passed to :meth:`QuantLinear.from_linear`.
 
     Returns:
@@ -99,15 +87,15 @@ def quantize_model(
             ``group_size`` (named; checked for every layer before anything is swapped).
     """
     targets = select_linears(model, group_size=group_size, include=include, exclude=exclude)
-    exclude = list(DEFAULT_EXCLUDE if exclude is None else exclude)
     for name, lin in targets:
         quant = QuantLinear.from_linear(lin, bits, group_size, method=method, scale_dtype=scale_dtype)
         replace_module(model, name, quant)
     names = [n for n, _ in targets]
     model.grace_quantized_modules = names
     n_params = sum(lin.weight.numel() for _, lin in targets)
+    kept = [n for n, m in model.named_modules() if type(m) is nn.Linear]
     msg = (f"quantize_model: {len(names)} linear layers ({n_params / 1e6:.2f}M weights) -> INT{bits} LSQ, "
-           f"group {group_size}; kept in full precision: {', '.join(exclude)}")
+           f"group {group_size}; {len(kept)} kept in full precision")
     log.info(msg)
     if verbose:
         print(msg)

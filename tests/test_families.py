@@ -33,3 +33,36 @@ def test_qwen_images_follow_their_grids(model_type):
 def test_every_family_is_listed_once():
     types = [t for f in FAMILIES for t in f.model_types]
     assert len(types) == len(set(types)) and "qwen3_vl" in types
+
+
+NAMES = ["model.vision_tower.encoder.layers.0.mlp.fc1", "model.multi_modal_projector.linear_1", "lm_head",
+         "model.visual.blocks.0.attn.qkv", "model.visual.merger.mlp.0",
+         "model.visual.deepstack_merger_list.0.linear_fc1",
+         "model.language_model.layers.0.self_attn.q_proj", "model.language_model.layers.3.mlp.down_proj",
+         "language_model.lm_head", "vision_tower.vision_model.encoder.layers.0.self_attn.k_proj"]
+
+
+@pytest.mark.parametrize("family", FAMILIES, ids=lambda f: f.name)
+def test_full_precision_patterns_have_one_home(family):
+    """Training's fnmatch patterns and the export's ``ignore`` entries are one list in two syntaxes: they
+    keep the same modules in full precision, under in-memory and on-disk names alike."""
+    from grace.naming import matches_ignore
+
+    ignore = list(family.ignore_patterns())
+    assert all(p.startswith("re:") for p in ignore)
+    for name in NAMES:
+        assert family.is_full_precision(name) == matches_ignore(name, ignore), name
+    assert not family.is_full_precision("model.language_model.layers.0.self_attn.q_proj")
+    assert family.is_full_precision("lm_head") and family.is_full_precision("language_model.lm_head")
+    tower = "model.vision_tower.encoder.layers.0.mlp.fc1" if family.name == "llava" else "model.visual.merger.mlp.0"
+    assert family.is_full_precision(tower)
+
+
+def test_hub_layout_of_llava_names():
+    llava, qwen = family_of(LLAVA), family_of(QWEN["qwen2_vl"])
+    keys = ["vision_tower.encoder.layers.0.mlp.fc1.weight", "vision_tower.vision_model.post_layernorm.bias",
+            "language_model.model.embed_tokens.weight", "multi_modal_projector.linear_1.weight"]
+    assert llava.hub_checkpoint_keys(keys) == ["vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight",
+                                               "vision_tower.vision_model.post_layernorm.bias"] + keys[2:]
+    unchanged = ["model.visual.blocks.0.attn.qkv.weight"]
+    assert qwen.hub_checkpoint_keys(unchanged) == unchanged

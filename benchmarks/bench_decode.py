@@ -42,8 +42,8 @@ Usage: ``pytest benchmarks/bench_decode.py`` or ``python benchmarks/bench_decode
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import math
@@ -59,6 +59,9 @@ from torch import nn
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import decode_report  # noqa: E402
+from graphs import CudaGraphs, EagerGraphs, graphs_for  # noqa: E402,F401  (EagerGraphs: tests name it here)
+from graphs import sync as _sync  # noqa: E402
+from graphs import timed as _timed  # noqa: E402
 from harness import Report, device_name, hardware_limits  # noqa: E402
 from peers import int4pack_mm, int4pack_weight  # noqa: E402
 from shapes import LLAVA_7B  # noqa: E402
@@ -288,51 +291,6 @@ def build_model(shape: LlamaShape, path: str, *, dtype: torch.dtype, device, see
 # ------------------------------------------------------------------------------------------------ engine
 
 
-class CudaGraphs:
-    """CUDA graph capture and replay, as the engine uses them: warm-up on a side stream, then one capture."""
-
-    name = "CUDA graph"
-
-    @contextlib.contextmanager
-    def warmup(self):
-        side = torch.cuda.Stream()  # cuBLAS handles, Triton JIT, lazy init: off the capture stream
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream().wait_stream(side)
-
-    def capture(self, fn):
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            fn()
-        return graph
-
-
-class EagerGraphs:
-    """The CPU stand-in for :class:`CudaGraphs`, with the same interface, so that the engine's capture path
-    (its warm-up included) runs in CI: ``capture`` records ``fn`` without running it (a CUDA capture
-    executes nothing either) and each ``replay`` runs it eagerly."""
-
-    name = "eager stand-in for a CUDA graph"
-
-    @contextlib.contextmanager
-    def warmup(self):
-        yield
-
-    def capture(self, fn):
-        return _RecordedStep(fn)
-
-
-@dataclasses.dataclass
-class _RecordedStep:
-    fn: object
-    replays: int = 0
-
-    def replay(self) -> None:
-        self.replays += 1
-        self.fn()
-
-
 def _layer_step(layer, x, cos, sin, positions, mask, k_cache, v_cache):
     return layer(x, cos, sin, positions, mask, k_cache, v_cache)
 
@@ -369,7 +327,7 @@ class DecodeEngine:
                                                   for f in (self._embed, _layer_step, self._finish))
         self.graph = None
         if graph is True:
-            graph = CudaGraphs() if p.device.type == "cuda" else EagerGraphs()
+            graph = graphs_for(p.device)
         self.graphs = graph or None
         if self.graphs is not None:
             self._capture()
@@ -422,25 +380,6 @@ class DecodeEngine:
                 self.graph.replay()
             else:
                 self._step()
-
-
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def _timed(fn, device) -> float:
-    """Seconds: CUDA events on GPUs, the host clock elsewhere."""
-    if torch.device(device).type == "cuda":
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / 1e3
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def path_unavailable(path: str, dtype: torch.dtype, device) -> str | None:
@@ -525,7 +464,8 @@ def _rates(row: dict, shape: LlamaShape, fixed_ms: float | None, peak_gbps: floa
 
 def run_decode(shape: LlamaShape = LLAVA_7B_LM, *, batches=(1, 8), prompt_len: int = 128, new_tokens: int = 256,
                dtype: torch.dtype = torch.bfloat16, device=None, reps: int = 3, paths=PATHS, seed: int = 0,
-               graph=True, compile: str | None = "auto", fixed_cost: bool = True, before_measure=None) -> dict:
+               graph=True, compile: str | None = "auto", fixed_cost: bool = True, before_measure=None,
+               progress=None) -> dict:
     """Run every path at every batch size; returns {"rows": [...], "skipped": {path: why}, "summary": {...},
     "step": {...}, "fixed_ms_per_step": {batch: ms}}.
 
@@ -533,6 +473,8 @@ def run_decode(shape: LlamaShape = LLAVA_7B_LM, *, batches=(1, 8), prompt_len: i
     compile that fails falls back to the eager step, and the row says why). ``fixed_cost``: also time the
     step with every backbone linear replaced by :class:`NoLinear` (the per-step cost that is not weight
     streaming). ``before_measure(path=, batch=, model=, engine=)`` is called before each timing (tests).
+    ``progress(result)`` is called with the result so far after each measured row (so that a run stopped
+    at a budget keeps what it measured).
 
     Each row: batch, path, decode_tokens_per_s (prefill excluded), decode_ms_per_step, prefill_ms,
     peak_mem_gib / peak_reserved_gib (CUDA allocator peaks over prefill + decode, model resident),
@@ -575,14 +517,22 @@ def run_decode(shape: LlamaShape = LLAVA_7B_LM, *, batches=(1, 8), prompt_len: i
                 row["tokens_equal_bf16"] = (tokens == ref_tokens).float().mean().item()
             row["tokens"] = tokens.tolist()
             rows.append(row)
+            if progress is not None:
+                progress(_result(shape, device, rows, skipped, compile, fixed))
         del model
         if compile is not None:
             torch._dynamo.reset()  # its caches hold the compiled step's module, hence the model
     _release(device)
+    return _result(shape, device, rows, skipped, compile, fixed)
+
+
+def _result(shape, device, rows, skipped, compile, fixed) -> dict:
+    on_gpu = device.type == "cuda"
+    name = device_name() if on_gpu else str(device)
     step = {"graph": rows[0]["graph"] if rows else None, "compile": compile}
-    return {"shape": dataclasses.asdict(shape), "device": device_name() if on_gpu else str(device), "rows": rows,
-            "skipped": skipped, "step": step, "fixed_ms_per_step": fixed,
-            "summary": decode_report.summarize(rows) if on_gpu else {}}  # CPU: agreement only
+    return {"shape": dataclasses.asdict(shape), "device": name, "rows": list(rows), "skipped": dict(skipped),
+            "step": step, "fixed_ms_per_step": dict(fixed),
+            "summary": decode_report.summarize(rows, name) if on_gpu else {}}  # CPU: agreement only
 
 
 def _release(device) -> None:
@@ -642,17 +592,23 @@ def main(argv=None) -> int:
     gpu = torch.cuda.is_available()
     compile = {"none": None, "auto": "auto" if gpu else "aot_eager"}.get(args.compile, args.compile)
     opts = {"reps": args.reps, "batches": batches, "compile": compile, "graph": not args.no_graph}
+    if args.json:
+        opts["progress"] = functools.partial(_write_json, args.json)
     if args.toy or not gpu:
         result = run_decode(TOY, prompt_len=16, new_tokens=8, dtype=torch.bfloat16 if gpu else torch.float32, **opts)
     else:
         result = run_decode(**opts)
     _report(result)
     if args.json:
-        tmp = args.json + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(tmp, args.json)
+        _write_json(args.json, result)
     return 0
+
+
+def _write_json(path: str, result: dict) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=1)
+    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,10 @@ import torch
 import grace_kernels
 from grace.io import write_json
 
-# GRACE_BENCH_RESULTS redirects the JSON files (gpu_acceptance.py collects them into one file).
+# GRACE_BENCH_RESULTS redirects the JSON files (gpu_acceptance.py collects them into one file); where it is
+# set the files are written on CPUs too (the acceptance run's stand-in), since the caller asked for them.
 RESULTS_DIR = os.environ.get("GRACE_BENCH_RESULTS") or os.path.join(os.path.dirname(__file__), "results")
+PERSIST = torch.cuda.is_available() or bool(os.environ.get("GRACE_BENCH_RESULTS"))
 # GRACE_BENCH_QUICK=1: the same GPU shapes, fewer points per sweep (what fits gpu_acceptance's budget).
 QUICK = os.environ.get("GRACE_BENCH_QUICK") == "1"
 
@@ -110,14 +112,15 @@ def _graph_time_ms(fn: Callable[[], object], warmup: int, reps: int, graph_calls
 
 
 class Report:
-    """Collects rows of one benchmark file, prints them as a table, writes JSON on GPUs."""
+    """Collects rows of one benchmark file, prints them as a table, writes JSON on GPUs (and wherever
+    GRACE_BENCH_RESULTS names the folder)."""
 
     def __init__(self, op: str):
         self.op, self.rows = op, []
 
     def add(self, **row) -> None:
         self.rows.append(row)
-        if torch.cuda.is_available():  # rewritten after every row: a run stopped midway keeps what it measured
+        if PERSIST:  # rewritten after every row: a run stopped midway keeps what it measured
             self._write()
 
     def finish(self) -> str | None:
@@ -128,9 +131,7 @@ class Report:
         print(" | ".join(keys))
         for r in self.rows:
             print(" | ".join(_fmt(r.get(k)) for k in keys))
-        if not torch.cuda.is_available():
-            return None
-        return self._write()
+        return self._write() if PERSIST else None
 
     def _write(self) -> str:
         os.makedirs(RESULTS_DIR, exist_ok=True)

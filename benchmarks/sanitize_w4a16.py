@@ -7,11 +7,15 @@ a half-empty last 128-column block (N = 192), split-K (small M, long K), bias an
 bfloat16, and the dequantize kernel of the large-M path. Each result is also checked against
 x @ dequant(W) (GEMM: relative error; dequantize: bit for bit), so a silent wrong answer fails too.
 
+``--device cpu`` runs the same checks through the operators' CPU implementations (the stand-in run in
+CI: every line of the driver but the sanitizer's view of it).
+
 Exit status: 0 all checks passed, 1 a check failed, 2 the CUDA extension is not available.
 """
 
 from __future__ import annotations
 
+import argparse
 import sys
 
 import torch
@@ -24,8 +28,12 @@ GEMM_SHAPES = [(1, 128, 256), (3, 192, 512), (16, 64, 4096), (33, 256, 1024), (1
 DEQUANT_SHAPES = [(64, 256), (192, 512)]
 
 
-def main() -> int:
-    if not torch.cuda.is_available() or _ext.C is None:
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--device", default="cuda", choices=("cuda", "cpu"),
+                   help="cuda (the kernels under test, default) or cpu (the CPU operators: a stand-in)")
+    device = p.parse_args(argv).device
+    if device == "cuda" and (not torch.cuda.is_available() or _ext.C is None):
         print(f"needs a GPU and grace_kernels._C (extension: {_ext.error})")
         return 2
     torch.manual_seed(0)
@@ -35,9 +43,9 @@ def main() -> int:
     for dtype in (torch.float16, torch.bfloat16):
         for m, n, k in GEMM_SHAPES:
             for with_bias in (False, True):
-                w = gk.repack_for_kernel(gk.quantize_rtn(torch.randn(n, k, device="cuda"), scale_dtype=dtype))
-                x = torch.randn(m, k, device="cuda", dtype=dtype)
-                bias = torch.randn(n, device="cuda") if with_bias else None
+                w = gk.repack_for_kernel(gk.quantize_rtn(torch.randn(n, k, device=device), scale_dtype=dtype))
+                x = torch.randn(m, k, device=device, dtype=dtype)
+                bias = torch.randn(n, device=device) if with_bias else None
                 y = gemm(x, w.kernel_packed, w.kernel_scales, 128, bias)
                 gold = x.float() @ w.dequantize().t() + (0 if bias is None else bias)
                 err = ((y.float() - gold).norm() / gold.norm()).item()
@@ -46,12 +54,13 @@ def main() -> int:
                 print(f"gemm {str(dtype)[6:]:8} m={m:<4} n={n:<4} k={k:<5} bias={with_bias!s:5} rel_err={err:.2e} "
                       f"{'ok' if ok else 'FAIL'}")
         for n, k in DEQUANT_SHAPES:
-            w = gk.repack_for_kernel(gk.quantize_rtn(torch.randn(n, k, device="cuda"), scale_dtype=dtype))
+            w = gk.repack_for_kernel(gk.quantize_rtn(torch.randn(n, k, device=device), scale_dtype=dtype))
             d = dequant(w.kernel_packed, w.kernel_scales, 128)
             ok = torch.equal(d.view(torch.int16), w.dequantize().to(dtype).view(torch.int16))
             failures += not ok
             print(f"dequantize {str(dtype)[6:]:8} n={n:<4} k={k:<5} {'bit-exact' if ok else 'FAIL'}")
-    torch.cuda.synchronize()
+    if device == "cuda":
+        torch.cuda.synchronize()
     print(f"{failures} failed")
     return 1 if failures else 0
 

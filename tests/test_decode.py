@@ -22,8 +22,11 @@ SMALL = bd.LlamaShape(hidden=128, layers=2, heads=2, intermediate=256, vocab=320
 
 
 def test_three_paths_agree_at_toy_size(reference_backend):
+    partial = []  # what a run stopped at its budget would have written: every row so far
     result = bd.run_decode(SMALL, batches=(1, 2), prompt_len=8, new_tokens=5, dtype=torch.float32, device="cpu",
-                           reps=1)
+                           reps=1, progress=partial.append)
+    assert [len(p["rows"]) for p in partial] == list(range(1, len(result["rows"]) + 1))
+    assert partial[-1]["rows"] == result["rows"] and partial[0]["rows"] == result["rows"][:1]
     assert result["skipped"] == {}, result["skipped"]
     rows = {(r["batch"], r["path"]): r for r in result["rows"]}
     assert set(rows) == {(b, p) for b in (1, 2) for p in bd.PATHS}

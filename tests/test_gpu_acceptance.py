@@ -1,5 +1,6 @@
-"""The one-command GPU acceptance run (benchmarks/gpu_acceptance.sh): its dry run, which CI can execute,
-and its budget mechanism, exercised with stand-in steps on CPU."""
+"""The one-command GPU acceptance run (benchmarks/gpu_acceptance.sh): its dry run (which imports what every
+step imports), its CPU stand-in run (every group, every result file, in an orchestrator that cannot import
+the package), its group budgets with stand-in steps, its parsers and its preflight, all on CPU."""
 
 import json
 import os
@@ -13,87 +14,49 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 import gpu_acceptance as ga  # noqa: E402
+import preflight  # noqa: E402
+
+STEPS = ["env", "install", "gpu-tests", "decode", "bench-w4a16", "memcheck", "racecheck", "bench-rest"]
 
 
-def test_dry_run_lists_every_step_with_estimates_under_eight_minutes():
+def test_groups_in_order_of_value_with_budgets_that_fit_the_machine():
+    groups = ga.groups("/tmp/unused")
+    assert [g.name for g in groups] == list(ga.GROUPS_BUDGET_S) == ["core", "bench", "sanitize", "extra"]
+    assert [s.name for g in groups for s in g.steps] == STEPS
+    assert [s.name for s in groups[0].steps] == ["env", "install", "gpu-tests"]
+    assert sum(s.estimate_s for g in groups for s in g.steps) + ga.STARTUP_S < ga.LIMIT_S
+    assert sum(g.budget_s for g in groups) + ga.STARTUP_S <= ga.LIMIT_S
+    for g in groups:  # a group's budget covers its estimates
+        assert g.budget_s >= sum(s.estimate_s for s in g.steps), g.name
+    argv = {s.name: s.argv for g in groups for s in g.steps}
+    for name in ("gpu-tests", "bench-w4a16", "bench-rest"):
+        assert "-vv" in argv[name]  # each result logged as it finishes
+        assert ("--timeout" in argv[name]) == ga.has_module("pytest_timeout")
+    assert "--ignore=benchmarks/bench_data.py" in argv["bench-rest"]  # CPU-only benchmark
+    assert all("bench_data" not in a for a in argv["bench-w4a16"])
+    assert [g.budget_s for g in ga.scaled(groups, 81)] == pytest.approx(
+        [81 * b / sum(ga.GROUPS_BUDGET_S.values()) for b in ga.GROUPS_BUDGET_S.values()])
+
+
+def test_dry_run_imports_what_every_step_imports():
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_acceptance.sh"), "--dry-run"],
-                          capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHON": sys.executable})
+                          capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    names = [s.name for s in ga.steps("/tmp/unused")]
-    assert names == ["env", "install", "gpu-tests", "decode", "memcheck", "racecheck", "bench-w4a16", "bench-rest"]
-    listed = dict(re.findall(r"^(\S+)\s+(\d+) s ", proc.stdout, re.MULTILINE))
-    assert set(names) <= set(listed), proc.stdout
-    total = int(listed["total"])
-    assert total == sum(int(listed[n]) for n in names) and total < ga.LIMIT_S
-    assert ga.DEFAULT_BUDGET_S < ga.LIMIT_S
     assert "PROBLEM" not in proc.stdout
+    listed = dict(re.findall(r"^  (\S+)\s+(\d+) s ", proc.stdout, re.MULTILINE))
+    assert list(listed) == STEPS, proc.stdout
+    total = int(re.search(r"total estimate (\d+) s", proc.stdout).group(1))
+    assert total == sum(int(v) for v in listed.values()) and total + ga.STARTUP_S < ga.LIMIT_S
+    assert proc.stdout.count("imports ok") == len(STEPS), proc.stdout
 
 
-def test_dry_run_reports_a_missing_file(monkeypatch, capsys):
-    bad = ga.Step("ghost", 5, "uses a file that is not there", ["python3", "benchmarks/no_such_bench.py"])
-    assert ga.dry_run([bad], 100) == 1
-    assert "benchmarks/no_such_bench.py does not exist" in capsys.readouterr().out
-
-
-def _py(code: str) -> list[str]:
-    return [sys.executable, "-c", code]
-
-
-def test_budget_stops_a_step_and_skips_the_rest_saving_what_ran(tmp_path, monkeypatch):
-    out, work = tmp_path / "out", tmp_path / "work"
-    (work / "bench").mkdir(parents=True)
-    # a benchmark row written before the stop must survive it
-    (work / "bench" / "op-X.json").write_text(json.dumps({"op": "op", "rows": [{"ms": 1.0}]}))
-    steps = [
-        ga.Step("env", 1, "quick", _py("print('ENV_JSON {\"gpu\": \"fake\"}')"), after=ga._parse_env),
-        ga.Step("gpu-tests", 1, "pytest-like",
-                _py("print('FAILED tests/x.py::t - boom'); print('1 failed, 2 passed'); raise SystemExit(1)"),
-                after=ga._parse_pytest),
-        ga.Step("slow", 1, "runs past the budget", _py("import time; print('started', flush=True); time.sleep(120)")),
-        ga.Step("late", 1, "never reached", _py("print('no')")),
-    ]
-    monkeypatch.setattr(ga, "MIN_START_S", 1)  # the real margins assume minutes of budget
-    monkeypatch.setattr(ga, "RESERVE_S", 1)
-    results = ga.run(steps, budget_s=12, out=str(out), work=str(work))
-    status = {r.name: r.status for r in results}
-    assert status == {"env": "ok", "gpu-tests": "failed", "slow": "stopped at budget", "late": "skipped for time"}
-    assert results[1].details == {"counts": {"failed": 1, "passed": 2}, "failed": ["tests/x.py::t - boom"]}
-    files = sorted(os.listdir(out))
-    assert files == ["acceptance.json", "acceptance.log", "benchmarks.json", "summary.md"]
-    assert len(files) <= ga.MAX_FILES and all(os.path.isfile(out / f) for f in files)
-    saved = json.loads((out / "acceptance.json").read_text())
-    assert [s["status"] for s in saved["steps"]] == list(status.values())
-    assert "started" in (out / "acceptance.log").read_text()  # the stopped step's output is kept
-    summary = (out / "summary.md").read_text()
-    assert "| slow | 1 |" in summary and "stopped at budget" in summary and "1 failed, 2 passed" in summary
-    assert json.loads((out / "benchmarks.json").read_text())[0]["rows"] == [{"ms": 1.0}]
-
-
-def test_pytest_summary_parser():
-    text = ("....\nFAILED tests/a.py::b[1] - AssertionError: x\nERROR tests/c.py::d\n"
-            "== 3 failed, 10 passed, 2 skipped in 4s ==")
-    assert ga.parse_pytest(text) == {"counts": {"failed": 3, "passed": 10, "skipped": 2},
-                                     "failed": ["tests/a.py::b[1] - AssertionError: x", "tests/c.py::d"]}
-    assert ga.parse_pytest("nothing ran") == {"counts": {}, "failed": []}
-
-
-def test_bad_arguments():
-    with pytest.raises(SystemExit):
-        ga.main(["--steps", "env,nonsense", "--dry-run"])
-    with pytest.raises(SystemExit):
-        ga.main(["--budget", "0", "--dry-run"])
-
-
-def test_cuda_tools_are_found_in_the_toolkit_when_not_on_path(tmp_path, monkeypatch):
-    tool = tmp_path / "cuda" / "bin" / "compute-sanitizer"
-    tool.parent.mkdir(parents=True)
-    tool.write_text("#!/bin/sh\n")
-    tool.chmod(0o755)
-    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
-    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
-    assert ga.find_cuda_tool("compute-sanitizer") == str(tool)
-    monkeypatch.delenv("CUDA_HOME")
-    assert ga.find_cuda_tool("no-such-tool") == "no-such-tool"
+def test_dry_run_reports_a_missing_file_and_a_failing_import(capsys):
+    bad = ga.Step("ghost", 5, "uses a file that is not there", [sys.executable, "benchmarks/no_such_bench.py"],
+                  dry=[sys.executable, "-c", "import no_such_module_for_the_dry_run"])
+    assert ga.dry_run([ga.Group("g", 10, "one bad step", [bad])]) == 1
+    out = capsys.readouterr().out
+    assert "PROBLEM: ghost: benchmarks/no_such_bench.py does not exist" in out
+    assert "PROBLEM: ghost: its imports fail" in out and "no_such_module_for_the_dry_run" in out
 
 
 # The orchestrator starts before its install step makes grace_kernels importable: on the GPU day only the
@@ -138,31 +101,115 @@ def test_the_blocker_blocks_this_process_and_not_its_children(tmp_path):
     assert "blocked: grace_kernels cannot be imported" in proc.stdout and "child imports" in proc.stdout
 
 
-def test_summary_is_written_from_decode_json_by_a_process_that_cannot_import_the_package(tmp_path):
-    """Bug 2: the decode step (a fresh interpreter) writes decode.json; the orchestrator, which cannot import
-    grace_kernels, must still write summary.md with the decode table, and go on to later steps."""
-    out, work = tmp_path / "out", tmp_path / "work"
-    code = f"""
-import sys
-sys.path.insert(0, {os.path.join(ROOT, "benchmarks")!r})
-import gpu_acceptance as ga
-py = sys.executable
-steps = [ga.Step("decode", 1, "toy decode on CPU", [py, "benchmarks/bench_decode.py", "--json",
-                 {str(work / "decode.json")!r}, "--compile", "none", "--batches", "1", "--reps", "1"]),
-         ga.Step("after", 1, "a later step", [py, "-c", "print('later step ran')"])]
-results = ga.run(steps, budget_s=600, out={str(out)!r}, work={str(work)!r})
-print("STATUS", [r.status for r in results])
-assert "torch" not in sys.modules and "grace_kernels" not in sys.modules
-"""
-    work.mkdir()
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=ROOT,
-                          env=_blocked_env(tmp_path))
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "STATUS ['ok', 'ok']" in proc.stdout, proc.stdout[-3000:]
-    assert sorted(os.listdir(out)) == ["acceptance.json", "acceptance.log", "decode.json", "summary.md"]
+def test_stand_in_run_completes_every_group_and_writes_every_file_without_importing_the_package(tmp_path):
+    """The whole day on CPU (CUDA hidden, no network): the orchestrator, which cannot import grace_kernels
+    (bug 2: its summary once imported bench_decode), runs every step of every group; the decode step (a
+    fresh interpreter) writes decode.json and the summary carries its table."""
+    out = tmp_path / "out"
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_acceptance.sh"), "--stand-in"],
+                          capture_output=True, text=True, timeout=900,
+                          env={**_blocked_env(tmp_path), "OUT": str(out), "PYTHON": sys.executable})
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert sorted(os.listdir(out)) == ["acceptance.json", "acceptance.log", "benchmarks.json", "decode.json",
+                                       "summary.md"]
+    saved = json.loads((out / "acceptance.json").read_text())
+    assert [(s["group"], s["name"], s["status"]) for s in saved["steps"]] == [
+        (g.name, s.name, "ok") for g in ga.groups("/tmp/unused") for s in g.steps]
+    assert [g["name"] for g in saved["groups"]] == list(ga.GROUPS_BUDGET_S)
+    assert saved["env"]["device"] == "cpu" and "graph_us_per_kernel" in saved["env"]
+    steps = {s["name"]: s for s in saved["steps"]}
+    assert steps["gpu-tests"]["details"]["counts"].get("skipped", 0) > 0  # collected; CUDA hidden
+    assert "0 failed" in steps["memcheck"]["output_tail"]  # the driver's checks ran through the CPU ops
     decode = json.loads((out / "decode.json").read_text())
     summary = (out / "summary.md").read_text()
-    assert "## Decode" in summary
+    assert "## Decode" in summary and "tiny kernel:" in summary
     for row in decode["rows"]:  # every measured path is in the summary's decode table
         assert f"| {row['batch']} | {row['path']} | {row['decode_tokens_per_s']:.4g} |" in summary
-    assert "later step ran" in (out / "acceptance.log").read_text()
+    ops = [r["op"] for r in json.loads((out / "benchmarks.json").read_text())]
+    assert "w4a16_matmul" in ops and "decode" in ops
+
+
+def _py(code: str) -> list[str]:
+    return [sys.executable, "-c", code]
+
+
+def test_each_group_has_its_own_budget_and_what_ran_is_saved(tmp_path, monkeypatch):
+    out, work = tmp_path / "out", tmp_path / "work"
+    (work / "bench").mkdir(parents=True)
+    # a benchmark row written before the stop must survive it
+    (work / "bench" / "op-X.json").write_text(json.dumps({"op": "op", "rows": [{"ms": 1.0}]}))
+    sleep = "import time; print('started', flush=True); time.sleep({})"
+    groups = [
+        ga.Group("first", 9, "quick steps, then one that hangs", [
+            ga.Step("env", 1, "quick", _py("print('ENV_JSON {\"gpu\": \"fake\"}')"), after=ga._parse_env),
+            ga.Step("gpu-tests", 1, "pytest-like",
+                    _py("print('FAILED tests/x.py::t - boom'); print('1 failed, 2 passed'); raise SystemExit(1)"),
+                    after=ga._parse_pytest),
+            ga.Step("hang", 1, "runs past its group's budget", _py(sleep.format(120))),
+            ga.Step("late", 1, "no time left in its group", _py("print('no')"))]),
+        ga.Group("second", 5, "runs whole although the first group hung", [
+            ga.Step("after-hang", 1, "quick", _py("print('second group ran')"))]),
+        ga.Group("third", 4, "inherits the time the second left", [
+            ga.Step("longer", 1, "longer than its own budget", _py(sleep.format(5)))]),
+    ]
+    # The real margins assume minutes of budget. A step stopped at its group's deadline ends RESERVE_S
+    # before it, so less than MIN_START_S is left for the next step of that group.
+    monkeypatch.setattr(ga, "MIN_START_S", 2)
+    monkeypatch.setattr(ga, "RESERVE_S", 1)
+    results = ga.run(groups, out=str(out), work=str(work), env={})
+    status = {r.name: r.status for r in results}
+    assert status == {"env": "ok", "gpu-tests": "failed", "hang": "stopped at budget", "late": "skipped for time",
+                      "after-hang": "ok", "longer": "ok"}
+    assert results[1].details == {"counts": {"failed": 1, "passed": 2}, "failed": ["tests/x.py::t - boom"]}
+    files = sorted(os.listdir(out))
+    assert files == ["acceptance.json", "acceptance.log", "benchmarks.json", "summary.md"]
+    saved = json.loads((out / "acceptance.json").read_text())
+    assert [s["status"] for s in saved["steps"]] == list(status.values())
+    log = (out / "acceptance.log").read_text()
+    assert "started" in log and "second group ran" in log  # the stopped step's output is kept
+    summary = (out / "summary.md").read_text()
+    assert "| first | hang | 1 |" in summary and "stopped at budget" in summary and "1 failed, 2 passed" in summary
+    assert json.loads((out / "benchmarks.json").read_text())[0]["rows"] == [{"ms": 1.0}]
+
+
+def test_pytest_parser_reads_the_summary_or_the_verbose_lines_of_a_stopped_run():
+    text = ("....\nFAILED tests/a.py::b[1] - AssertionError: x\nERROR tests/c.py::d\n"
+            "== 3 failed, 10 passed, 2 skipped in 4s ==")
+    assert ga.parse_pytest(text) == {"counts": {"failed": 3, "passed": 10, "skipped": 2},
+                                     "failed": ["tests/a.py::b[1] - AssertionError: x", "tests/c.py::d"]}
+    assert ga.parse_pytest("nothing ran") == {"counts": {}, "failed": []}
+    stopped = ("tests/a.py::t[1] PASSED                [ 10%]\ntests/a.py::t[2] FAILED                [ 20%]\n"
+               "[gw1] [ 30%] SKIPPED tests/b.py::u\n[gw0] [ 40%] PASSED tests/b.py::v\ntests/c.py::w ")
+    assert ga.parse_pytest(stopped) == {"counts": {"passed": 2, "failed": 1, "skipped": 1}, "partial": True,
+                                        "failed": ["tests/a.py::t[2] FAILED                [ 20%]"]}
+
+
+def test_bad_arguments():
+    for argv in (["--steps", "env,nonsense", "--dry-run"], ["--groups", "core,nonsense", "--dry-run"],
+                 ["--budget", "0", "--dry-run"], ["--groups", "bench", "--steps", "env", "--dry-run"]):
+        with pytest.raises(SystemExit) as e:
+            ga.main(argv)
+        assert e.value.code == 2, argv
+
+
+def test_cuda_tools_are_found_in_the_toolkit_when_not_on_path(tmp_path, monkeypatch):
+    tool = tmp_path / "cuda" / "bin" / "compute-sanitizer"
+    tool.parent.mkdir(parents=True)
+    tool.write_text("#!/bin/sh\n")
+    tool.chmod(0o755)
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setenv("CUDA_HOME", str(tmp_path / "cuda"))
+    assert preflight.find_cuda_tool("compute-sanitizer") == str(tool)
+    monkeypatch.delenv("CUDA_HOME")
+    assert preflight.find_cuda_tool("no-such-tool") is None
+
+
+def test_preflight_times_a_tiny_kernel_through_the_graph_stand_in():
+    costs = preflight.kernel_costs("cpu", kernels=20, reps=3)
+    assert costs["kernels_per_graph"] == 20
+    for key in ("graph_us_per_kernel", "eager_us_per_kernel", "graph_replay_us"):
+        assert 0 < costs[key] < 1e5, (key, costs)
+    assert preflight.copy_gbps("cpu", 1 << 20, reps=2) > 0
+    lines = preflight.describe({**costs, "device": "cpu", "nvcc": None, "ncu": "/x/ncu"})
+    assert any(line.startswith("tiny kernel:") and "CPU stand-in" in line for line in lines)
+    assert any("nvcc MISSING" in line and "ncu at /x/ncu" in line for line in lines)

@@ -4,8 +4,10 @@ TRITON_INTERPRET must be set before any @triton.jit function is created, that is
 grace_kernels is first imported, which is why it is set here at collection time.
 """
 
+import json
 import os
 
+import numpy as np
 import pytest
 import torch
 
@@ -43,3 +45,24 @@ def reference_backend(monkeypatch):
     """Run the test on the PyTorch references (for model-level tests, where the interpreter is too slow): set
     through the environment, so the processes the test starts (torchrun ranks, ``python -m grace``) run them too."""
     monkeypatch.setenv(grace_kernels._backend.ENV_VAR, "reference")
+
+
+@pytest.fixture(scope="session")
+def color_task():
+    """A writer of the smallest training data: ``color_task(root, n)`` writes n random 28 x 28 images and n
+    LLaVA records asking their color under ``root``; returns (data.json path, image folder)."""
+    from PIL import Image
+
+    def write(root, n: int = 4) -> tuple[str, str]:
+        img = root / "images"
+        img.mkdir(exist_ok=True)
+        records = []
+        for i in range(n):
+            pixels = (np.random.default_rng(i).random((28, 28, 3)) * 255).astype(np.uint8)
+            Image.fromarray(pixels).save(img / f"{i}.png")
+            records.append({"id": str(i), "image": f"{i}.png", "conversations": [
+                {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": ["red", "blue"][i % 2]}]})
+        (root / "data.json").write_text(json.dumps(records))
+        return str(root / "data.json"), str(img)
+
+    return write

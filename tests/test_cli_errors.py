@@ -11,10 +11,8 @@ import shutil
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 import grace_kernels
 from grace import TrainConfig, train
@@ -26,19 +24,12 @@ from grace.train import _read_metrics
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, color_task):
     root = tmp_path_factory.mktemp("models")
-    img = root / "images"
-    img.mkdir()
-    records = []
-    for i in range(4):
-        Image.fromarray((np.random.default_rng(i).random((28, 28, 3)) * 255).astype(np.uint8)).save(img / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": ["red", "blue"][i % 2]}]})
-    (root / "data.json").write_text(json.dumps(records))
+    data, images = color_task(root, 4)
     return {"teacher": build_tiny_vlm(str(root / "teacher"), family="llava", size="teacher", seed=1),
             "student": build_tiny_vlm(str(root / "student"), family="llava", size="student", seed=2),
-            "data": str(root / "data.json"), "images": str(img)}
+            "data": data, "images": images}
 
 
 def base_config(models, out, **kw) -> TrainConfig:

@@ -8,9 +8,7 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from grace.cli import build_parser
 from grace.config import FIELD_CHOICES, PRESETS, TrainConfig, field_docs
@@ -83,25 +81,17 @@ def test_bad_values_are_refused_by_the_parser_naming_the_option(argv, says):
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_bits_none_on_the_command_line_trains_full_precision(tmp_path):
+def test_bits_none_on_the_command_line_trains_full_precision(tmp_path, color_task):
     """`--bits none` (the paper's Table 1, full-precision distillation) reaches the run's configuration; before,
     every option whose value parsed to None was dropped and the run trained INT4."""
-    img = tmp_path / "images"
-    img.mkdir()
-    records = []
-    for i in range(2):
-        Image.fromarray((np.random.default_rng(i).random((28, 28, 3)) * 255).astype(np.uint8)).save(img / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": ["red", "blue"][i]}]})
-    (tmp_path / "data.json").write_text(json.dumps(records))
+    data, img = color_task(tmp_path, 2)
     teacher = build_tiny_vlm(str(tmp_path / "teacher"), family="llava", size="teacher", seed=1)
     student = build_tiny_vlm(str(tmp_path / "student"), family="llava", size="student", seed=2)
     out = tmp_path / "run"
     env = {**os.environ, "GRACE_KERNELS_BACKEND": "reference"}
-    proc = _grace("train", "--teacher", teacher, "--student", student, "--data", str(tmp_path / "data.json"),
-                  "--image-folder", str(img), "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2",
-                  "--grad-accum", "1", "--bits", "none", "--scale-lr", "none", "--num-workers", "0",
-                  "--no-progress", env=env)
+    proc = _grace("train", "--teacher", teacher, "--student", student, "--data", data, "--image-folder", img,
+                  "--output-dir", str(out), "--max-steps", "1", "--batch-size", "2", "--grad-accum", "1",
+                  "--bits", "none", "--scale-lr", "none", "--num-workers", "0", "--no-progress", env=env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     saved = json.loads((out / "config.json").read_text())
     assert saved["bits"] is None and saved["scale_lr"] is None

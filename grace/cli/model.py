@@ -10,6 +10,13 @@ from grace.config import field_docs
 DEVICE_HELP = field_docs()["device"]
 
 
+def _model_arguments(p, *, max_new_tokens: int) -> None:
+    """What eval and generate share: the model to load, where, and how long an answer may be."""
+    p.add_argument("model_dir", help="an INT4 / INT8 export, a Hugging Face checkpoint, or a training run")
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest answer generated, in tokens")
+    p.add_argument("--device", default="auto", help=DEVICE_HELP)
+
+
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trained run as a Hugging Face checkpoint: compressed-tensors "
                                       "pack-quantized for INT4 / INT8 runs, plain for full-precision ones")
@@ -22,23 +29,19 @@ def add_parser(sub) -> None:
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="greedy-decoding accuracy, weight bytes, peak memory and decode speed of a model")
-    p.add_argument("model_dir", help="an INT4 / INT8 export, a Hugging Face checkpoint, or a training run")
+    _model_arguments(p, max_new_tokens=8)
     p.add_argument("--data", required=True, help="LLaVA-format conversation JSON with the answers")
     p.add_argument("--image-folder", default=None, help="image root (default: the JSON's directory)")
     p.add_argument("--batch-size", type=int, default=16, help="questions decoded together")
-    p.add_argument("--max-new-tokens", type=int, default=8, help="longest answer generated, in tokens")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.add_argument("--json", dest="json_out", default=None,
                    help="also write the result, with every prediction, to this JSON file")
     p.add_argument("--verbose", action="store_true", help="also print the prediction for every question")
     p.set_defaults(func=_eval)
 
     p = sub.add_parser("generate", help="greedy generation from one image and prompt")
-    p.add_argument("model_dir", help="an INT4 export, a Hugging Face checkpoint, or a training run")
+    _model_arguments(p, max_new_tokens=32)
     p.add_argument("--image", required=True, help="the image file")
     p.add_argument("--prompt", required=True, help="the user's question (the chat template adds the image)")
-    p.add_argument("--max-new-tokens", type=int, default=32, help="longest answer generated, in tokens")
-    p.add_argument("--device", default="auto", help=DEVICE_HELP)
     p.set_defaults(func=_generate)
 
 

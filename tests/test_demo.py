@@ -2,13 +2,16 @@
 bit, a second run in the same directory reuses every trained stage, and ``--ablation`` adds the ladder of GRACE's
 parts on top of the same runs."""
 
+import dataclasses
+import importlib
 import json
 import os
 
 import pytest
 
 from grace.cli import main
-from grace.demo.run import BASELINES, COMPARISONS, LADDER, MAIN_ROWS, QUICK, RUNS, SPLITS, _conclusion
+from grace.config import TrainConfig
+from grace.demo.run import BASELINES, COMPARISONS, LADDER, MAIN_ROWS, QUICK, RUNS, SPLITS, _conclusion, _train_cached
 
 TRAINED = [n for n in MAIN_ROWS if n in RUNS]
 VERDICTS = {"better", "worse", "no resolved difference"}
@@ -128,6 +131,24 @@ def test_conclusion_names_findings_only_where_both_splits_agree():
     none = _conclusion(rows, {"GRACE - QAT only": c(flat, up)}, None, ctl, quick=True)
     assert none.startswith("Pipeline check only") and "No comparison is resolved the same way" in none
     assert "ladder" not in none
+
+
+def test_a_run_interrupted_before_its_first_checkpoint_starts_over(tmp_path, monkeypatch):
+    # Killed after logging steps but before any checkpoint: the trainer would refuse to resume it, so the demo,
+    # which owns the directory, starts the run again; with a checkpoint it resumes (the directory is kept).
+    seen = []
+    monkeypatch.setattr(importlib.import_module("grace.train"), "train",
+                        lambda cfg, **kw: seen.append(sorted(os.listdir(cfg.output_dir))))
+    for checkpoint in (False, True):
+        out = tmp_path / f"run-{checkpoint}"
+        cfg = TrainConfig(output_dir=str(out), max_steps=4)
+        out.mkdir()
+        (out / "config.json").write_text(json.dumps(dataclasses.asdict(dataclasses.replace(cfg, resume=True))))
+        (out / "metrics.jsonl").write_text('{"step": 1}\n')
+        if checkpoint:
+            (out / "checkpoint").mkdir()
+        assert _train_cached(cfg, "run", progress=False) == (str(out / "final"), False)
+    assert seen == [["log.txt"], ["checkpoint", "config.json", "log.txt", "metrics.jsonl"]]
 
 
 def test_ablation_adds_the_ladder_on_the_same_runs(first_run, monkeypatch, capsys):

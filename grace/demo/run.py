@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import glob
 import json
 import math
 import os
@@ -213,8 +214,15 @@ def _train_cached(cfg: TrainConfig, what: str, progress: bool, teacher_cache=Non
     if os.path.exists(cfg_path):
         with open(cfg_path) as f:
             same = saved_settings(json.load(f)) == json.loads(json.dumps(dataclasses.asdict(cfg)))
-        if not same:   # a run with other settings: the demo owns its directories, start over
-            shutil.rmtree(cfg.output_dir)
+        # The demo owns its directories: a run with other settings, or one interrupted before its first
+        # checkpoint (nothing to resume from, and the trainer refuses to resume a run that logged steps without
+        # one), starts over.
+        out = cfg.output_dir
+        resumable = os.path.isdir(os.path.join(out, "checkpoint")) or glob.glob(
+            os.path.join(glob.escape(out), "checkpoint.old-*"))
+        if not same or not (resumable or os.path.exists(os.path.join(final, "student_state.pt"))):
+            shutil.rmtree(out)
+            same = False
     if same and os.path.exists(os.path.join(final, "student_state.pt")):
         _log(f"{what}: cached in {cfg.output_dir}")
         return final, True

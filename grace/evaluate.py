@@ -96,10 +96,21 @@ def _eos_ids(model, tokenizer) -> set[int]:
     return set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
 
 
+def max_positions(model) -> int | None:
+    """The language model's ``max_position_embeddings`` (None when its config records none)."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def _generate_batch(model, processor, messages: list[list[dict]], images: list | None, max_new_tokens: int,
-                    device: torch.device) -> tuple[list[str], int, float]:
+                    device: torch.device, check_positions: bool = False) -> tuple[list[str], int, float]:
     """Greedy answers for a batch of chat messages (images: one per prompt, or None for text only).
-    Returns (texts, generated tokens up to each row's EOS, seconds in generate)."""
+    Returns (texts, generated tokens up to each row's EOS, seconds in generate). ``check_positions``: raise
+    ValueError, with the numbers, when the prompt tokens (image tokens included) plus ``max_new_tokens``
+    exceed the model's :func:`max_positions` (positions past it were never trained: the answer would be
+    empty or garbage)."""
     tok = processor.tokenizer
     texts = [processor.apply_chat_template(m, tokenize=False, add_generation_prompt=True) for m in messages]
     side = tok.padding_side
@@ -110,6 +121,11 @@ def _generate_batch(model, processor, messages: list[list[dict]], images: list |
         tok.padding_side = side
     enc = enc.to(device)
     prompt_len = enc["input_ids"].shape[1]
+    limit = max_positions(model) if check_positions else None
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise ValueError(f"the prompt is {prompt_len} tokens (image tokens included) and max_new_tokens is "
+                         f"{max_new_tokens}: {prompt_len + max_new_tokens} positions, but the model has "
+                         f"max_position_embeddings {limit}; shorten the prompt or lower --max-new-tokens")
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     t0 = time.perf_counter()
@@ -234,8 +250,9 @@ def generate(model, processor, image_path: str | None, prompt: str, max_new_toke
     """Greedy answer of ``model`` to ``prompt`` about the image at ``image_path`` (None: text only).
 
     The prompt is rendered like a training user turn (image first, then the text; an ``<image>``
-    marker in the prompt is dropped). Raises ValueError for an unreadable image, an empty prompt or
-    max_new_tokens below 1.
+    marker in the prompt is dropped). Raises ValueError for an unreadable image, an empty prompt,
+    max_new_tokens below 1, or a prompt whose tokens plus max_new_tokens exceed the model's
+    ``max_position_embeddings`` (the message gives the three numbers).
     """
     if not isinstance(prompt, str) or not prompt.replace("<image>", "").strip():
         raise ValueError("prompt must be a non-empty string")
@@ -253,7 +270,7 @@ def generate(model, processor, image_path: str | None, prompt: str, max_new_toke
     model.eval()
     try:
         answers, _, _ = _generate_batch(model, processor, [msgs], [image] if image is not None else None,
-                                        max_new_tokens, _model_device(model))
+                                        max_new_tokens, _model_device(model), check_positions=True)
     finally:
         model.train(was_training)
     return answers[0]

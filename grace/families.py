@@ -145,3 +145,53 @@ def check_pair(teacher_config, student_config, *, max_padding: int = 1024) -> Fa
     if ft.image_token_id(teacher_config) != fs.image_token_id(student_config):
         raise ValueError("teacher and student use different image token ids: they cannot share a processor")
     return fs
+
+
+SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def check_same_tokenizer(teacher_tok, student_tok, *, teacher_rows: int, student_rows: int,
+                         teacher_image_token: str | None = None, student_image_token: str | None = None) -> None:
+    """Refuse a teacher whose tokenizer does not encode text exactly as the student's.
+
+    Distillation compares the two models' logits row by row over the common rows [0, min(rows)), and the
+    teacher reads the ids the student's tokenizer produced, so over those rows both tokenizers must map
+    every id to the same token (both vocabularies, added tokens included); rows neither tokenizer uses
+    (the padding real checkpoints carry, e.g. LLaVA-1.5's 32064 rows for 32002 tokens) may differ. The
+    named special tokens (bos, eos, unk, pad) and the image placeholder must be the same token with the
+    same id, and no id of the student's tokenizer may lie beyond the teacher's embedding rows.
+
+    Args:
+        teacher_tok, student_tok: Hugging Face tokenizers (``get_vocab()``, ``convert_tokens_to_ids``).
+        teacher_rows, student_rows: the models' vocabulary rows (LM head / embedding size).
+        teacher_image_token, student_image_token: the processors' image placeholder strings (None: none).
+
+    Raises:
+        ValueError: naming the first differing id and token (or special token) of each side.
+    """
+    common = min(teacher_rows, student_rows)
+    by_id = []
+    for tok in (teacher_tok, student_tok):
+        table = {}
+        for token, i in tok.get_vocab().items():
+            table.setdefault(int(i), token)
+        by_id.append(table)
+    t_ids, s_ids = by_id
+    for i in sorted((set(t_ids) | set(s_ids)) & set(range(common))):
+        if t_ids.get(i) != s_ids.get(i):
+            raise ValueError(f"teacher and student tokenizers differ: id {i} is {t_ids.get(i)!r} for the teacher "
+                             f"and {s_ids.get(i)!r} for the student (over the {common} rows both models have); "
+                             "distillation would compare unrelated rows: use a teacher with the student's tokenizer")
+    beyond = sorted(i for i in s_ids if i >= teacher_rows)
+    if beyond:
+        raise ValueError(f"the student's tokenizer has id {beyond[0]} ({s_ids[beyond[0]]!r}) but the teacher has "
+                         f"only {teacher_rows} vocabulary rows")
+    pairs = [(name, getattr(teacher_tok, name, None), getattr(student_tok, name, None))
+             for name in SPECIAL_TOKEN_NAMES]
+    pairs.append(("image token", teacher_image_token, student_image_token))
+    for name, t, s in pairs:
+        t_id = None if t is None else teacher_tok.convert_tokens_to_ids(t)
+        s_id = None if s is None else student_tok.convert_tokens_to_ids(s)
+        if (t, t_id) != (s, s_id):
+            raise ValueError(f"teacher and student tokenizers differ: the {name} is {t!r} (id {t_id}) for the "
+                             f"teacher and {s!r} (id {s_id}) for the student")

@@ -179,6 +179,63 @@ def load_student(run_dir: str, device: str | torch.device = "cpu"):
     return model.to(device).eval(), processor_or_none(final)
 
 
+def load_pretrained(model_dir: str, dtype: torch.dtype | str = "auto", device: str | torch.device = "cpu", *,
+                    role: str = "model"):
+    """``from_pretrained`` of a Hugging Face checkpoint that refuses what transformers only reports.
+
+    transformers initialises a tensor the file lacks (or holds in another shape) at random and ignores one
+    the model has no place for, printing a load report on stderr; a run would then train or distil against
+    random rows. Here each of these, a non-finite (NaN or infinite) value in a loaded tensor, and a
+    truncated or corrupt safetensors file are a ValueError naming the file and the tensor (its on-disk
+    name). ``role`` ("student", "teacher", ...) starts the message. The finiteness check runs on ``device``
+    after the move (one reduction per tensor).
+
+    Returns:
+        the model on ``device`` in ``dtype`` ("auto": as stored), in training mode as transformers leaves it.
+    """
+    from transformers import AutoModelForImageTextToText
+
+    file_keys = None
+    if any(os.path.isfile(os.path.join(model_dir, n)) for n in WEIGHT_FILES[:2]):
+        file_keys = safetensors_keys(model_dir)   # a truncated or corrupt file fails here, naming itself
+    model, info = AutoModelForImageTextToText.from_pretrained(model_dir, dtype=dtype, output_loading_info=True,
+                                                              ignore_mismatched_sizes=True)
+    on_disk = checkpoint_names(model, list(model.state_dict()))
+    problems = [(on_disk.get(k, k), "is missing") for k in sorted(info["missing_keys"])]
+    problems += [(on_disk.get(k, k), f"has shape {tuple(have)}, the model built from config.json needs {tuple(need)}")
+                 for k, have, need in sorted(info["mismatched_keys"], key=lambda m: m[0])]
+    if info["unexpected_keys"]:
+        # transformers reports them renamed into the model's naming; the file's own names are those that map
+        # to no tensor of the model
+        extra = sorted(set(file_keys) - set(on_disk.values())) if file_keys is not None else []
+        names = extra or sorted(info["unexpected_keys"])
+        problems += [(k, "is not a tensor of the model built from config.json") for k in names]
+    if problems:
+        name, what = problems[0]
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise ValueError(f"{role} checkpoint {_file_of(model_dir, name)}: tensor {name} {what}{more}; "
+                         "transformers would initialise it at random: use the checkpoint its config.json belongs to")
+    model = model.to(device)
+    bad = [k for k, t in model.state_dict().items() if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        name = on_disk.get(bad[0], bad[0])
+        more = f" (and {len(bad) - 1} more)" if len(bad) > 1 else ""
+        raise ValueError(f"{role} checkpoint {_file_of(model_dir, name)}: tensor {name} holds NaN or infinite "
+                         f"values{more}; the checkpoint is corrupt: write or copy it again")
+    return model
+
+
+def _file_of(model_dir: str, disk_name: str) -> str:
+    """The weights file of ``model_dir`` that holds (or, for a missing tensor, should hold) ``disk_name``."""
+    for index in (WEIGHT_FILES[1], WEIGHT_FILES[3]):
+        path = os.path.join(model_dir, index)
+        if os.path.isfile(path):
+            weight_map = read_json(path).get("weight_map") or {}
+            return os.path.join(model_dir, weight_map[disk_name]) if disk_name in weight_map else path
+    return next((os.path.join(model_dir, n) for n in (WEIGHT_FILES[0], WEIGHT_FILES[2])
+                 if os.path.isfile(os.path.join(model_dir, n))), model_dir)
+
+
 def processor_or_none(path: str):
     from transformers import AutoProcessor
 
@@ -381,10 +438,4 @@ def load_model(model_dir: str, device: str | torch.device = "cpu"):
         return load_quantized_model(model_dir, device)
     if not any(os.path.isfile(os.path.join(model_dir, w)) for w in WEIGHT_FILES):
         raise ValueError(f"{model_dir!r} has a config.json but no weights ({', '.join(WEIGHT_FILES)})")
-    from transformers import AutoModelForImageTextToText
-
-    if os.path.isfile(os.path.join(model_dir, "model.safetensors")) or os.path.isfile(
-            os.path.join(model_dir, "model.safetensors.index.json")):
-        safetensors_keys(model_dir)   # a truncated file fails here, naming itself
-    model = AutoModelForImageTextToText.from_pretrained(model_dir)
-    return model.to(device).eval(), processor_or_none(model_dir)
+    return load_pretrained(model_dir, device=device).eval(), processor_or_none(model_dir)

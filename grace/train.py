@@ -16,9 +16,10 @@ sees are averaged over ranks too, so every rank holds the same beta. As with any
 per-rank means, this equals the single-process loss exactly when ranks hold equal numbers of supervised
 tokens (and of images, for RCKA).
 
-Stages, over one :class:`Run` state: :func:`prepare_run_dir` (refuse to overwrite a run, clean up after a
-killed one), :func:`build_data`, :func:`build_student` (load, freeze the vision tower, quantize, shard),
-:func:`build_teacher`, :func:`build_optimizer`, :func:`resume`, :func:`train_step` (one optimizer step),
+Stages, over one :class:`Run` state: :func:`check_run_dir` (refuse to overwrite a run; changes nothing),
+:func:`build_data`, :func:`build_student` (load and check, freeze the vision tower, quantize, shard),
+:func:`build_teacher`, :func:`prepare_run_dir` (clean up after a killed run, write config.json: only once data
+and checkpoints passed their checks), :func:`build_optimizer`, :func:`resume`, :func:`train_step` (one optimizer step),
 :func:`save_checkpoint` and :func:`save_final`; :func:`train` runs them in that order.
 
 Run directory:
@@ -65,7 +66,7 @@ from grace.controller import AdaptiveIBController
 from grace.data import ConversationDataset, SampleStream, build_loader
 from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError
-from grace.families import check_pair, family_of
+from grace.families import check_pair, check_same_tokenizer, family_of
 from grace.io import atomic_path, one_line, read_json
 from grace.objective import TeacherCache, student_objective, teacher_key, teacher_outputs, warmup_scale
 from grace.quantize import quantize_model
@@ -176,11 +177,13 @@ def _shard_student(student, family) -> None:
     register_fsdp_forward_method(student, "grace_objective")
 
 
-def _load_model(path: str, dtype: torch.dtype | str, device: torch.device):
-    """The checkpoint at ``path`` in ``dtype`` ("auto": the dtype its weights are stored in) on ``device``."""
-    from transformers import AutoModelForImageTextToText
+def _load_model(path: str, dtype: torch.dtype | str, device: torch.device, role: str):
+    """The checkpoint at ``path`` in ``dtype`` ("auto": the dtype its weights are stored in) on ``device``; a
+    missing, unexpected, misshapen or non-finite tensor or a truncated file is refused (see
+    :func:`grace.load.load_pretrained`), never trained with random rows."""
+    from grace.load import load_pretrained
 
-    return AutoModelForImageTextToText.from_pretrained(path, dtype=dtype).to(device)
+    return load_pretrained(path, dtype, device, role=role)
 
 
 def _student_skeleton(path: str):
@@ -224,7 +227,7 @@ def _load_sharded_student(run: Run):
 
     full_state, buffers = {}, {}
     if run.main:
-        full = _load_model(run.cfg.student, "auto", run.device)   # on the GPU the scale init is fast
+        full = _load_model(run.cfg.student, "auto", run.device, "student")   # on the GPU the scale init is fast
         _prepare_student(full, run, verbose=False)
         full_state, buffers = full.state_dict(), dict(full.named_buffers())
         del full
@@ -426,7 +429,7 @@ def build_student(run: Run) -> None:
             student = _load_sharded_student(run)
             run.objective = student.grace_objective
         else:
-            student = _load_model(cfg.student, "auto", run.device)
+            student = _load_model(cfg.student, "auto", run.device, "student")
             _prepare_student(student, run, verbose=True)
             _set_dtypes(student, run)
             run.objective = types.MethodType(student_objective, student)
@@ -438,7 +441,8 @@ def build_teacher(run: Run) -> None:
     matmuls are slow), loaded directly in that dtype and replicated on every rank; None when neither KD nor
     RCKA."""
     if run.cfg.kd or run.cfg.rcka:
-        run.teacher = _load_model(run.cfg.teacher, run.frozen_dtype, run.device).eval().requires_grad_(False)
+        run.teacher = _load_model(run.cfg.teacher, run.frozen_dtype, run.device, "teacher").eval()
+        run.teacher.requires_grad_(False)
         run.teacher_key = teacher_key(run.cfg.teacher, run.frozen_dtype, run.compute_dtype)
 
 
@@ -675,8 +679,29 @@ def _model_family(cfg: TrainConfig):
 
     s_conf = AutoConfig.from_pretrained(cfg.student)
     if cfg.kd or cfg.rcka:
-        return check_pair(AutoConfig.from_pretrained(cfg.teacher), s_conf)
+        t_conf = AutoConfig.from_pretrained(cfg.teacher)
+        family = check_pair(t_conf, s_conf)
+        _check_tokenizers(cfg, family.vocab_size(t_conf), family.vocab_size(s_conf))
+        return family
     return family_of(s_conf)
+
+
+def _check_tokenizers(cfg: TrainConfig, teacher_rows: int, student_rows: int) -> None:
+    """The teacher's tokenizer must be the student's over the rows both models have (see
+    :func:`grace.families.check_same_tokenizer`)."""
+    from transformers import AutoProcessor
+
+    processors = []
+    for role in ("teacher", "student"):
+        try:
+            processors.append(AutoProcessor.from_pretrained(getattr(cfg, role)))
+        except (OSError, ValueError, TypeError) as e:
+            raise GraceError(f"{role} {getattr(cfg, role)}: no tokenizer could be loaded ({one_line(e)}); "
+                             "teacher and student tokenizers must be compared before distilling") from None
+    toks = [getattr(p, "tokenizer", p) for p in processors]
+    check_same_tokenizer(*toks, teacher_rows=teacher_rows, student_rows=student_rows,
+                         teacher_image_token=getattr(processors[0], "image_token", None),
+                         student_image_token=getattr(processors[1], "image_token", None))
 
 
 def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE",
@@ -702,14 +727,17 @@ def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE",
               frozen_dtype=torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32,
               compute_dtype=cfg.compute_dtype(dev.type), teacher_cache=teacher_cache)
     state = check_run_dir(cfg, world)
+    torch.manual_seed(cfg.seed)
+    # Data, tokenizers and both checkpoints are checked before the run directory is touched: a start refused
+    # for any of them leaves nothing behind (no config.json that would make the corrected retry need
+    # --overwrite, and under --overwrite the old run is still there).
+    build_data(run)
+    build_student(run)
+    build_teacher(run)
     _barrier(run)   # every rank has looked at the directory before rank 0 changes it
     if run.main:
         prepare_run_dir(cfg)
     _barrier(run)   # resume reads the checkpoint where rank 0 may have just put it back
-    torch.manual_seed(cfg.seed)
-    build_data(run)
-    build_student(run)
-    build_teacher(run)
     build_optimizer(run)
     resume(run, state)
     del state

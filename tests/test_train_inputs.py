@@ -1,6 +1,6 @@
-"""What `grace train` is given is checked before it trains: the teacher's tokenizer against the student's, every
-tensor of both checkpoints, and options whose value is `none` (full-precision distillation). Run as a user runs
-it (a subprocess) on tiny checkpoints and mix665k-shaped data (see test_real_data)."""
+"""What `grace train` is given is checked before it trains: the teacher's tokenizer against the student's, and
+every tensor of both checkpoints. Run as a user runs it (a subprocess) on tiny checkpoints and mix665k-shaped
+data (see test_real_data)."""
 
 import json
 import os
@@ -130,18 +130,3 @@ def test_qwen_teacher_missing_a_tensor_is_refused(pair, tmp_path):
     broken, name = _broken_copy(pair["teacher"], tmp_path / "broken", "missing")
     proc = grace_train(pair, tmp_path / "run", teacher=broken)
     assert_one_line_error(proc, "teacher checkpoint", f"tensor {name} is missing")
-
-
-# --- options whose value is none ---
-
-@LLAVA
-def test_bits_none_distils_in_full_precision_from_the_cli(pair, tmp_path):
-    out = tmp_path / "run"
-    proc = grace_train(pair, out, "--bits", "none", "--max-steps", "2")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert json.load(open(out / "config.json"))["bits"] is None
-    assert "INT4" not in proc.stdout + proc.stderr
-    quant = json.load(open(out / "final" / "quantization.json"))
-    assert quant["bits"] is None and quant["modules"] == []
-    assert os.path.isfile(out / "final" / "model.safetensors")   # a plain Hugging Face checkpoint
-    assert len(metrics(out)) == 2 and all(r["gdkd"] > 0 for r in metrics(out))

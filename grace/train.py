@@ -63,7 +63,7 @@ from tqdm.auto import tqdm
 
 from grace.config import TrainConfig, saved_settings
 from grace.controller import AdaptiveIBController
-from grace.data import ConversationDataset, SampleStream, build_loader
+from grace.data import ConversationDataset, SampleStream, build_loader, end_tokens_of, template_ends_turns
 from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError
 from grace.families import check_pair, check_same_tokenizer, family_of
@@ -402,11 +402,24 @@ def build_data(run: Run) -> None:
 
     cfg = run.cfg
     run.processor = AutoProcessor.from_pretrained(cfg.student)
+    ends = end_tokens_of(run.processor, _generation_eos(cfg.student))
+    if run.main and not template_ends_turns(run.processor, ends):
+        print(f"data: the chat template writes no end-of-sequence token after an assistant turn; "
+              f"{run.processor.tokenizer.eos_token!r} is appended to every assistant turn and supervised, "
+              "so the student learns to stop")
     # Records are indexed here and encoded when drawn: bad ones are skipped and counted by the stream.
     run.dataset = ConversationDataset.from_json(cfg.data, run.processor, cfg.image_folder, cfg.max_length,
-                                                cache=cfg.cache_samples)
+                                                cache=cfg.cache_samples, end_tokens=ends)
     if len(run.dataset) == 0:
         raise GraceError(f"no record in {cfg.data}")
+
+
+def _generation_eos(model_dir: str):
+    """``eos_token_id`` of the checkpoint's generation_config.json (an int, a list or None): the tokens
+    generation stops on, which may include more than the tokenizer's EOS (Qwen's <|im_end|> and
+    <|endoftext|>)."""
+    path = os.path.join(model_dir, "generation_config.json")
+    return read_json(path, what="the generation config").get("eos_token_id") if os.path.isfile(path) else None
 
 
 def build_student(run: Run) -> None:

@@ -20,8 +20,11 @@ from grace.data.encode import (  # noqa: F401
     SkipSample,
     assistant_labels,
     collate,
+    end_assistant_turns,
+    end_tokens_of,
     load_image,
     parse_record,
+    template_ends_turns,
     to_messages,
 )
 from grace.data.index import MAX_RECORD_BYTES, RecordIndex, load_records  # noqa: F401

@@ -16,7 +16,7 @@ from PIL import Image
 from grace.data.index import RecordIndex
 
 IGNORE = -100
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
 class SkipSample(Exception):
@@ -27,17 +27,20 @@ class SkipSample(Exception):
         self.reason = reason
 
 def to_messages(conversations: list[dict]) -> list[dict]:
-    """LLaVA turns ({"from": "human"|"gpt", "value"}) as chat-template messages; the ``<image>`` placeholder
-    becomes an image content item. Raises ValueError on a malformed turn."""
+    """LLaVA turns ({"from": "human"|"gpt"|"system", "value"}; ShareGPT's "user"/"assistant" too) as
+    chat-template messages; the ``<image>`` placeholder becomes an image content item. A system turn becomes
+    a "system" message, which the chat template renders in its system slot. Raises ValueError on a
+    malformed turn."""
     msgs = []
     for turn in conversations:
         role = ROLES.get(turn.get("from")) if isinstance(turn, dict) else None
         text = turn.get("value") if isinstance(turn, dict) else None
         if role is None or not isinstance(text, str):
             raise ValueError("malformed turn")
-        content = []
-        if "<image>" in text:
-            content.append({"type": "image"})
+        # one image item per tag: "<image>\n<image>\n..." is two images, which parse_record refuses for a
+        # record that names one
+        content = [{"type": "image"} for _ in range(text.count("<image>"))]
+        if content:
             text = text.replace("<image>", "").strip()
         content.append({"type": "text", "text": text})
         msgs.append({"role": role, "content": content})
@@ -46,8 +49,9 @@ def to_messages(conversations: list[dict]) -> list[dict]:
 
 def parse_record(rec) -> tuple[list[dict], str | None]:
     """(chat messages, image path or None) of a record, or SkipSample with the reason it is unusable:
-    empty or malformed conversation, no assistant turn, no user turn before the first assistant turn,
-    an image without exactly one ``<image>`` placeholder, or a placeholder without an image. Opens nothing."""
+    empty or malformed conversation, a system turn that is not the first turn, no assistant turn, no user
+    turn before the first assistant turn, an image without exactly one ``<image>`` placeholder (two tags
+    for one image included), or a placeholder without an image. Opens nothing."""
     convs = rec.get("conversations") if isinstance(rec, dict) else None
     if not isinstance(convs, list) or not convs:
         raise SkipSample("empty conversation")
@@ -55,10 +59,12 @@ def parse_record(rec) -> tuple[list[dict], str | None]:
         msgs = to_messages(convs)
     except ValueError:
         raise SkipSample("malformed conversation") from None
+    if any(m["role"] == "system" for m in msgs[1:]):
+        raise SkipSample("system turn after the first turn")
     first = next((i for i, m in enumerate(msgs) if m["role"] == "assistant"), None)
     if first is None:
         raise SkipSample("no assistant turn")
-    if first == 0:
+    if not any(m["role"] == "user" for m in msgs[:first]):
         raise SkipSample("no user turn before the first assistant turn")
     image = rec.get("image") or None
     if image is not None and not isinstance(image, str):
@@ -86,7 +92,9 @@ class ConversationDataset(torch.utils.data.Dataset):
     the assistant turns), and the processor's image tensors ("pixel_values", "image_grid_thw") when the
     record has an image}, T <= max_length; raises SkipSample when the record is unusable (see
     :func:`parse_record`; also a missing or unreadable image, longer than max_length, rejected by the
-    processor, or assistant turns that cannot be located, see :func:`assistant_labels`).
+    processor or its chat template, or assistant turns that cannot be located, see :func:`assistant_labels`).
+    Every assistant turn's end token is supervised: ``end_tokens`` (see :func:`end_assistant_turns`) are
+    the tokens that count as one; a turn the template renders without any gets the tokenizer's EOS.
 
     ``cache=True`` keeps every encoded sample (and every skip) after its first access, in this process (each
     DataLoader worker holds its own): for small data read for many epochs, where encoding (the processor's
@@ -95,17 +103,18 @@ class ConversationDataset(torch.utils.data.Dataset):
     """
 
     def __init__(self, records: list[dict] | RecordIndex, processor, image_folder: str, max_length: int,
-                 cache: bool = False):
+                 cache: bool = False, end_tokens: tuple[str, ...] | None = None):
         if max_length < 1:
             raise ValueError(f"max_length must be >= 1, got {max_length}")
         self.index = records if isinstance(records, RecordIndex) else RecordIndex.from_records(records)
         self.processor, self.image_folder, self.max_length = processor, image_folder, max_length
+        self.end_tokens = end_tokens
         self._cache: dict[int, dict | SkipSample] | None = {} if cache else None
 
     @classmethod
     def from_json(cls, path: str, processor, image_folder: str, max_length: int,
-                  cache: bool = False) -> ConversationDataset:
-        return cls(RecordIndex.from_json(path), processor, image_folder, max_length, cache)
+                  cache: bool = False, end_tokens: tuple[str, ...] | None = None) -> ConversationDataset:
+        return cls(RecordIndex.from_json(path), processor, image_folder, max_length, cache, end_tokens)
 
     def __len__(self) -> int:
         return len(self.index)
@@ -127,7 +136,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _encode(self, i: int) -> dict:
         msgs, image_name = parse_record(self.index[i])
         image = load_image(os.path.join(self.image_folder, image_name)) if image_name else None
-        text = self.processor.apply_chat_template(msgs, tokenize=False)
+        msgs, text = end_assistant_turns(self.processor, msgs, self.end_tokens)
         try:
             enc = self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
         except ValueError:   # e.g. an image too small for the processor's patching
@@ -141,6 +150,84 @@ class ConversationDataset(torch.utils.data.Dataset):
                 sample[key] = enc[key]
         sample["labels"] = assistant_labels(self.processor, msgs, text, input_ids)
         return sample
+
+
+def render(processor, msgs: list[dict], add_generation_prompt: bool = False) -> str:
+    """The chat template's text for ``msgs``; SkipSample when the template refuses them (a template that
+    raises on a role or an order it does not support, e.g. a system turn)."""
+    from jinja2 import TemplateError
+
+    try:
+        return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=add_generation_prompt)
+    except TemplateError:
+        raise SkipSample("chat template rejected the conversation") from None
+
+
+def _assistant_spans(processor, msgs: list[dict], text: str) -> dict[int, tuple[int, int]]:
+    """{k: (lo, hi)} for each assistant message k: the characters of ``text`` (the rendering of ``msgs``) that
+    its turn adds after the generation prompt, [len(render(msgs[:k], generation prompt)),
+    len(render(msgs[:k+1]))). SkipSample when a prefix does not render as a prefix of the whole."""
+    spans = {}
+    for k, m in enumerate(msgs):
+        if m["role"] != "assistant":
+            continue
+        lo_text = render(processor, msgs[:k], add_generation_prompt=True)
+        hi_text = render(processor, msgs[:k + 1])
+        if not (text.startswith(lo_text) and text.startswith(hi_text) and len(lo_text) <= len(hi_text)):
+            raise SkipSample("chat template renders a conversation prefix inconsistently")
+        spans[k] = (len(lo_text), len(hi_text))
+    return spans
+
+
+def end_tokens_of(processor, generation_eos=None) -> tuple[str, ...]:
+    """The tokens that end an answer: the tokenizer's EOS and those of a generation config's ``eos_token_id``
+    (an int or a list, None for none), as token strings."""
+    tok = processor.tokenizer
+    ids = generation_eos if isinstance(generation_eos, (list, tuple)) else [generation_eos]
+    tokens = [tok.eos_token, *(tok.convert_ids_to_tokens(int(i)) for i in ids if i is not None)]
+    return tuple(dict.fromkeys(t for t in tokens if t))
+
+
+def end_assistant_turns(processor, msgs: list[dict], end_tokens: tuple[str, ...] | None = None
+                        ) -> tuple[list[dict], str]:
+    """(messages, their rendering) with every assistant turn ending in an end token, so that the labels
+    (:func:`assistant_labels`) supervise the token that stops generation.
+
+    A turn whose rendered span holds none of ``end_tokens`` (None: the tokenizer's EOS; see
+    :func:`end_tokens_of`) gets the tokenizer's EOS appended to its text, where LLaVA's own training puts
+    ``</s>``: after the answer. llava-hf's Hub template for LLaVA-1.5 writes none ("ASSISTANT: red "), so every
+    turn gets one; a template that writes one (Qwen's ``<|im_end|>``, the tiny models' ``</s>``) is left as
+    it renders. Without an EOS token in the tokenizer, nothing is appended."""
+    text = render(processor, msgs)
+    eos = processor.tokenizer.eos_token
+    ends = end_tokens or (eos,)
+    if not eos:
+        return msgs, text
+    bare = [k for k, (lo, hi) in _assistant_spans(processor, msgs, text).items()
+            if not any(e in text[lo:hi] for e in ends)]
+    if not bare:
+        return msgs, text
+    msgs = [_append_text(m, eos) if k in bare else m for k, m in enumerate(msgs)]
+    return msgs, render(processor, msgs)
+
+
+def _append_text(message: dict, suffix: str) -> dict:
+    content = list(message["content"])
+    last = max(i for i, c in enumerate(content) if c["type"] == "text")
+    content[last] = {**content[last], "text": content[last]["text"] + suffix}
+    return {**message, "content": content}
+
+
+def template_ends_turns(processor, end_tokens: tuple[str, ...] | None = None) -> bool:
+    """Whether the chat template itself ends every assistant turn with an end token (probed on a two-round
+    text conversation); False means :func:`end_assistant_turns` appends the EOS to the turns."""
+    probe = to_messages([{"from": "human", "value": "a"}, {"from": "gpt", "value": "b"},
+                         {"from": "human", "value": "c"}, {"from": "gpt", "value": "d"}])
+    try:
+        ended, _ = end_assistant_turns(processor, probe, end_tokens)
+    except SkipSample:
+        return True   # the template cannot be probed; the samples are checked one by one anyway
+    return ended == probe
 
 
 def assistant_labels(processor, msgs: list[dict], text: str, input_ids: torch.Tensor) -> torch.Tensor:
@@ -157,15 +244,7 @@ def assistant_labels(processor, msgs: list[dict], text: str, input_ids: torch.Te
     not a prefix of the whole, or the processor's ids do not match the tokenizer's.
     """
     tok = processor.tokenizer
-    spans = []
-    for k, m in enumerate(msgs):
-        if m["role"] != "assistant":
-            continue
-        lo_text = processor.apply_chat_template(msgs[:k], tokenize=False, add_generation_prompt=True)
-        hi_text = processor.apply_chat_template(msgs[:k + 1], tokenize=False)
-        if not (text.startswith(lo_text) and text.startswith(hi_text) and len(lo_text) <= len(hi_text)):
-            raise SkipSample("chat template renders a conversation prefix inconsistently")
-        spans.append((len(lo_text), len(hi_text)))
+    spans = list(_assistant_spans(processor, msgs, text).values())
     plain = tok(text, return_offsets_mapping=True)
     plain_ids = np.asarray(plain["input_ids"], np.int64)
     offsets = np.asarray(plain["offset_mapping"], np.int64).reshape(-1, 2)

@@ -38,8 +38,9 @@ QWEN_SPECIAL = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_
 DEFAULT_WORDS = ("what is the color shape of this object in image how many are there where red green blue yellow "
                  "circle square triangle top bottom left right middle center one two three four five six yes no "
                  "? . , objects").split()
-CHAT_TEMPLATE = (
-    "{% for m in messages %}{% if m['role'] == 'user' %}USER: {% for c in m['content'] %}"
+CHAT_TEMPLATE = (   # a system turn's text comes first, unprefixed, as in LLaVA-1.5's own prompt format
+    "{% for m in messages %}{% if m['role'] == 'system' %}{% for c in m['content'] %}{{ c['text'] }} {% endfor %}"
+    "{% elif m['role'] == 'user' %}USER: {% for c in m['content'] %}"
     "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }} {% endif %}{% endfor %}"
     "{% else %}ASSISTANT: {% for c in m['content'] %}{{ c['text'] }} {% endfor %}</s> {% endif %}{% endfor %}"
     "{% if add_generation_prompt %}ASSISTANT: {% endif %}"

@@ -530,9 +530,11 @@ def _result(shape, device, rows, skipped, compile, fixed) -> dict:
     on_gpu = device.type == "cuda"
     name = device_name() if on_gpu else str(device)
     step = {"graph": rows[0]["graph"] if rows else None, "compile": compile}
+    # CPU: agreement only, no speed claimed
+    summary = decode_report.summarize(rows, name, dataclasses.asdict(shape)) if on_gpu else {}
     return {"shape": dataclasses.asdict(shape), "device": name, "rows": list(rows), "skipped": dict(skipped),
             "step": step, "fixed_ms_per_step": dict(fixed),
-            "summary": decode_report.summarize(rows, name) if on_gpu else {}}  # CPU: agreement only
+            "summary": summary}
 
 
 def _release(device) -> None:

@@ -292,6 +292,12 @@ def _parse_env(result: StepResult, ctx: dict) -> None:
     ctx["arch"] = f"{cap[0]}.{cap[1]}" if cap else None
 
 
+def _left(ctx: dict) -> float:
+    """Seconds an after-hook's own commands may take: what is left of the group's budget, less the reserve
+    for writing the results (a hook that overruns raises TimeoutExpired, which the run records)."""
+    return max(1.0, ctx.get("deadline", time.monotonic() + 600) - time.monotonic() - RESERVE_S)
+
+
 def _after_install(result: StepResult, ctx: dict) -> None:
     env = {**os.environ, **ctx.get("step_env", {})}
     if ctx.get("stand_in"):
@@ -300,12 +306,12 @@ def _after_install(result: StepResult, ctx: dict) -> None:
         # an editable install that left the extension in its own build folder: importing from the checkout
         # (every later step runs there) needs it beside the sources
         proc = subprocess.run([_python(), "setup.py", "build_ext", "--inplace"], capture_output=True, text=True,
-                              cwd=ROOT, timeout=600, env={**env, "GRACE_KERNELS_BUILD_EXT": "1",
+                              cwd=ROOT, timeout=_left(ctx), env={**env, "GRACE_KERNELS_BUILD_EXT": "1",
                                                           "TORCH_CUDA_ARCH_LIST": result.details.get(
                                                               "TORCH_CUDA_ARCH_LIST", "")})
         result.output += "\n--- build_ext --inplace ---\n" + proc.stdout[-20000:] + proc.stderr[-20000:]
-    proc = subprocess.run([_python(), "-c", _EXT_PROBE], capture_output=True, text=True, cwd=ROOT, timeout=300,
-                          env=env)
+    proc = subprocess.run([_python(), "-c", _EXT_PROBE], capture_output=True, text=True, cwd=ROOT,
+                          timeout=_left(ctx), env=env)
     result.output += "\n--- extension check ---\n" + proc.stdout[-20000:] + proc.stderr[-5000:]
     info = _json_line(proc.stdout, "EXT_JSON") or {}
     result.details.update(info)
@@ -434,6 +440,7 @@ def run(groups_: list[Group], *, out: str, work: str, start: float | None = None
             result.wall_s, result.rc, result.output = time.monotonic() - t0, rc, output[-LOG_CAP:]
             result.status = "stopped at budget" if timed_out else ("ok" if rc == 0 else "failed")
             if step.after is not None:
+                ctx["deadline"] = deadline  # what an after-hook runs (a build, a probe) stays in the group's time
                 try:
                     step.after(result, ctx)
                 except Exception as e:  # a parser's failure must not lose the step's own result
@@ -512,12 +519,13 @@ def _step_detail(r: StepResult) -> str:
         if r.details.get("failed"):
             detail += "; first failure: " + r.details["failed"][0][:150]
     elif r.name == "install":
-        detail = f"TORCH_CUDA_ARCH_LIST={r.details.get('TORCH_CUDA_ARCH_LIST')}"
-        if r.details.get("why"):
-            detail += "; " + r.details["why"]
+        parts = [f"TORCH_CUDA_ARCH_LIST={r.details.get('TORCH_CUDA_ARCH_LIST')}", r.details.get("why"),
+                 r.details.get("stand_in")]
+        detail = "; ".join(filter(None, parts))
     elif r.name.endswith("check") and r.output:
         verdict = [line for line in r.output.splitlines() if "ERROR SUMMARY" in line or "RACECHECK SUMMARY" in line]
-        detail = (verdict[-1].strip() if verdict else "") + f"; driver: {_last_line(r.output, 'failed')}"
+        parts = [verdict[-1].strip() if verdict else "", f"driver: {_last_line(r.output, 'failed')}"]
+        detail = "; ".join(filter(None, parts))
     return detail.replace("|", "/")
 
 

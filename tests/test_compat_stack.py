@@ -10,8 +10,9 @@ About 750 MB to download and 2.5 GB on disk; two to four minutes on a fresh CI m
 
 In that environment: the package imports and two CPU test files pass (backend choice, the decode
 benchmark's three paths and its decoder against transformers' LlamaForCausalLM), the project installs with pip, the
-minimum versions in pyproject.toml are the ones tested here, and every Triton kernel compiles ahead of
-time for sm_90 with Triton 3.6 (``python -m grace_kernels.aot --arch 90``).
+minimum versions in pyproject.toml are the ones tested here, every Triton kernel compiles ahead of
+time for sm_90 with Triton 3.6 (``python -m grace_kernels.aot --arch 90``), and the GPU day's one command
+(benchmarks/gpu_acceptance.sh) passes its dry run and completes its CPU stand-in run.
 
 Also here, for the Triton installed in this environment and in the side one: the float32 W4A16 kernel
 is compiled with IEEE float32 products, not TF32 (the interpreter ignores ``input_precision``, so only
@@ -220,3 +221,18 @@ def test_triton_36_compiles_every_kernel_for_sm90_with_ieee_fp32(side_env, tmp_p
     result = _ir_check(True, tmp_path)
     assert result["triton"].startswith(STACK["triton"] + ".")
     _check_ieee(result)
+
+
+def test_side_stack_runs_the_gpu_day_dry_run_and_stand_in(side_env, tmp_path):
+    """The GPU day's orchestrator under the image's releases: its dry run imports what every step imports,
+    and its CPU stand-in run completes every group and writes every result file."""
+    script = os.path.join(ROOT, "benchmarks", "gpu_acceptance.sh")
+    env = {**_env(True), "PYTHON": sys.executable, "OUT": str(tmp_path / "out")}
+    dry = _run(["bash", script, "--dry-run"], side=True, env=env)
+    assert dry.returncode == 0 and "PROBLEM" not in dry.stdout, dry.stdout[-4000:] + dry.stderr[-2000:]
+    run = _run(["bash", script, "--stand-in"], side=True, env=env)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    saved = json.loads((tmp_path / "out" / "acceptance.json").read_text())
+    assert saved["env"]["torch"].startswith(STACK["torch"]) and saved["env"]["triton"].startswith(STACK["triton"])
+    assert {s["status"] for s in saved["steps"]} == {"ok"}, [(s["name"], s["status"]) for s in saved["steps"]]
+    assert {"summary.md", "decode.json", "benchmarks.json"} <= set(os.listdir(tmp_path / "out"))

@@ -36,7 +36,8 @@ This process imports neither torch nor grace_kernels (only the steps' fresh inte
 day the package becomes importable only after the install step, which runs after this process started);
 its own summary is written with decode_report and preflight, which are pure Python at import.
 
-Results, at most 8 files and no subfolder, go to ``$OUT`` (default benchmarks/results/): summary.md,
+Results, at most 8 files and no subfolder, go to ``$OUT`` (default benchmarks/results/; for the stand-in, a
+temporary folder): summary.md,
 acceptance.json (groups, steps, statuses, times, the preflight, test counts, extension resource usage),
 acceptance.log (every step's full output), decode.json, benchmarks.json (all kernel benchmark rows).
 
@@ -625,8 +626,8 @@ def dry_run(groups_: list[Group], *, stand_in: bool = False, imports: bool = Tru
     return 1 if problems else 0
 
 
-def main(argv: list[str] | None = None) -> int:
-    start = time.monotonic()
+def plan(argv: list[str] | None, work: str) -> tuple[argparse.Namespace, list[Group]]:
+    """The command line's arguments and the groups it runs (budgets scaled); exits 2 on a bad argument."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--budget", type=float, help=f"seconds for the chosen groups, shared in proportion to their "
                    f"budgets (default: theirs, {sum(GROUPS_BUDGET_S.values())} s for all)")
@@ -638,8 +639,6 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.budget is not None and args.budget <= 0:
         p.error("--budget must be positive")
-    out = os.environ.get("OUT") or os.path.join(ROOT, "benchmarks", "results")
-    work = tempfile.mkdtemp(prefix="gpu_acceptance_")
     chosen = groups(work, stand_in=args.stand_in, full_benchmarks=args.full_benchmarks)
     if args.groups:
         wanted = args.groups.split(",")
@@ -655,9 +654,18 @@ def main(argv: list[str] | None = None) -> int:
                     f"{[s.name for g in chosen for s in g.steps]}")
         chosen = [dataclasses.replace(g, steps=[s for s in g.steps if s.name in wanted]) for g in chosen]
         chosen = [g for g in chosen if g.steps]
-    chosen = scaled(chosen, args.budget)
+    return args, scaled(chosen, args.budget)
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.monotonic()
+    work = tempfile.mkdtemp(prefix="gpu_acceptance_")
+    args, chosen = plan(argv, work)
     if args.dry_run:
         return dry_run(chosen, stand_in=args.stand_in)
+    # the stand-in's CPU numbers never land beside GPU results
+    out = os.environ.get("OUT") or (os.path.join(work, "out") if args.stand_in else
+                                    os.path.join(ROOT, "benchmarks", "results"))
     results = run(chosen, out=out, work=work, start=start, stand_in=args.stand_in)
     with open(os.path.join(out, "summary.md")) as f:
         print(f.read())

@@ -213,3 +213,25 @@ def test_preflight_times_a_tiny_kernel_through_the_graph_stand_in():
     lines = preflight.describe({**costs, "device": "cpu", "nvcc": None, "ncu": "/x/ncu"})
     assert any(line.startswith("tiny kernel:") and "CPU stand-in" in line for line in lines)
     assert any("nvcc MISSING" in line and "ncu at /x/ncu" in line for line in lines)
+
+
+def test_the_documented_commands_fit_the_machine_and_parse():
+    """docs/gpu-run.md's commands for the lent machine: each under the device tool's 2,000 characters, its
+    results under $OUT, its arguments valid, its budget inside the timeout_s stated before it, and the first
+    run plus a retry inside the 15 minutes."""
+    doc = open(os.path.join(ROOT, "docs", "gpu-run.md")).read()
+    blocks = re.findall(r"`timeout_s` (\d+):\n\n```\n(.*?)\n```", doc, re.S)
+    assert len(blocks) == 4, blocks  # the first run; retries: on the warm machine, on a fresh one, without a build
+    timeouts = []
+    for timeout_s, command in blocks:
+        assert len(command) < 2000 and "\n" not in command and '"$OUT/' in command, command
+        argv = command.split("gpu_acceptance.sh", 1)[1].split("2>&1")[0].split()
+        _, groups = ga.plan(argv, "/tmp/unused")
+        budget = sum(g.budget_s for g in groups)
+        assert budget + 30 <= int(timeout_s), (command, budget, timeout_s)
+        timeouts.append(int(timeout_s))
+    first, warm, fresh, no_build = timeouts
+    start = 120  # a machine's start, at the slow end
+    assert start + first + warm <= 900  # the warm machine is retried at once: no second start
+    assert start + fresh <= 330 and start + no_build <= 240  # within the 5.5 and 4 minutes the doc names
+    assert "--steps" not in blocks[0][1] and "install" not in blocks[1][1] and "install" in blocks[2][1]

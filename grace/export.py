@@ -44,7 +44,17 @@ from torch import nn
 
 from grace.families import family_of
 from grace.io import read_json
-from grace.load import DTYPES, final_dir, load_student, read_quantization, safetensors_keys
+from grace.load import (
+    DTYPES,
+    final_dir,
+    find_final,
+    find_run_checkpoint,
+    load_checkpoint_student,
+    load_student,
+    read_checkpoint_state,
+    read_quantization,
+    safetensors_keys,
+)
 from grace.naming import (
     adopt_checkpoint_layout,
     checkpoint_names,
@@ -204,7 +214,28 @@ def _convert(model: nn.Module, scheme: Scheme, dtype: str | None) -> list[str]:
     return quantized
 
 
-def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False) -> str:
+def _trained_student(run_dir: str, step: int | None):
+    """(scheme, group_size, final/ or None, a function loading (model, processor)): what ``export_run``
+    exports, its scheme known before anything large is read."""
+    final = find_final(run_dir)
+    if step is None and final is None:
+        ckpt = find_run_checkpoint(run_dir)
+        if ckpt is not None:
+            held = read_checkpoint_state(ckpt)["step"]
+            raise ValueError(f"{run_dir!r} is not a finished training run (no final/); its checkpoint/ holds step "
+                             f"{held}: pass --step {held} to export that checkpoint")
+        final_dir(run_dir)   # raises, saying what a finished run holds
+    if step is None:
+        q = read_quantization(final)
+        return scheme_for_bits(q["bits"]), q["group_size"], final, lambda: load_student(final)
+    ckpt = find_run_checkpoint(run_dir)
+    cfg = read_checkpoint_state(ckpt)["config"] if ckpt is not None else {}
+    return (scheme_for_bits(cfg.get("bits")), cfg.get("group_size"), final,
+            lambda: load_checkpoint_student(run_dir, step)[:2])
+
+
+def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrite: bool = False,
+               step: int | None = None) -> str:
     """Write the trained student of ``run_dir`` as a Hugging Face checkpoint in ``out_dir``.
 
     The run's scheme (:mod:`grace.schemes`, from its ``bits``) decides the format: INT4 and INT8 runs become
@@ -212,7 +243,8 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
     full-precision run a plain checkpoint transformers loads as it is.
 
     Args:
-        run_dir: a finished training run (with ``final/``), or its ``final/`` directory.
+        run_dir: a finished training run (with ``final/``), or its ``final/`` directory; with ``step``, any
+            run (finished or not) whose ``checkpoint/`` holds that step.
         out_dir: the model directory to create: model.safetensors, config.json, generation config,
             processor/tokenizer files.
         dtype: "bfloat16", "float16" or "float32" for the tensors kept in full precision (vision
@@ -221,6 +253,8 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
             trained scales widened exactly to float32. A half-precision export needs the trained scales to
             fit that dtype exactly (:func:`_checkpoint_scales`).
         overwrite: replace an existing non-empty ``out_dir``.
+        step: export the run's ``checkpoint/`` (written every ``save_every`` steps, by any number of ranks),
+            which must hold this step, instead of ``final/``: an unfinished or interrupted run.
 
     Returns:
         ``out_dir``. The directory appears complete or not at all: everything is written to a
@@ -228,22 +262,24 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
         student checkpoint the run trained from; ``ignore`` holds patterns (see the module docstring).
 
     Raises:
-        ValueError: no finished run, a run whose bits no scheme serves, an unknown dtype, a non-empty
-            ``out_dir`` without ``overwrite``; a file of final/ missing, truncated or malformed (the
-            message names it and what to do); a layer whose scales are not finite or do not fit ``dtype``.
+        ValueError: no finished run (for an unfinished one the message names the step its checkpoint
+            holds), a checkpoint that holds another step than ``step``, a run whose bits no scheme serves, an
+            unknown dtype, a non-empty ``out_dir`` without ``overwrite``; a file of final/ or checkpoint/
+            missing, truncated or malformed (the message names it and what to do); a layer whose scales are
+            not finite or do not fit ``dtype``.
     """
     if dtype is not None and dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)} or None, got {dtype!r}")
-    final = final_dir(run_dir)
-    q = read_quantization(final)
-    scheme = scheme_for_bits(q["bits"])
+    if step is not None and (not isinstance(step, int) or isinstance(step, bool) or step < 1):
+        raise ValueError(f"step must be a positive int or None, got {step!r}")
+    scheme, group_size, final, load = _trained_student(run_dir, step)
     out_dir = os.path.abspath(out_dir)
     if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
         raise ValueError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise ValueError(f"{out_dir} exists and is not a directory")
 
-    model, processor = load_student(final)
+    model, processor = load()
     with torch.no_grad():
         quantized = _convert(model, scheme, dtype)
         if dtype is not None:
@@ -251,14 +287,14 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
             for p in model.parameters():
                 if p.is_floating_point():
                     p.data = p.data.to(DTYPES[dtype])
-    _adopt_source_layout(model, run_dir, final)
+    _adopt_source_layout(model, run_dir, final or os.path.join(run_dir, "final"))
     qconfig = None
     if scheme.quantized:
         full = linear_names(model)   # the quantized ones are served layers now, no longer nn.Linear
         names = module_checkpoint_names(model, full + quantized)
         ignore = ignore_patterns([(n, names[n]) for n in full], [(n, names[n]) for n in quantized],
                                  family_patterns=family_of(model.config).ignore_patterns())
-        qconfig = scheme.checkpoint_config(group_size=q["group_size"], ignore=ignore)
+        qconfig = scheme.checkpoint_config(group_size=group_size, ignore=ignore)
     _write_model_dir(model, processor, qconfig, out_dir)
     return out_dir
 

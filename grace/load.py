@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import warnings
 
 import torch
 from torch import nn
@@ -236,6 +237,76 @@ def _file_of(model_dir: str, disk_name: str) -> str:
                  if os.path.isfile(os.path.join(model_dir, n))), model_dir)
 
 
+def _checkpoint_reader():
+    """(find_checkpoint, read_checkpoint) of the trainer's run-directory code."""
+    try:
+        from grace.rundir import find_checkpoint, read_checkpoint
+    except ImportError:   # the run-directory code still inside grace.train
+        from grace.train import _find_checkpoint as find_checkpoint
+        from grace.train import _read_checkpoint as read_checkpoint
+    return find_checkpoint, read_checkpoint
+
+
+def find_run_checkpoint(run_dir: str) -> str | None:
+    """The ``checkpoint/`` directory of a training run (finished or not), or None."""
+    return _checkpoint_reader()[0](run_dir) if os.path.isdir(run_dir) else None
+
+
+def read_checkpoint_state(ckpt: str) -> dict:
+    """The trainer state of checkpoint directory ``ckpt`` (step, config ...), its shards checked complete."""
+    return _checkpoint_reader()[1](ckpt)
+
+
+def load_checkpoint_student(run_dir: str, step: int | None = None, device: str | torch.device = "cpu"):
+    """The fake-quantized student of the latest checkpoint of a training run, finished or not.
+
+    ``checkpoint/`` (torch.distributed.checkpoint shards from any number of ranks, and the trainer state)
+    is read in this one process: the student is rebuilt from the student checkpoint the run names, its
+    linears swapped as training swapped them (the run's scheme, group size, scale dtype), and the
+    checkpoint's weights and log-scales loaded into it (float32).
+
+    Args:
+        step: the step the checkpoint must hold (a run keeps its latest checkpoint only); None: any.
+
+    Returns:
+        (model in eval mode on ``device``, processor, the checkpoint's trainer config as a dict, its step).
+
+    Raises:
+        ValueError: no checkpoint/; a checkpoint that is incomplete or holds another step (both named); a
+            student checkpoint the run names that no longer exists.
+    """
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint import load as dcp_load
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from grace.schemes import scheme_for_bits
+
+    find_checkpoint, read_checkpoint = _checkpoint_reader()
+    ckpt = find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    if ckpt is None:
+        raise ValueError(f"{run_dir!r} has no checkpoint/ (a run writes one every --save-every steps)")
+    state = read_checkpoint(ckpt)
+    if step is not None and state["step"] != step:
+        raise ValueError(f"{ckpt} holds step {state['step']}, not step {step} (a run keeps its latest checkpoint "
+                         "only)")
+    cfg = state["config"]
+    student = cfg.get("student")
+    if not isinstance(student, str) or not os.path.isdir(student):
+        raise ValueError(f"{ckpt}: the student checkpoint the run trained from, {student!r}, is not a directory; "
+                         "its architecture and processor are needed to read the checkpoint")
+    model = AutoModelForImageTextToText.from_config(_config_from_dir(student), dtype=torch.float32)
+    scale_dtype = getattr(torch, cfg["scale_dtype"]) if cfg.get("scale_dtype") else None
+    # the scales this initialises are overwritten by the checkpoint's
+    scheme_for_bits(cfg.get("bits")).prepare(model, group_size=cfg["group_size"], scale_dtype=scale_dtype,
+                                             verbose=False)
+    weights = model.state_dict()
+    with warnings.catch_warnings():   # DCP warns on every single-process load, this function's purpose
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
+        dcp_load({"student": weights}, storage_reader=FileSystemReader(ckpt), no_dist=True)
+    model.load_state_dict(weights, strict=True)
+    return model.to(device).eval(), AutoProcessor.from_pretrained(student), cfg, state["step"]
+
+
 def processor_or_none(path: str):
     from transformers import AutoProcessor
 
@@ -418,7 +489,9 @@ def load_model(model_dir: str, device: str | torch.device = "cpu"):
     * a compressed-tensors checkpoint (config.json with a quantization_config): :func:`load_quantized_model`;
     * a plain Hugging Face checkpoint (config.json and weights): ``from_pretrained``;
     * a training run (with ``final/``) or its ``final/`` directory: the fake-quantized student
-      (:func:`load_student`), so an export can be compared with what was trained.
+      (:func:`load_student`), so an export can be compared with what was trained;
+    * an unfinished training run (``checkpoint/``, no ``final/``): the student of its latest checkpoint
+      (:func:`load_checkpoint_student`).
 
     Returns:
         (model in eval mode on ``device``, processor or None).
@@ -430,6 +503,8 @@ def load_model(model_dir: str, device: str | torch.device = "cpu"):
         raise ValueError(f"{model_dir!r} is not a directory")
     if find_final(model_dir) is not None:
         return load_student(model_dir, device)
+    if find_run_checkpoint(model_dir) is not None:
+        return load_checkpoint_student(model_dir, device=device)[:2]
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):
         raise ValueError(f"{model_dir!r} is neither a model directory (config.json) nor a finished training run "

@@ -259,10 +259,9 @@ def test_plain_transformers_loads_and_generates_like_grace(run, dtype, tmp_path,
         return
     # half: both hold the same codes and scales, but transformers + compressed-tensors dequantize the weight to
     # the half dtype (code x scale, rounded) and run the model in it, while ours multiplies in float32, so logits
-    # differ by that rounding (measured: up to 2.6% of the largest logit in bf16). Greedy decoding may then part
-    # only where the top two logits are that close,
-    # as an untrained tiny model's sometimes are: step by step, the logits agree to rounding until the tokens
-    # differ, and where they first differ it is such a near-tie.
+    # differ by that rounding (docs/export.md gives the measured gap). Greedy decoding may then part only where
+    # the top two logits are that close, as an untrained tiny model's sometimes are: step by step, the logits
+    # agree to rounding until the tokens differ, and where they first differ it is such a near-tie.
     text = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
     enc = processor(text=[text], images=[img], return_tensors="pt")
     n_prompt = enc["input_ids"].shape[1]

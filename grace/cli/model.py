@@ -12,7 +12,8 @@ DEVICE_HELP = field_docs()["device"]
 
 def _model_arguments(p, *, max_new_tokens: int) -> None:
     """What eval and generate share: the model to load, where, and how long an answer may be."""
-    p.add_argument("model_dir", help="an INT4 / INT8 export, a Hugging Face checkpoint, or a training run")
+    p.add_argument("model_dir", help="an INT4 / INT8 export, a Hugging Face checkpoint, or a training run "
+                                     "(finished: final/; unfinished: its latest checkpoint/)")
     p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="longest answer generated, in tokens")
     p.add_argument("--device", default="auto", help=DEVICE_HELP)
 
@@ -20,12 +21,14 @@ def _model_arguments(p, *, max_new_tokens: int) -> None:
 def add_parser(sub) -> None:
     p = sub.add_parser("export", help="write a trained run as a Hugging Face checkpoint: compressed-tensors "
                                       "pack-quantized for INT4 / INT8 runs, plain for full-precision ones")
-    p.add_argument("run_dir", help="a finished `grace train` run (or its final/ directory)")
+    p.add_argument("run_dir", help="a finished `grace train` run (or its final/ directory); with --step, any run")
     p.add_argument("out_dir", help="the model directory to create")
     p.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                    help="dtype of the tensors kept in full precision and of the quantized layers' scales "
                         "(default: float32, exactly as trained)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing out_dir")
+    p.add_argument("--step", type=int, default=None,
+                   help="export the run's checkpoint/ of this step instead of final/ (an unfinished run)")
     p.set_defaults(func=_export)
 
     p = sub.add_parser("eval", help="greedy-decoding accuracy, weight bytes, peak memory and decode speed of a model")
@@ -58,7 +61,7 @@ def _export(args) -> int:
     from grace.export import export_run
     from grace.io import read_json
 
-    out = export_run(args.run_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    out = export_run(args.run_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite, step=args.step)
     qc = read_json(os.path.join(out, "config.json")).get("quantization_config")
     bits = qc["config_groups"]["group_0"]["weights"]["num_bits"] if qc else None
     print(f"{f'INT{bits} compressed-tensors' if bits else 'full-precision'} model written to {out}")

@@ -1,0 +1,93 @@
+"""An unfinished run becomes a model: ``grace train`` stopped after its step-2 checkpoint (final/ never
+written), then ``grace export --step``, ``grace generate`` on the run directory and on the export, and plain
+transformers on the export; all through the CLI, in subprocesses, as a user runs them."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from grace.demo.tiny import build_tiny_vlm
+from grace.export import export_run
+from grace.load import load_checkpoint_student, load_model
+from tests.test_train import write_dataset
+
+
+def _cli(*argv, timeout=600):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}   # a CPU user: the references
+    return subprocess.run([sys.executable, "-m", "grace", *map(str, argv)], capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def unfinished(tmp_path_factory):
+    root = tmp_path_factory.mktemp("unfinished")
+    teacher = build_tiny_vlm(str(root / "teacher"), family="llava", size="teacher", seed=1)
+    student = build_tiny_vlm(str(root / "student"), family="llava", size="student", seed=2)
+    data, images = write_dataset(root, corrupt=False)
+    finished = root / "finished"
+    proc = _cli("train", "--teacher", teacher, "--student", student, "--data", data, "--image-folder", images,
+                "--output-dir", finished, "--max-steps", "2", "--save-every", "2", "--batch-size", "2",
+                "--grad-accum", "1", "--lr", "1e-2", "--no-progress")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = root / "run"
+    shutil.copytree(finished, run)
+    shutil.rmtree(run / "final")   # what a run stopped between its last checkpoint and the end leaves
+    return {"root": root, "run": str(run), "finished": str(finished), "images": images}
+
+
+def test_export_of_an_unfinished_run_by_step(unfinished, tmp_path, reference_backend):
+    run = unfinished["run"]
+    out = tmp_path / "int4"
+    no_step = _cli("export", run, out)
+    assert no_step.returncode == 2 and no_step.stderr.count("\n") == 1, no_step.stderr
+    assert "is not a finished training run (no final/); its checkpoint/ holds step 2: pass --step 2" in no_step.stderr
+    wrong = _cli("export", run, out, "--step", "3")
+    assert wrong.returncode == 2 and "holds step 2, not step 3" in wrong.stderr and not out.exists(), wrong.stderr
+
+    done = _cli("export", run, out, "--step", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout == f"INT4 compressed-tensors model written to {out}\n"
+    # the step-2 checkpoint is what final/ of the finished run holds: the two exports are the same tensors
+    from_final = export_run(unfinished["finished"], str(tmp_path / "from-final"))
+    mine, theirs = load_file(str(out / "model.safetensors")), load_file(os.path.join(from_final, "model.safetensors"))
+    assert mine.keys() == theirs.keys() and all(torch.equal(mine[k], theirs[k]) for k in mine)
+    # and the served model computes what the checkpoint's fake-quantized student computes
+    student, processor, cfg, step = load_checkpoint_student(run, step=2)
+    assert step == 2 and cfg["bits"] == 4
+    served, _ = load_model(str(out))
+    image = os.path.join(unfinished["images"], "0.png")
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"}, {
+        "type": "text", "text": "what is the color of this object ?"}]}], add_generation_prompt=True, tokenize=False)
+    from PIL import Image
+
+    enc = processor(images=[Image.open(image).convert("RGB")], text=[text], return_tensors="pt")
+    with torch.no_grad():
+        a, b = student(**enc).logits, served(**enc).logits
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max(), (a - b).abs().max()
+
+
+def test_generate_and_eval_read_an_unfinished_run(unfinished, tmp_path, caplog):
+    """``grace generate`` on the run directory answers what ``grace generate`` on its export answers, and
+    plain transformers loads the export with no missing or unexpected key."""
+    run, out = unfinished["run"], tmp_path / "int4"
+    assert _cli("export", run, out, "--step", "2").returncode == 0
+    image = os.path.join(unfinished["images"], "1.png")
+    answers = []
+    for model_dir in (run, out):
+        proc = _cli("generate", model_dir, "--image", image, "--prompt", "what is the color of this object ?",
+                    "--max-new-tokens", "4", "--device", "cpu")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        answers.append(proc.stdout)
+    assert answers[0] == answers[1], answers
+    ev = _cli("eval", run, "--data", os.path.join(unfinished["root"], "data.json"), "--image-folder",
+              unfinished["images"], "--max-new-tokens", "2", "--device", "cpu")
+    assert ev.returncode == 0 and '"total": 8' in ev.stdout, ev.stderr[-3000:]
+    from transformers import AutoModelForImageTextToText
+
+    _, info = AutoModelForImageTextToText.from_pretrained(str(out), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info

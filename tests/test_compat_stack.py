@@ -236,3 +236,77 @@ def test_side_stack_runs_the_gpu_day_dry_run_and_stand_in(side_env, tmp_path):
     assert saved["env"]["torch"].startswith(STACK["torch"]) and saved["env"]["triton"].startswith(STACK["triton"])
     assert {s["status"] for s in saved["steps"]} == {"ok"}, [(s["name"], s["status"]) for s in saved["steps"]]
     assert {"summary.md", "decode.json", "benchmarks.json"} <= set(os.listdir(tmp_path / "out"))
+
+
+# Loads each export with plain transformers and prints its greedy tokens (run in the side environment).
+_LOAD_EXPORTS = r"""
+import json, sys
+from PIL import Image
+import transformers
+from transformers import AutoModelForImageTextToText, AutoProcessor
+from grace.data import to_messages
+
+cases = json.load(open(sys.argv[1]))
+out = {}
+for export, case in cases.items():
+    model, info = AutoModelForImageTextToText.from_pretrained(export, output_loading_info=True)
+    processor = AutoProcessor.from_pretrained(export)
+    turns = to_messages([{"from": "human", "value": "<image>\n" + case["prompt"]}])
+    text = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    enc = processor(text=[text], images=[Image.open(case["image"]).convert("RGB")], return_tensors="pt")
+    enc = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in enc.items()}
+    ids = model.eval().generate(**enc, max_new_tokens=8, do_sample=False,
+                                pad_token_id=processor.tokenizer.pad_token_id)
+    out[export] = {"problems": {k: sorted(map(str, v)) for k, v in info.items() if v},
+                   "tokens": ids[0, enc["input_ids"].shape[1]:].tolist()}
+print("EXPORTS " + json.dumps({"transformers": transformers.__version__, "exports": out}))
+"""
+
+
+@pytest.mark.slow
+def test_side_stack_transformers_loads_every_export_and_generates_like_grace(side_env, tmp_path):
+    """The declared minimum transformers loads INT4 and INT8 exports of tiny LLaVA and Qwen2-VL runs in
+    float32 (the default: float32 scales) and bfloat16 with no missing, unexpected or mismatched key, and
+    greedy decoding gives grace's tokens (before float32 exports stored float32 scales, the first forward
+    failed there with a float / bfloat16 dtype mismatch)."""
+    import numpy as np
+    from PIL import Image
+
+    from grace.data import to_messages
+    from grace.demo import tiny
+    from grace.export import export_run
+    from grace.load import load_model
+    from grace_kernels import use_backend
+    from tests.test_export import _make_run
+
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(image)
+    prompt = "what color is the circle ?"
+    cases, grace_tokens = {}, {}
+    for family in ("llava", "qwen2_vl"):
+        base = tiny.build_tiny_vlm(str(tmp_path / f"base-{family}"), family=family)
+        for bits in (4, 8):
+            run = tmp_path / f"run-{family}-{bits}"
+            _make_run(base, run, bits=bits, seed=1)
+            for dtype in (None, "bfloat16"):
+                export = export_run(str(run), str(tmp_path / f"{family}-int{bits}-{dtype or 'float32'}"), dtype=dtype)
+                cases[export] = {"image": str(image), "prompt": prompt}
+                with use_backend("reference"):
+                    model, processor = load_model(export)
+                    turns = to_messages([{"from": "human", "value": "<image>\n" + prompt}])
+                    text = processor.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+                    enc = processor(text=[text], images=[Image.open(image).convert("RGB")], return_tensors="pt")
+                    enc = {k: (v.to(model.dtype) if v.is_floating_point() else v) for k, v in enc.items()}
+                    ids = model.generate(**enc, max_new_tokens=8, do_sample=False,
+                                         pad_token_id=processor.tokenizer.pad_token_id)
+                grace_tokens[export] = ids[0, enc["input_ids"].shape[1]:].tolist()
+    (tmp_path / "cases.json").write_text(json.dumps(cases))
+    script = tmp_path / "load_exports.py"
+    script.write_text(_LOAD_EXPORTS)
+    proc = _run([sys.executable, str(script), str(tmp_path / "cases.json")], side=True)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = _json_line(proc.stdout, "EXPORTS")
+    assert got["transformers"].startswith(STACK["transformers"] + "."), got["transformers"]
+    for export, result in got["exports"].items():
+        assert not result["problems"], (export, result["problems"])
+        assert result["tokens"] == grace_tokens[export], (export, result["tokens"], grace_tokens[export])

@@ -696,6 +696,61 @@ def test_load_int4_model_is_strict(llava_run, tmp_path, edit_tensors, edit_qc, m
         load_int4_model(_tampered(run, tmp_path, edit_tensors, edit_qc))
 
 
+def _asymmetric(qc):
+    # llm-compressor's W4A16_ASYM (and compressed-tensors' AWQ converter): zero points, one per group
+    qc["config_groups"]["group_0"]["weights"].update(symmetric=False, zp_dtype="torch.int8")
+
+
+def _zero_points(t):
+    for k in [k for k in t if k.endswith(".weight_scale")]:
+        n, groups = t[k].shape
+        t[k.replace("weight_scale", "weight_zero_point")] = torch.zeros((n + 7) // 8, groups, dtype=torch.int32)
+
+
+def _channelwise(qc):
+    qc["config_groups"]["group_0"]["weights"].update(strategy="channel", group_size=None)
+
+
+def _two_groups(qc):
+    groups = qc["config_groups"]
+    groups["group_1"] = {**copy.deepcopy(groups["group_0"]), "targets": ["re:.*mlp.*"]}
+    groups["group_0"]["targets"] = ["re:.*self_attn.*"]
+
+
+def _activations(qc):
+    qc["config_groups"]["group_0"]["input_activations"] = {"num_bits": 8, "type": "float", "strategy": "token",
+                                                           "dynamic": True, "symmetric": True}
+
+
+@pytest.mark.parametrize("edit_tensors, edit_qc, message", [
+    (_zero_points, _asymmetric, "unsupported asymmetric weights \\(zero points; supported: symmetric\\)"),
+    (None, _channelwise, "unsupported strategy 'channel' \\(supported: group\\); group_size None"),
+    (None, _two_groups, "expected one config group, found 2"),
+    (None, _activations, "unsupported activation quantization \\(only weight-only W4A16 / W8A16"),
+], ids=["asymmetric", "channel-wise", "two-config-groups", "activation-quantization"])
+def test_other_producers_variants_are_refused_in_one_line(llava_run, tmp_path, edit_tensors, edit_qc, message):
+    """What other compressed-tensors producers write and this loader does not serve: one line that starts
+    with the config file and names the field."""
+    path = _tampered(llava_run, tmp_path, edit_tensors, edit_qc)
+    with pytest.raises(ValueError, match=message) as caught:
+        load_int4_model(path)
+    assert "\n" not in str(caught.value) and str(caught.value).startswith(os.path.join(path, "config.json"))
+
+
+def test_cli_refuses_an_asymmetric_checkpoint_in_one_line(llava_run, tmp_path):
+    path = _tampered(llava_run, tmp_path, _zero_points, _asymmetric)
+    image = tmp_path / "image.png"
+    Image.fromarray(np.zeros((56, 56, 3), dtype=np.uint8)).save(image)
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "grace", "generate", path, "--image", str(image), "--prompt", "hi"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
+    assert proc.stderr.count("\n") == 1 and "asymmetric weights (zero points" in proc.stderr, proc.stderr
+
+
 def test_load_int4_model_rejects_unquantized_directories(llava_run, tmp_path):
     run = llava_run
     with pytest.raises(ValueError, match="no quantization_config"):

@@ -79,6 +79,30 @@ def check_scale_values(scales: torch.Tensor, name: str = "scales") -> None:
         raise ValueError(f"{name} must be finite and > 0, got values such as {bad}")
 
 
+def check_weight_shape(shape) -> tuple[int, int]:
+    """``shape`` as (N, K); ValueError unless it is two ints."""
+    if (not isinstance(shape, tuple | list) or len(shape) != 2
+            or not all(isinstance(d, int) and not isinstance(d, bool) for d in shape)):
+        raise ValueError(f"shape must be two ints (N, K), got {shape!r}")
+    return tuple(shape)
+
+
+def check_codes_and_scales(codes, scales, group_size: int, check_shape=None) -> tuple[int, int]:
+    """(N, K) of int8 ``codes`` [N, K] with ``scales`` [N, K/group_size] float16/bfloat16 on the codes' device,
+    finite and > 0; ``check_shape(n, k, group_size)`` checks the format's shape rules (default: INT4's
+    :func:`check_format`). ValueError naming the argument otherwise; the code range is the caller's."""
+    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
+        raise ValueError(f"codes must be a 2-D int8 tensor, got {getattr(codes, 'dtype', type(codes))} "
+                         f"with shape {tuple(getattr(codes, 'shape', ()))}")
+    n, k = codes.shape
+    (check_shape or check_format)(n, k, group_size)
+    _check_tensor("scales", scales, SCALE_DTYPES, (n, k // group_size))
+    if scales.device != codes.device:
+        raise ValueError(f"scales is on {scales.device} but codes is on {codes.device}")
+    check_scale_values(scales)
+    return n, k
+
+
 @dataclasses.dataclass
 class Int4Weight:
     """An INT4 weight [N, K] in the canonical format: ``packed`` int32 [N, K/8], ``scales`` [N, K/group_size].
@@ -97,10 +121,7 @@ class Int4Weight:
     kernel_scales: torch.Tensor | None = dataclasses.field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        if (not isinstance(self.shape, tuple | list) or len(self.shape) != 2
-                or not all(isinstance(d, int) and not isinstance(d, bool) for d in self.shape)):
-            raise ValueError(f"shape must be two ints (N, K), got {self.shape!r}")
-        self.shape = tuple(self.shape)
+        self.shape = check_weight_shape(self.shape)
         n, k = self.shape
         check_format(n, k, self.group_size)
         _check_tensor("packed", self.packed, (torch.int32,), (n, k // 8))
@@ -137,17 +158,9 @@ def pack_int4(codes: torch.Tensor, scales: torch.Tensor, group_size: int = 128) 
     multiple of 8 and of group_size; group_size not in :data:`GROUP_SIZES`; scales not float16/bfloat16
     [N, K/group_size] on the codes' device, or not finite and > 0.
     """
-    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
-        raise ValueError(f"codes must be a 2-D int8 tensor, got {getattr(codes, 'dtype', type(codes))} "
-                         f"with shape {tuple(getattr(codes, 'shape', ()))}")
-    n, k = codes.shape
-    check_format(n, k, group_size)
-    _check_tensor("scales", scales, SCALE_DTYPES, (n, k // group_size))
-    if scales.device != codes.device:
-        raise ValueError(f"scales is on {scales.device} but codes is on {codes.device}")
+    n, k = check_codes_and_scales(codes, scales, group_size)
     if int(codes.min()) < -8 or int(codes.max()) > 7:
         raise ValueError(f"codes must be in [-8, 7], got [{int(codes.min())}, {int(codes.max())}]")
-    check_scale_values(scales)
     return Int4Weight(ref.pack_int4_ref(codes), scales.contiguous(), (n, k), group_size)
 
 

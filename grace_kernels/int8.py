@@ -16,17 +16,10 @@ import dataclasses
 
 import torch
 
-from grace_kernels.int4 import GROUP_SIZES, SCALE_DTYPES, check_scale_values
+from grace_kernels.int4 import GROUP_SIZES, SCALE_DTYPES, _check_tensor, check_codes_and_scales, check_weight_shape
 from grace_kernels.reference import w8a16 as ref
 
 __all__ = ["GROUP_SIZES", "SCALE_DTYPES", "Int8Weight", "pack_int8", "unpack_int8"]
-
-
-def _check_tensor(name: str, t, dtypes: tuple[torch.dtype, ...], shape: tuple[int, int]) -> None:
-    if not isinstance(t, torch.Tensor) or t.dtype not in dtypes or tuple(t.shape) != shape:
-        names = " or ".join(str(d).removeprefix("torch.") for d in dtypes)
-        raise ValueError(f"{name} must be {names} with shape {shape}, got {getattr(t, 'dtype', type(t))} "
-                         f"{tuple(getattr(t, 'shape', ()))}")
 
 
 def check_format(n: int, k: int, group_size: int) -> None:
@@ -52,10 +45,7 @@ class Int8Weight:
     group_size: int = 128
 
     def __post_init__(self):
-        if (not isinstance(self.shape, tuple | list) or len(self.shape) != 2
-                or not all(isinstance(d, int) and not isinstance(d, bool) for d in self.shape)):
-            raise ValueError(f"shape must be two ints (N, K), got {self.shape!r}")
-        self.shape = tuple(self.shape)
+        self.shape = check_weight_shape(self.shape)
         n, k = self.shape
         check_format(n, k, self.group_size)
         _check_tensor("packed", self.packed, (torch.int32,), (n, k // ref.PER_WORD))
@@ -82,15 +72,7 @@ def pack_int8(codes: torch.Tensor, scales: torch.Tensor, group_size: int = 128) 
     group_size not in :data:`GROUP_SIZES`, scales not float16/bfloat16 [N, K/group_size] on the codes'
     device, or not finite and > 0.
     """
-    if not isinstance(codes, torch.Tensor) or codes.dtype != torch.int8 or codes.dim() != 2:
-        raise ValueError(f"codes must be a 2-D int8 tensor, got {getattr(codes, 'dtype', type(codes))} "
-                         f"with shape {tuple(getattr(codes, 'shape', ()))}")
-    n, k = codes.shape
-    check_format(n, k, group_size)
-    _check_tensor("scales", scales, SCALE_DTYPES, (n, k // group_size))
-    if scales.device != codes.device:
-        raise ValueError(f"scales is on {scales.device} but codes is on {codes.device}")
-    check_scale_values(scales)
+    n, k = check_codes_and_scales(codes, scales, group_size, check_format)
     return Int8Weight(ref.pack_int8_ref(codes), scales.contiguous(), (n, k), group_size)
 
 

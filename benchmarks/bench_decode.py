@@ -474,7 +474,9 @@ def run_decode(shape: LlamaShape = LLAVA_7B_LM, *, batches=(1, 8), prompt_len: i
     step with every backbone linear replaced by :class:`NoLinear` (the per-step cost that is not weight
     streaming). ``before_measure(path=, batch=, model=, engine=)`` is called before each timing (tests).
     ``progress(result)`` is called with the result so far after each measured row (so that a run stopped
-    at a budget keeps what it measured).
+    at a budget keeps what it measured). The order is the order of value for such a run: bf16 and int4
+    (the targets' comparison), then the fixed cost, then torch's int4 (a peer); the rates that need the
+    fixed cost are filled in once it is measured.
 
     Each row: batch, path, decode_tokens_per_s (prefill excluded), decode_ms_per_step, prefill_ms,
     peak_mem_gib / peak_reserved_gib (CUDA allocator peaks over prefill + decode, model resident),
@@ -491,7 +493,13 @@ def run_decode(shape: LlamaShape = LLAVA_7B_LM, *, batches=(1, 8), prompt_len: i
     copy_gbps = decode_report.device_limit(decode_report.COPY_GBPS, device_name()) if on_gpu else None
     rows, skipped, reference, fixed = [], {}, {}, {}
     opts = {"graph": graph, "compile": compile, "before_measure": before_measure}
-    for path in ([NO_LINEARS] if fixed_cost else []) + list(paths):
+    peers = [p for p in paths if p == "int4pack"]
+    order = [p for p in paths if p not in peers] + ([NO_LINEARS] if fixed_cost else []) + peers
+
+    def rates(row: dict) -> None:
+        _rates(row, shape, fixed.get(row["batch"]), peak_gbps, copy_gbps)
+
+    for path in order:
         why = path_unavailable(path, dtype, device)
         if why is not None:
             skipped[path] = why
@@ -507,7 +515,6 @@ def run_decode(shape: LlamaShape = LLAVA_7B_LM, *, batches=(1, 8), prompt_len: i
                 fixed[b] = row["decode_ms_per_step"]
                 continue
             row.update(dtype=str(dtype).removeprefix("torch."), weights_gib=weights / 2 ** 30)
-            _rates(row, shape, fixed.get(b), peak_gbps, copy_gbps)
             tokens = row.pop("tokens")
             if path == PATHS[0]:
                 reference[b] = (logits, tokens)
@@ -518,15 +525,17 @@ def run_decode(shape: LlamaShape = LLAVA_7B_LM, *, batches=(1, 8), prompt_len: i
             row["tokens"] = tokens.tolist()
             rows.append(row)
             if progress is not None:
-                progress(_result(shape, device, rows, skipped, compile, fixed))
+                progress(_result(shape, device, rows, skipped, compile, fixed, rates))
         del model
         if compile is not None:
             torch._dynamo.reset()  # its caches hold the compiled step's module, hence the model
     _release(device)
-    return _result(shape, device, rows, skipped, compile, fixed)
+    return _result(shape, device, rows, skipped, compile, fixed, rates)
 
 
-def _result(shape, device, rows, skipped, compile, fixed) -> dict:
+def _result(shape, device, rows, skipped, compile, fixed, rates) -> dict:
+    for row in rows:  # again each time: rows measured before the fixed cost get the rates that need it
+        rates(row)
     on_gpu = device.type == "cuda"
     name = device_name() if on_gpu else str(device)
     step = {"graph": rows[0]["graph"] if rows else None, "compile": compile}

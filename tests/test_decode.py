@@ -28,6 +28,10 @@ def test_three_paths_agree_at_toy_size(reference_backend):
                            reps=1, progress=partial.append)
     assert [len(p["rows"]) for p in partial] == list(range(1, len(result["rows"]) + 1))
     assert partial[-1]["rows"] == result["rows"] and partial[0]["rows"] == result["rows"][:1]
+    # the order of value for a run stopped at its budget: the targets' comparison first, the peer last;
+    # rows measured before the fixed cost still get it
+    assert [(r["path"], r["batch"]) for r in result["rows"]] == [(p, b) for p in bd.PATHS for b in (1, 2)]
+    assert all(r["fixed_ms_per_step"] == result["fixed_ms_per_step"][r["batch"]] for r in result["rows"])
     assert result["skipped"] == {}, result["skipped"]
     rows = {(r["batch"], r["path"]): r for r in result["rows"]}
     assert set(rows) == {(b, p) for b in (1, 2) for p in bd.PATHS}
@@ -137,7 +141,7 @@ def test_no_previous_model_or_cache_is_alive_while_the_next_path_is_measured():
 
     bd.run_decode(SMALL, batches=(1, 2), prompt_len=6, new_tokens=3, dtype=torch.float32, device="cpu", reps=1,
                   paths=("bf16", "int4"), compile="eager", before_measure=before_measure)
-    assert seen == [(p, b) for p in (bd.NO_LINEARS, "bf16", "int4") for b in (1, 2)]
+    assert seen == [(p, b) for p in ("bf16", "int4", bd.NO_LINEARS) for b in (1, 2)]  # the order of value
 
 
 def test_rates_use_the_bytes_per_step_and_the_fixed_cost():

@@ -235,3 +235,17 @@ def test_the_documented_commands_fit_the_machine_and_parse():
     assert start + first + warm <= 900  # the warm machine is retried at once: no second start
     assert start + fresh <= 330 and start + no_build <= 240  # within the 5.5 and 4 minutes the doc names
     assert "--steps" not in blocks[0][1] and "install" not in blocks[1][1] and "install" in blocks[2][1]
+
+
+def test_the_documented_plan_is_the_code():
+    """docs/gpu-run.md's table of groups, budgets, steps and estimates matches the orchestrator's."""
+    doc = open(os.path.join(ROOT, "docs", "gpu-run.md")).read()
+    rows = re.findall(r"^\| (?:(\w+) \((\d+)\))? ?\| ([\w-]+) \| (\d+) \|", doc, re.MULTILINE)
+    documented, group = [], None
+    for name, budget, step, estimate in rows:
+        group = (name, int(budget)) if name else group
+        documented.append((*group, step, int(estimate)))
+    assert documented == [(g.name, g.budget_s, s.name, s.estimate_s) for g in ga.groups("/tmp/unused") for s in g.steps]
+    total = sum(s.estimate_s for g in ga.groups("/tmp/unused") for s in g.steps)
+    assert f"The estimates sum to {total} s" in doc and f"that is {total + ga.STARTUP_S} s" in doc
+    assert f"The run's own budget is {sum(ga.GROUPS_BUDGET_S.values())} s" in doc

@@ -14,6 +14,7 @@ import sys
 import torch
 
 from grace.io import read_json, write_json
+from grace.reporting import parse_report_to
 from grace_kernels import KD_TYPES
 from grace_kernels.int4 import GROUP_SIZES
 from grace_kernels.int4 import SCALE_DTYPES as _INT4_SCALE_DTYPES
@@ -163,9 +164,17 @@ class TrainConfig:
     # bookkeeping
     save_every: int = 0
     """Write a checkpoint every N optimizer steps (0: only at the end)."""
+    save_every_minutes: float = 30.0
+    """Also write a checkpoint once this many minutes of wall time have passed since the last one (0: off)."""
+    report_to: str | None = None
+    """Loggers beside metrics.jsonl, comma-separated: tensorboard (needs the tensorboard package; none: only
+    metrics.jsonl)."""
     resume: bool = False
     """Continue the run in --output-dir from its checkpoint/ (the settings must match, except those that may
     change on resume)."""
+    accept_data_change: bool = False
+    """With --resume: continue although the data file changed since the checkpoint (from the next epoch of the
+    new file, with a fresh skip list)."""
     overwrite: bool = False
     """Replace the run in --output-dir (without it or --resume, an existing run is refused)."""
     seed: int = 0
@@ -199,8 +208,8 @@ class TrainConfig:
         """Check every option before anything is loaded.
 
         Ranges: lr, scale_lr, max_grad_norm, temperature, gate_temperature finite and > 0; weight decays,
-        loss weights (tckd_weight, nckd_weight, omega), tau, eta finite and >= 0; 0 <= beta_min <=
-        beta_init <= beta_max, finite; ema_decay and warmup_ratio in [0, 1); batch_size, grad_accum,
+        loss weights (tckd_weight, nckd_weight, omega), tau, eta, save_every_minutes finite and >= 0;
+        0 <= beta_min <= beta_init <= beta_max, finite; ema_decay and warmup_ratio in [0, 1); batch_size, grad_accum,
         epochs, max_length, max_steps integers >= 1; save_every, gdkd_warmup_steps, rcka_warmup_steps, seed,
         num_workers integers >= 0; mixed_precision one of "auto", "bf16", "none".
         With ``check_paths``: the teacher's (when used) and student's config.json exist and parse, the data
@@ -228,6 +237,10 @@ class TrainConfig:
             problems.append(f"kd_t2 must be True or False, got {self.kd_t2!r}")
         if self.preset not in PRESETS:
             problems.append(f"preset must be one of {', '.join(sorted(PRESETS))}, got {self.preset!r}")
+        try:
+            parse_report_to(self.report_to, check=check_paths)
+        except ValueError as e:
+            problems.append(str(e))
         if self.resume and self.overwrite:
             problems.append("resume and overwrite exclude each other: continue the run or replace it")
         for name, low in (("batch_size", 1), ("grad_accum", 1), ("epochs", 1), ("max_length", 1),
@@ -244,8 +257,8 @@ class TrainConfig:
                 continue
             if not _finite(value) or value <= 0:
                 problems.append(f"{name} must be finite and > 0, got {value!r}")
-        for name in ("weight_decay", "scale_weight_decay", "tckd_weight", "nckd_weight", "omega", "tau", "eta",
-                     "beta_min"):
+        for name in ("save_every_minutes", "weight_decay", "scale_weight_decay", "tckd_weight", "nckd_weight",
+                     "omega", "tau", "eta", "beta_min"):
             value = getattr(self, name)
             if name == "scale_weight_decay" and value is None:
                 continue

@@ -16,3 +16,16 @@ class GraceError(ValueError):
 
 class NonFiniteLossError(GraceError, FloatingPointError):
     """Training produced a NaN or infinite loss; the message says whether a checkpoint is left to resume."""
+
+
+class TrainingStopped(SystemExit):
+    """Training stopped on a signal (SIGTERM, SIGINT) after writing a checkpoint. A SystemExit whose code is
+    128 + the signal's number, the shell's convention for a death by that signal, so the ``grace`` command
+    exits with it without a traceback; ``signum`` and ``step`` say which signal and where it stopped."""
+
+    def __init__(self, signum: int, step: int, message: str):
+        super().__init__(128 + signum)
+        self.signum, self.step, self.message = signum, step, message
+
+    def __str__(self) -> str:
+        return self.message

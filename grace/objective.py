@@ -32,6 +32,7 @@ import dataclasses
 import torch
 
 import grace_kernels as gk
+from grace.config import TrainConfig
 from grace.families import Family
 
 MODEL_INPUTS = ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "mm_token_type_ids")
@@ -106,6 +107,37 @@ def rcka_per_image(student_feats: torch.Tensor, teacher_feats: torch.Tensor, cu_
         return torch.zeros((), device=student_feats.device), dropped
     # A degenerate image enters out.loss as exactly 1 - 0 with zero gradient: take it back out of the mean.
     return (out.loss * images - dropped) / (images - dropped), dropped
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """The settings of the objective (their TrainConfig fields of the same names document each one): which
+    terms are on (``kd``, ``rcka``), RCKA's weight ``omega``, GDKD's ``temperature``, ``tckd_weight``,
+    ``nckd_weight``, ``gate``, ``gate_temperature``, ``kd_type`` ("dkd" or "kl"), ``kd_t2`` (the KD term's
+    convention: times T^2 or not), and the warm-up lengths of
+    the two distillation terms in optimizer steps. The defaults are TrainConfig's (the paper's)."""
+
+    kd: bool = TrainConfig.kd
+    rcka: bool = TrainConfig.rcka
+    omega: float = TrainConfig.omega
+    temperature: float = TrainConfig.temperature
+    tckd_weight: float = TrainConfig.tckd_weight
+    nckd_weight: float = TrainConfig.nckd_weight
+    gate: bool = TrainConfig.gate
+    gate_temperature: float = TrainConfig.gate_temperature
+    kd_type: str = TrainConfig.kd_type
+    kd_t2: bool = TrainConfig.kd_t2
+    gdkd_warmup_steps: int = TrainConfig.gdkd_warmup_steps
+    rcka_warmup_steps: int = TrainConfig.rcka_warmup_steps
+
+    @classmethod
+    def from_train_config(cls, cfg) -> LossConfig:
+        """The loss settings of a :class:`grace.config.TrainConfig` (its fields of the same names)."""
+        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+
+    def scales(self, step: int) -> tuple[float, float]:
+        """(GDKD, RCKA) warm-up weights at optimizer step ``step`` (:func:`warmup_scale`)."""
+        return warmup_scale(step, self.gdkd_warmup_steps), warmup_scale(step, self.rcka_warmup_steps)
 
 
 @dataclasses.dataclass
@@ -194,24 +226,24 @@ def teacher_key(path: str, *dtypes: torch.dtype) -> str:
     return f"{os.path.abspath(path)}|{','.join(map(str, dtypes))}|{stats}"
 
 
-def student_objective(student, family: Family, batch: dict, teacher: TeacherOutputs, *, beta: float, omega: float,
-                      kd: bool, rcka: bool, gdkd_scale: float = 1.0, rcka_scale: float = 1.0,
-                      temperature: float = 2.0,
-                      tckd_weight: float = 1.0, nckd_weight: float = 4.0, gate: bool = True,
-                      gate_temperature: float = 1.0, kd_type: str = "dkd", kd_t2: bool = False) -> LossParts:
-    """The student's forward and the loss for one micro-batch (module docstring for the terms).
+def student_objective(student, family: Family, batch: dict, teacher: TeacherOutputs, loss: LossConfig, *,
+                      beta: float, gdkd_scale: float = 1.0, rcka_scale: float = 1.0) -> LossParts:
+    """The student's forward and the loss for one micro-batch (module docstring for the terms), with the
+    settings of ``loss`` and this step's ``beta``.
 
     ``gdkd_scale`` and ``rcka_scale`` are the warm-up weights of the two distillation terms
-    (:func:`warmup_scale`). ``kd_t2`` picks the KD term's convention (TrainConfig.kd_t2): False, the paper's
-    Eqs. 1-3 without a T^2 factor; True, times T^2 as in the release. The returned ``gdkd`` (what the controller
-    compares with tau) is on the same scale as the term in ``total``. Under FSDP the trainer registers this as a
-    forward method of the sharded student (it reads the LM head's weight directly, outside any submodule's forward).
+    (:meth:`LossConfig.scales`). ``loss.kd_t2`` picks the KD term's convention (TrainConfig.kd_t2): False, the
+    paper's Eqs. 1-3 without a T^2 factor; True, times T^2 as in the release. The returned ``gdkd`` (what the
+    controller compares with tau) is on the same scale as the term in ``total``. Under FSDP the trainer registers
+    this as a forward method of the sharded student (it reads the LM head's weight directly, outside any
+    submodule's forward).
 
     Raises:
         ValueError: teacher and student hidden states of different sequence shapes; images whose token
             counts do not match the image tokens of ``input_ids``.
     """
     labels = batch["labels"]
+    kd, rcka = loss.kd, loss.rcka
     hs, hs_pen = _hidden(family, student, batch, rcka)
     ht = teacher.hidden
     if ht is not None and ht.shape[:2] != hs.shape[:2]:
@@ -222,14 +254,14 @@ def student_objective(student, family: Family, batch: dict, teacher: TeacherOutp
     kd_weight = beta * gdkd_scale if (kd and ht is not None) else 0.0
     # The fused loss's KD term carries T^2 (grace_kernels.gated_dkd_loss); the paper's convention divides it out.
     # The loss is linear in kd_weight and its gradient too, so scaling the weight is exact, not an approximation.
-    kd_scale = 1.0 if kd_t2 else 1.0 / temperature ** 2
+    kd_scale = 1.0 if loss.kd_t2 else 1.0 / loss.temperature ** 2
     head_t = teacher.lm_head
     lm = gk.fused_linear_grace_loss(
         hs[:, :-1].reshape(-1, hs.shape[-1]), head_s.weight, target=target, student_bias=head_s.bias,
         teacher_hidden=ht[:, :-1].reshape(-1, ht.shape[-1]) if kd_weight else None,
         teacher_weight=head_t.weight if kd_weight else None, teacher_bias=head_t.bias if kd_weight else None,
-        ce_weight=1.0, kd_weight=kd_weight * kd_scale, temperature=temperature, tckd_weight=tckd_weight,
-        nckd_weight=nckd_weight, gate=gate, gate_temperature=gate_temperature, kd_type=kd_type)
+        ce_weight=1.0, kd_weight=kd_weight * kd_scale, temperature=loss.temperature, tckd_weight=loss.tckd_weight,
+        nckd_weight=loss.nckd_weight, gate=loss.gate, gate_temperature=loss.gate_temperature, kd_type=loss.kd_type)
     total = lm.loss
     # A micro-batch without a usable image (text-only records, as in LLaVA's mix665k) adds no RCKA term: weight
     # and gradient zero, and rcka_images 0 tells the trainer that the zero below was not measured.
@@ -242,6 +274,6 @@ def student_objective(student, family: Family, batch: dict, teacher: TeacherOutp
             rcka_value, dropped = rcka_per_image(hs_pen[mask][rows], teacher.penultimate[mask][rows], cu)
             rcka_images = cu.numel() - 1 - dropped
             if rcka_images:
-                total = total + omega * rcka_scale * rcka_value
+                total = total + loss.omega * rcka_scale * rcka_value
     return LossParts(total, lm.ce, lm.gdkd * kd_scale, rcka_value.detach(), lm.gate_mean, int(lm.num_valid),
                      rcka_images)

@@ -16,71 +16,46 @@ sees are averaged over ranks too, so every rank holds the same beta. As with any
 per-rank means, this equals the single-process loss exactly when ranks hold equal numbers of supervised
 tokens (and of images, for RCKA).
 
-Stages, over one :class:`Run` state: :func:`check_run_dir` (refuse to overwrite a run; changes nothing),
-:func:`build_data`, :func:`build_student` (load and check, freeze the vision tower, quantize, shard),
-:func:`build_teacher`, :func:`prepare_run_dir` (clean up after a killed run, write config.json: only once data
-and checkpoints passed their checks), :func:`build_optimizer`, :func:`resume`, :func:`train_step` (one optimizer step),
-:func:`save_checkpoint` and :func:`save_final`; :func:`train` runs them in that order.
+Stages, over one :class:`Run` state: :func:`grace.rundir.check_run_dir` (refuse to overwrite a run; changes
+nothing), :func:`build_data`, :func:`build_student` (load and check, freeze the vision tower, quantize, shard),
+:func:`build_teacher`, :func:`grace.rundir.prepare_run_dir` (clean up after a killed run, write config.json: only
+once data and checkpoints passed their checks), :func:`build_optimizer`, :func:`resume`, :func:`train_step` (one
+optimizer step), :func:`save_checkpoint` and :func:`save_final`; :func:`train` runs them in that order.
 
-Run directory:
-    config.json        the TrainConfig of the run (ablation switches included)
-    metrics.jsonl      one line per optimizer step
-    checkpoint/        written every save_every steps and at the end with torch.distributed.checkpoint:
-                       every rank writes its shard of the student and optimizer (one .distcp file each),
-                       rank 0 adds trainer_state.pt (schedule, controller, data position, RNG, step,
-                       config); written into checkpoint.tmp-<pid>/, then renamed into place. It resumes on
-                       any number of ranks (DCP reshards on load).
-    final/             student state (weights + log-scales), quantization.json, model config, processor
-    controller.png     beta and the EMA of GDKD against tau, and the losses, over steps
-A directory holding any of these is a run: ``train`` refuses it unless ``resume`` (continue from
-checkpoint/) or ``overwrite`` (delete these files first) is set.
+The run directory (config.json, metrics.jsonl, checkpoint/, final/, controller.png) and its rules are
+:mod:`grace.rundir`'s; each step's row goes to the loggers of :mod:`grace.reporting` (metrics.jsonl always).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import glob
-import json
 import math
 import os
-import shutil
+import signal
+import sys
+import threading
 import time
 import types
-import warnings
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import (
-    StateDictOptions,
-    get_model_state_dict,
-    get_state_dict,
-    set_state_dict,
-)
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from tqdm.auto import tqdm
 
-from grace.config import TrainConfig, saved_settings
+from grace import rundir
+from grace.config import TrainConfig
 from grace.controller import AdaptiveIBController
 from grace.data import ConversationDataset, SampleStream, build_loader, end_tokens_of, template_ends_turns
 from grace.device import resolve_device
-from grace.errors import GraceError, NonFiniteLossError
+from grace.errors import GraceError, NonFiniteLossError, TrainingStopped
 from grace.families import check_pair, check_same_tokenizer, family_of
-from grace.io import atomic_path, one_line, read_json
-from grace.objective import TeacherCache, student_objective, teacher_key, teacher_outputs, warmup_scale
+from grace.io import one_line, read_json
+from grace.load import load_pretrained
+from grace.objective import LossConfig, TeacherCache, student_objective, teacher_key, teacher_outputs
 from grace.quantize import quantize_model
+from grace.reporting import make_loggers
 
-RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final", "controller.png")
-TRAINER_STATE = "trainer_state.pt"   # inside checkpoint/, beside the DCP shards
-TRAINER_STATE_KEYS = ("scheduler", "controller", "data_position", "rng_cpu", "step", "world_size", "config")
-# Options that may differ between a checkpoint and the run resuming it: where files live, which device runs,
-# how often to save, how many worker processes encode samples and whether they keep them (the stream depends on
-# neither); every other option changes the trajectory, so a difference is refused. batch_size is compared as
-# batch_size x world size, the global batch, so a run may resume on another number of ranks.
-RESUMABLE_CHANGES = frozenset({"output_dir", "resume", "overwrite", "device", "save_every", "teacher", "student",
-                               "data", "image_folder", "gradient_checkpointing", "batch_size",
-                               "num_workers", "cache_samples"})
 LOSS_KEYS = ("loss", "ce", "gdkd", "rcka", "gate")   # a metrics row's losses, in this order
 MEAN_KEYS = tuple(k for k in LOSS_KEYS if k != "rcka")   # averaged over micro-batches; rcka over measured images
 
@@ -125,6 +100,12 @@ class Run:
     history: list[dict] = dataclasses.field(default_factory=list)
     teacher_cache: TeacherCache | None = None   # shared with other runs of the same teacher (train's argument)
     teacher_key: str = ""                       # the teacher's key in teacher_cache (build_teacher)
+    loss: LossConfig = dataclasses.field(default_factory=LossConfig)   # the objective's settings, from cfg
+    loggers: list = dataclasses.field(default_factory=list)            # rank 0's (grace.reporting)
+    data_fingerprint: dict | None = None                               # grace.rundir.data_fingerprint
+
+    def __post_init__(self):
+        self.loss = LossConfig.from_train_config(self.cfg)
 
     @property
     def main(self) -> bool:
@@ -177,15 +158,6 @@ def _shard_student(student, family) -> None:
     register_fsdp_forward_method(student, "grace_objective")
 
 
-def _load_model(path: str, dtype: torch.dtype | str, device: torch.device, role: str):
-    """The checkpoint at ``path`` in ``dtype`` ("auto": the dtype its weights are stored in) on ``device``; a
-    missing, unexpected, misshapen or non-finite tensor or a truncated file is refused (see
-    :func:`grace.load.load_pretrained`), never trained with random rows."""
-    from grace.load import load_pretrained
-
-    return load_pretrained(path, dtype, device, role=role)
-
-
 def _student_skeleton(path: str):
     """The student's architecture on the meta device, float32: shapes and dtypes, no storage."""
     from transformers import AutoConfig, AutoModelForImageTextToText
@@ -227,7 +199,8 @@ def _load_sharded_student(run: Run):
 
     full_state, buffers = {}, {}
     if run.main:
-        full = _load_model(run.cfg.student, "auto", run.device, "student")   # on the GPU the scale init is fast
+        # on the GPU the scale init is fast
+        full = load_pretrained(run.cfg.student, "auto", run.device, role="student")
         _prepare_student(full, run, verbose=False)
         full_state, buffers = full.state_dict(), dict(full.named_buffers())
         del full
@@ -256,142 +229,6 @@ def _schedule(total: int, warmup_ratio: float):
         return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
     return f
-
-
-def _save_atomic(obj, path: str) -> None:
-    """torch.save to ``path.tmp-<pid>``, then rename: a crash before the rename leaves the previous file
-    intact (and a temp file that :func:`prepare_run_dir` removes at the next start)."""
-    with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
-
-
-# --- stage 1: the run directory ---
-
-def check_run_dir(cfg: TrainConfig, world: int = 1) -> dict | None:
-    """Decide, without changing anything, whether training may use ``cfg.output_dir``; every rank runs it.
-
-    Returns the trainer state of the checkpoint to resume from (read, its shards' sizes checked against
-    their index, its settings checked against ``cfg`` run on ``world`` ranks), or None to start at step 0.
-
-    Raises:
-        GraceError: the directory holds a run and neither ``resume`` nor ``overwrite`` is set; ``resume`` of a
-            run that logged steps but has no checkpoint/; a checkpoint that cannot be read, is truncated or
-            lacks entries; the run's config.json is not valid JSON; settings that differ from the checkpoint's.
-    """
-    out = cfg.output_dir
-    present = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
-    if not cfg.resume:
-        if present and not cfg.overwrite:
-            raise GraceError(f"{out} already holds a run ({', '.join(present)}): pass --resume to continue it "
-                             "or --overwrite to replace it")
-        return None
-    if "config.json" in present:
-        read_json(os.path.join(out, "config.json"), what="the run's configuration")
-    ckpt = _find_checkpoint(out)
-    if ckpt is None:
-        if _read_metrics(os.path.join(out, "metrics.jsonl")):
-            raise GraceError(f"cannot resume: {os.path.join(out, 'checkpoint')} is missing (the run logged steps "
-                             "but left no checkpoint); pass --overwrite instead of --resume to train it again "
-                             "from step 0")
-        return None
-    state = _read_checkpoint(ckpt)
-    _check_same_settings(state, cfg, world, ckpt)
-    return state
-
-
-def _find_checkpoint(out: str) -> str | None:
-    """checkpoint/, or the previous one a crash left renamed aside while publishing a new one."""
-    path = os.path.join(out, "checkpoint")
-    if os.path.isdir(path):
-        return path
-    aside = sorted(glob.glob(os.path.join(glob.escape(out), "checkpoint.old-*")))
-    return aside[-1] if aside else None
-
-
-def _read_checkpoint(path: str) -> dict:
-    """The trainer state of checkpoint directory ``path``, after checking that every shard file the DCP index
-    names exists and is long enough (a truncated shard would otherwise fail deep inside the load)."""
-    from torch.distributed.checkpoint import FileSystemReader
-
-    hint = "pass --overwrite instead of --resume to train again from step 0"
-    try:
-        metadata = FileSystemReader(path).read_metadata()
-    except Exception as e:   # missing, empty or cut-short .metadata
-        raise GraceError(f"{os.path.join(path, '.metadata')} cannot be read ({one_line(e, first=True)}): the "
-                         f"checkpoint is incomplete; {hint}") from e
-    needed: dict[str, int] = {}
-    for info in metadata.storage_data.values():
-        needed[info.relative_path] = max(needed.get(info.relative_path, 0), info.offset + info.length)
-    for name, size in sorted(needed.items()):
-        shard = os.path.join(path, name)
-        have = os.path.getsize(shard) if os.path.isfile(shard) else None
-        if have is None or have < size:
-            state = "missing" if have is None else f"truncated ({have} of {size} bytes)"
-            raise GraceError(f"{shard} is {state}: the checkpoint is incomplete; {hint}")
-    state_path = os.path.join(path, TRAINER_STATE)
-    try:
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-    except Exception as e:   # torch reports a truncated file as RuntimeError, EOFError or UnpicklingError
-        raise GraceError(f"{state_path} cannot be read ({one_line(e, first=True)}): it is truncated or missing; "
-                         f"{hint}") from e
-    missing = [k for k in TRAINER_STATE_KEYS if not isinstance(state, dict) or k not in state]
-    if missing:
-        raise GraceError(f"{state_path} is not a grace trainer state: it lacks {', '.join(missing)}")
-    return state
-
-
-def _check_same_settings(state: dict, cfg: TrainConfig, world: int, path: str) -> None:
-    saved, now = saved_settings(state["config"]), dataclasses.asdict(cfg)
-    differ = [f"{k} {now[k]!r} (checkpoint: {saved[k]!r})" for k in now
-              if k in saved and k not in RESUMABLE_CHANGES and saved[k] != now[k]]
-    if saved["batch_size"] * state["world_size"] != cfg.batch_size * world:
-        differ.append(f"batch_size x ranks {cfg.batch_size} x {world} (checkpoint: {saved['batch_size']} x "
-                      f"{state['world_size']})")
-    if differ:
-        raise GraceError(f"cannot resume {path}: settings differ from the checkpoint's: {', '.join(differ)}; "
-                         "resume with the checkpoint's settings or pass --overwrite to start again")
-
-
-def prepare_run_dir(cfg: TrainConfig) -> None:
-    """Rank 0 only, after :func:`check_run_dir` passed on every rank: create the directory, put back a
-    checkpoint a crash left renamed aside, delete what a killed process left (temp files and directories,
-    superseded checkpoints), delete the old run's files under ``overwrite``, write config.json."""
-    out = cfg.output_dir
-    os.makedirs(out, exist_ok=True)
-    ckpt = os.path.join(out, "checkpoint")
-    aside = _find_checkpoint(out)
-    if aside is not None and aside != ckpt:
-        os.rename(aside, ckpt)
-    pattern = os.path.join(glob.escape(out), "{}")
-    leftovers = (glob.glob(pattern.format("*.tmp-*")) + glob.glob(pattern.format("checkpoint.old-*"))
-                 + glob.glob(os.path.join(glob.escape(out), "final", "*.tmp-*")))
-    for path in leftovers:
-        pid = path.rsplit("-", 1)[1]
-        if pid.isdigit() and not _pid_alive(int(pid)):
-            _remove(path)
-    if cfg.overwrite:
-        for name in RUN_FILES:
-            _remove(os.path.join(out, name))
-    cfg.to_json(os.path.join(out, "config.json"))
-
-
-def _remove(path: str) -> None:
-    if os.path.isdir(path) and not os.path.islink(path):
-        shutil.rmtree(path)
-    elif os.path.lexists(path):
-        os.remove(path)
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid == os.getpid():
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:   # another user's live process
-        return True
-    return True
 
 
 # --- stage 2: data and models ---
@@ -442,7 +279,7 @@ def build_student(run: Run) -> None:
             student = _load_sharded_student(run)
             run.objective = student.grace_objective
         else:
-            student = _load_model(cfg.student, "auto", run.device, "student")
+            student = load_pretrained(cfg.student, "auto", run.device, role="student")
             _prepare_student(student, run, verbose=True)
             _set_dtypes(student, run)
             run.objective = types.MethodType(student_objective, student)
@@ -454,7 +291,7 @@ def build_teacher(run: Run) -> None:
     matmuls are slow), loaded directly in that dtype and replicated on every rank; None when neither KD nor
     RCKA."""
     if run.cfg.kd or run.cfg.rcka:
-        run.teacher = _load_model(run.cfg.teacher, run.frozen_dtype, run.device, "teacher").eval()
+        run.teacher = load_pretrained(run.cfg.teacher, run.frozen_dtype, run.device, role="teacher").eval()
         run.teacher.requires_grad_(False)
         run.teacher_key = teacher_key(run.cfg.teacher, run.frozen_dtype, run.compute_dtype)
 
@@ -482,21 +319,15 @@ def build_optimizer(run: Run) -> None:
 # --- stage 3: resume ---
 
 def resume(run: Run, state: dict | None) -> None:
-    """Restore the student and optimizer from checkpoint/ (each rank loads what its shards need, whatever the
-    world size that wrote it), and the schedule, controller, batch position and RNG from ``state`` (its
-    trainer state, read by :func:`check_run_dir`); cut metrics.jsonl back to its step. With no state, start
-    at step 0 with an empty log."""
+    """Restore the student and optimizer from checkpoint/ (:func:`grace.rundir.load_checkpoint`), and the
+    schedule, controller, batch position and RNG from ``state`` (its trainer state, read by
+    :func:`grace.rundir.check_run_dir`); cut metrics.jsonl back to its step. With no state, start at step 0
+    with an empty log."""
     if state is None:
         if run.main and os.path.exists(run.metrics_path):
             os.remove(run.metrics_path)
         return
-    path = _find_checkpoint(run.cfg.output_dir)
-    model_sd, optim_sd = get_state_dict(run.student, run.optimizer)   # the shapes to load into
-    shards = {"student": model_sd, "optimizer": optim_sd}
-    with _single_process_dcp(run):
-        dcp.load(shards, checkpoint_id=path, no_dist=run.world == 1)
-    set_state_dict(run.student, run.optimizer, model_state_dict=shards["student"],
-                   optim_state_dict=shards["optimizer"])
+    rundir.load_checkpoint(rundir.find_checkpoint(run.cfg.output_dir), run.student, run.optimizer, world=run.world)
     run.scheduler.load_state_dict(state["scheduler"])
     run.controller.load_state_dict(state["controller"])
     run.data_state = state["data_position"]
@@ -505,8 +336,8 @@ def resume(run: Run, state: dict | None) -> None:
         torch.cuda.set_rng_state(state["rng_cuda"])
     run.step = run.last_checkpoint = state["step"]
     if run.main:
-        _truncate_metrics(run.metrics_path, run.step)
-        run.history = _read_metrics(run.metrics_path)
+        rundir.truncate_metrics(run.metrics_path, run.step)
+        run.history = rundir.read_metrics(run.metrics_path)
 
 
 # --- stage 4: the loop ---
@@ -520,10 +351,11 @@ def train_step(run: Run) -> dict:
     Raises:
         NonFiniteLossError: the loss is NaN or infinite (before the optimizer step: the student is unchanged).
     """
-    cfg, step = run.cfg, run.step
+    cfg, step, loss = run.cfg, run.step, run.loss
     t0 = time.perf_counter()
     sums = dict.fromkeys(MEAN_KEYS, 0.0)
     tokens, rcka_sum, rcka_images = 0, 0.0, 0
+    gdkd_scale, rcka_scale = loss.scales(step)
     for micro in range(cfg.grad_accum):
         batch = {k: v.to(run.device) for k, v in next(run.batches).items()}
         if "pixel_values" in batch:
@@ -532,16 +364,12 @@ def train_step(run: Run) -> dict:
             run.student.set_requires_gradient_sync(micro == cfg.grad_accum - 1)
         with torch.autocast(run.device.type, dtype=run.compute_dtype, enabled=run.compute_dtype != torch.float32):
             if run.teacher_cache is None:
-                t_out = teacher_outputs(run.teacher, run.family, batch, kd=cfg.kd, rcka=cfg.rcka)
+                t_out = teacher_outputs(run.teacher, run.family, batch, kd=loss.kd, rcka=loss.rcka)
             else:
-                t_out = run.teacher_cache.outputs(run.teacher, run.family, batch, kd=cfg.kd, rcka=cfg.rcka,
+                t_out = run.teacher_cache.outputs(run.teacher, run.family, batch, kd=loss.kd, rcka=loss.rcka,
                                                   teacher_key=run.teacher_key)
-            parts = run.objective(run.family, batch, t_out, beta=run.controller.beta, omega=cfg.omega, kd=cfg.kd,
-                                  rcka=cfg.rcka, gdkd_scale=warmup_scale(step, cfg.gdkd_warmup_steps),
-                                  rcka_scale=warmup_scale(step, cfg.rcka_warmup_steps), temperature=cfg.temperature,
-                                  tckd_weight=cfg.tckd_weight, nckd_weight=cfg.nckd_weight, gate=cfg.gate,
-                                  gate_temperature=cfg.gate_temperature, kd_type=cfg.kd_type,
-                                  kd_t2=cfg.kd_t2)
+            parts = run.objective(run.family, batch, t_out, loss, beta=run.controller.beta, gdkd_scale=gdkd_scale,
+                                  rcka_scale=rcka_scale)
         (parts.total / cfg.grad_accum).backward()
         for k, v in zip(MEAN_KEYS, (parts.total, parts.ce, parts.gdkd, parts.gate_mean), strict=True):
             sums[k] += float(v.detach()) / cfg.grad_accum
@@ -563,7 +391,7 @@ def train_step(run: Run) -> dict:
     run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
-    if cfg.kd:
+    if loss.kd:
         run.controller.update(sums["gdkd"])
     run.step += 1
     dt = time.perf_counter() - t0
@@ -575,55 +403,30 @@ def train_step(run: Run) -> dict:
 
 
 def log_step(run: Run, row: dict) -> None:
+    """The one logging call site: the row joins the run's history and, on rank 0, every logger."""
     run.history.append(row)
     if run.main:
-        with open(run.metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        for logger in run.loggers:
+            logger.log(row)
 
 
 # --- stage 5: checkpoints and the final model ---
 
+def trainer_state(run: Run) -> dict:
+    """What a checkpoint holds beside the student and optimizer shards: the one dict of
+    :data:`grace.rundir.TRAINER_STATE_KEYS` (plus the CUDA RNG)."""
+    return {"scheduler": run.scheduler.state_dict(), "controller": run.controller.state_dict(),
+            "data_position": run.batches.state_dict(), "rng_cpu": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
+            "step": run.step, "world_size": run.world, "config": dataclasses.asdict(run.cfg),
+            "data": run.data_fingerprint}
+
+
 def save_checkpoint(run: Run) -> None:
-    """Write checkpoint/ for ``run.step``: every rank writes its shard of the student and optimizer state into
-    ``checkpoint.tmp-<rank 0's pid>/``, rank 0 adds trainer_state.pt and renames the directory into place."""
-    model_sd, optim_sd = get_state_dict(run.student, run.optimizer)   # sharded under FSDP: no gather
-    tmp = [f"{run.checkpoint_path}.tmp-{os.getpid()}"]
-    if run.world > 1:
-        dist.broadcast_object_list(tmp, src=0)
-    tmp = tmp[0]
-    if run.main:
-        _remove(tmp)
-    _barrier(run)
-    with _single_process_dcp(run):
-        dcp.save({"student": model_sd, "optimizer": optim_sd}, checkpoint_id=tmp, no_dist=run.world == 1)
-    if run.main:
-        torch.save({"scheduler": run.scheduler.state_dict(), "controller": run.controller.state_dict(),
-                    "data_position": run.batches.state_dict(), "rng_cpu": torch.get_rng_state(),
-                    "rng_cuda": torch.cuda.get_rng_state() if run.device.type == "cuda" else None,
-                    "step": run.step, "world_size": run.world, "config": dataclasses.asdict(run.cfg)},
-                   os.path.join(tmp, TRAINER_STATE))
-        _publish_checkpoint(tmp, run.checkpoint_path)
+    """Write checkpoint/ for ``run.step`` (:func:`grace.rundir.write_checkpoint`; every rank calls it)."""
+    state = trainer_state(run) if run.main else None
+    rundir.write_checkpoint(run.checkpoint_path, run.student, run.optimizer, state, rank=run.rank, world=run.world)
     run.last_checkpoint = run.step
-    _barrier(run)
-
-
-@contextlib.contextmanager
-def _single_process_dcp(run: Run):
-    """DCP warns on every single-process save and load, which is this trainer's intended use without torchrun."""
-    with warnings.catch_warnings():
-        if run.world == 1:
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled", category=UserWarning)
-        yield
-
-
-def _publish_checkpoint(tmp: str, path: str) -> None:
-    """Replace checkpoint/ by the complete directory ``tmp``. Between the two renames a crash leaves the old
-    checkpoint as ``checkpoint.old-<pid>``, which resume finds and the next start puts back."""
-    aside = f"{path}.old-{os.getpid()}"
-    if os.path.exists(path):
-        os.rename(path, aside)
-    os.rename(tmp, path)
-    _remove(aside)
 
 
 def save_final(run: Run) -> str:
@@ -633,56 +436,13 @@ def save_final(run: Run) -> str:
     state = get_model_state_dict(run.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     final = os.path.join(run.cfg.output_dir, "final")
     if run.main:
-        _save_final(run.student, state, run.processor, run.cfg)
+        rundir.save_final(run.student, state, run.processor, run.cfg)
         from grace.plots import plot_controller
 
         plot_controller(run.history, os.path.join(run.cfg.output_dir, "controller.png"),
                         convention=run.cfg.kd_convention())
     _barrier(run)
     return final
-
-
-def _save_final(student, state_dict: dict, processor, cfg: TrainConfig) -> str:
-    """final/: the student's full state dict (weights and LSQ log-scales), its config, the processor and
-    quantization.json (bits, group size, scale dtype, the names of the quantized linear layers)."""
-    final = os.path.join(cfg.output_dir, "final")
-    os.makedirs(final, exist_ok=True)
-    _save_atomic(state_dict, os.path.join(final, "student_state.pt"))
-    if not getattr(student, "grace_quantized_modules", None):
-        # Nothing quantized (plain training or distillation): final/ is also a Hugging Face checkpoint.
-        student.save_pretrained(final, state_dict=state_dict)
-    student.config.save_pretrained(final)
-    processor.save_pretrained(final)
-    with open(os.path.join(final, "quantization.json"), "w") as f:
-        json.dump({"bits": cfg.bits, "group_size": cfg.group_size, "scale_dtype": cfg.scale_dtype,
-                   "modules": getattr(student, "grace_quantized_modules", [])}, f, indent=1)
-    return final
-
-
-def _read_metrics(path: str) -> list[dict]:
-    """The rows of metrics.jsonl. A last line that does not parse is a write cut short by a crash and is
-    dropped; a bad line before it raises GraceError naming the file and line."""
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        lines = [(i, line) for i, line in enumerate(f, 1) if line.strip()]
-    rows = []
-    for j, (i, line) in enumerate(lines):
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if j == len(lines) - 1:
-                break
-            raise GraceError(f"{path}:{i} is not a JSON line; fix or delete that line") from None
-    return rows
-
-
-def _truncate_metrics(path: str, step: int) -> None:
-    """Drop log lines written after the checkpoint being resumed (a crash between the two), and a last line
-    cut short by the crash."""
-    rows = [r for r in _read_metrics(path) if r["step"] <= step]
-    with open(path, "w") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
 
 
 # --- the whole run ---
@@ -717,18 +477,28 @@ def _check_tokenizers(cfg: TrainConfig, teacher_rows: int, student_rows: int) ->
                          student_image_token=getattr(processors[1], "image_token", None))
 
 
-def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE",
+def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE", loggers: list | None = None,
           teacher_cache: TeacherCache | None = None) -> TrainResult:
     """Run GRACE training as ``cfg`` says (see the module docstring); returns the metrics and final/. ``desc``
-    labels the progress bar. ``teacher_cache``: the teacher's outputs of earlier runs in this process that drew
+    labels the progress bar. ``loggers``: objects with ``log(row)`` and ``close()`` that receive every step's
+    row on rank 0, after metrics.jsonl (always written) and the loggers of ``cfg.report_to``
+    (:mod:`grace.reporting`). ``teacher_cache``: the teacher's outputs of earlier runs in this process that drew
     the same micro-batches (same data, seed and batch size), read back instead of computed again (bit for bit
     the same; :class:`grace.objective.TeacherCache`); None computes every one.
 
+    Rank 0 holds the run directory's lock (:func:`grace.rundir.lock_run_dir`) from before it changes anything
+    until it returns. SIGTERM or SIGINT during the loop: the current optimizer step finishes, every rank agrees
+    to stop after the same step, a checkpoint is written and :class:`TrainingStopped` (exit code 128 + the
+    signal's number) is raised after one line on stderr saying how to resume; a second signal interrupts at
+    once (KeyboardInterrupt; the last checkpoint stays intact).
+
     Raises:
         ValueError: a bad option (:meth:`TrainConfig.validate`), before anything is loaded.
-        GraceError: the run directory cannot be used as asked (see :func:`check_run_dir`), or no sample of
-            the data is usable.
+        GraceError: the run directory cannot be used as asked (see :func:`grace.rundir.check_run_dir`) or is
+            locked by another process; the data changed since the checkpoint (without ``accept_data_change``);
+            no sample of the data is usable; a checkpoint cannot be written (disk full).
         NonFiniteLossError: the loss became NaN or infinite; the message says which checkpoint is left.
+        TrainingStopped: a signal stopped the run after a checkpoint.
     """
     cfg.validate()
     family = _model_family(cfg)
@@ -739,42 +509,158 @@ def train(cfg: TrainConfig, *, progress: bool = True, desc: str = "GRACE",
     run = Run(cfg, dev, rank, world, family,
               frozen_dtype=torch.bfloat16 if (cfg.bf16 and dev.type == "cuda") else torch.float32,
               compute_dtype=cfg.compute_dtype(dev.type), teacher_cache=teacher_cache)
-    state = check_run_dir(cfg, world)
+    lock, created = None, not os.path.exists(cfg.output_dir)
+    if run.main:
+        rundir.check_run_dir(cfg, world)   # a refusal here leaves the directory as it was (no lock file)
+        lock = rundir.lock_run_dir(cfg.output_dir)
+    try:
+        _barrier(run)
+        # Under the lock: what another process wrote before it released the lock counts.
+        state = rundir.check_run_dir(cfg, world)
+        return _train(run, state, progress, desc, loggers)
+    finally:
+        if lock is not None:
+            lock.release()
+            if created and os.path.isdir(cfg.output_dir) and not os.listdir(cfg.output_dir):
+                os.rmdir(cfg.output_dir)   # a start refused before it wrote anything leaves no directory
+
+
+def _train(run: Run, state: dict | None, progress: bool, desc: str, loggers: list | None) -> TrainResult:
+    cfg = run.cfg
     torch.manual_seed(cfg.seed)
     # Data, tokenizers and both checkpoints are checked before the run directory is touched: a start refused
     # for any of them leaves nothing behind (no config.json that would make the corrected retry need
     # --overwrite, and under --overwrite the old run is still there).
     build_data(run)
+    run.data_fingerprint = rundir.data_fingerprint(cfg.data, run.dataset.index)
+    if state is not None:
+        _check_data(run, state)
     build_student(run)
     build_teacher(run)
     _barrier(run)   # every rank has looked at the directory before rank 0 changes it
     if run.main:
-        prepare_run_dir(cfg)
+        if cfg.resume and state is None:
+            print(f"{cfg.output_dir}: no run to resume (no checkpoint/): starting at step 0")
+        rundir.prepare_run_dir(cfg)
     _barrier(run)   # resume reads the checkpoint where rank 0 may have just put it back
     build_optimizer(run)
     resume(run, state)
     del state
-    run.batches = build_loader(cfg, run.dataset, run.rank, run.world, run.data_state)
-    run.student.train()
-    bar = tqdm(range(run.step, run.total_steps), initial=run.step, total=run.total_steps, desc=desc,
-               disable=not (progress and run.main))
-    for _ in bar:
-        row = train_step(run)
-        log_step(run, row)
-        if cfg.kd or cfg.rcka:
-            bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", gdkd=f"{row['gdkd']:.3f}",
-                            rcka="-" if row["rcka"] is None else f"{row['rcka']:.3f}", beta=f"{row['beta']:.3f}",
-                            gate=f"{row['gate']:.2f}",
-                            tok_s=f"{row['tokens_per_s']:.0f}")
-        else:   # no teacher: beta, gate and the distillation terms take no part, showing them would mislead
-            bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
-        if cfg.save_every and run.step % cfg.save_every == 0 and run.step < run.total_steps:
-            save_checkpoint(run)   # the last step's checkpoint is written once, by save_final
-    run.batches.close()
-    if run.batches.skipped and run.main:
-        print(f"data: skipped {sum(run.batches.skipped.values())} bad records: {dict(run.batches.skipped)}")
-    final_dir = save_final(run)
-    if world > 1:
+    with _StopOnSignal() as stop:   # before the stream forks its workers: they inherit the handler
+        run.batches = build_loader(cfg, run.dataset, run.rank, run.world, run.data_state)
+        run.student.train()
+        if run.main:
+            run.loggers = make_loggers(cfg.output_dir, cfg.report_to, run.step) + list(loggers or [])
+        try:
+            signum = _loop(run, stop, progress, desc)
+        finally:
+            run.batches.close()
+            for logger in run.loggers:
+                logger.close()
+        if signum:
+            _stopped(run, signum)
+        if run.batches.skipped and run.main:
+            print(f"data: skipped {sum(run.batches.skipped.values())} bad records: {dict(run.batches.skipped)}")
+        final_dir = save_final(run)
+    if run.world > 1:
         dist.barrier()
         dist.destroy_process_group()
     return TrainResult(cfg.output_dir, final_dir, run.total_steps, run.history, dict(run.batches.skipped))
+
+
+def _loop(run: Run, stop: _StopOnSignal, progress: bool, desc: str) -> int:
+    """Optimizer steps up to ``run.total_steps`` with their checkpoints (every ``save_every`` steps and every
+    ``save_every_minutes``); returns the number of the signal that stopped it early (after a checkpoint), 0 when
+    it ran to the end."""
+    cfg = run.cfg
+    last_save = _clock()
+    bar = tqdm(range(run.step, run.total_steps), initial=run.step, total=run.total_steps, desc=desc,
+               disable=not (progress and run.main))
+    with bar:
+        for _ in bar:
+            row = train_step(run)
+            log_step(run, row)
+            if cfg.kd or cfg.rcka:
+                bar.set_postfix(loss=f"{row['loss']:.3f}", ce=f"{row['ce']:.3f}", gdkd=f"{row['gdkd']:.3f}",
+                                rcka="-" if row["rcka"] is None else f"{row['rcka']:.3f}",
+                                beta=f"{row['beta']:.3f}", gate=f"{row['gate']:.2f}",
+                                tok_s=f"{row['tokens_per_s']:.0f}")
+            else:   # no teacher: beta, gate and the distillation terms take no part, showing them would mislead
+                bar.set_postfix(loss=f"{row['loss']:.3f}", tok_s=f"{row['tokens_per_s']:.0f}")
+            if run.step == run.total_steps:
+                break   # the last step's checkpoint is written once, by save_final
+            timed = bool(cfg.save_every_minutes) and _clock() - last_save >= 60 * cfg.save_every_minutes
+            signum, timed = _agree(run, stop.signum, timed)
+            if signum or timed or (cfg.save_every and run.step % cfg.save_every == 0):
+                save_checkpoint(run)
+                last_save = _clock()
+            if signum:
+                return signum
+    return 0
+
+
+_clock = time.monotonic   # the wall clock of save_every_minutes (a test may replace it)
+
+
+def _agree(run: Run, signum: int, timed: bool) -> tuple[int, bool]:
+    """Every rank's view after a step, made one: stop if any rank was signalled (the highest signal number),
+    checkpoint if any rank's clock says it is time. One small all-reduce per step under torchrun."""
+    if run.world == 1:
+        return signum, timed
+    flags = torch.tensor([signum, int(timed)], dtype=torch.int64, device=run.device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    return int(flags[0]), bool(flags[1])
+
+
+def _stopped(run: Run, signum: int) -> None:
+    """Leave after the checkpoint a signal asked for: one line on rank 0's stderr, exit code 128 + signum."""
+    name = signal.Signals(signum).name
+    message = (f"grace train: stopped by {name} after step {run.step} of {run.total_steps}; checkpoint written to "
+               f"{run.checkpoint_path}; continue with the same command and --resume")
+    if run.main:
+        print(message, file=sys.stderr, flush=True)
+    if run.world > 1:
+        dist.destroy_process_group()
+    raise TrainingStopped(signum, run.step, message)
+
+
+class _StopOnSignal:
+    """While active (main thread only: Python delivers signals there), SIGTERM and SIGINT only set ``signum``;
+    the loop checks it after each optimizer step. A second signal raises KeyboardInterrupt at once."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.signum = 0
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.signum:
+            raise KeyboardInterrupt(f"second signal ({signal.Signals(signum).name}): stopping now")
+        self.signum = signum
+
+    def __enter__(self) -> _StopOnSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+
+
+def _check_data(run: Run, state: dict) -> None:
+    """Refuse to resume on a data file other than the checkpoint's; under ``accept_data_change`` continue at
+    the start of the next epoch of the new file, with a fresh order and skip list."""
+    why = rundir.data_changed(state.get("data"), run.data_fingerprint)
+    if why is None:
+        return
+    if not run.cfg.accept_data_change:
+        raise GraceError(f"cannot resume: {run.cfg.data} changed since the checkpoint ({why}), so the saved epoch "
+                         "order and skip list refer to other records; pass --accept-data-change to continue on it "
+                         "from the next epoch, or --overwrite to start again")
+    old_records = state["data"]["records"]
+    epoch = state["data_position"]["position"] // old_records
+    state["data_position"] = {"position": (epoch + 1) * len(run.dataset), "bad": {}}
+    if run.main:
+        print(f"data: {run.cfg.data} changed ({why}): continuing from epoch {epoch + 2} of the new file")

@@ -20,7 +20,7 @@ from grace.cli import main
 from grace.demo.tiny import build_tiny_vlm
 from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError
-from grace.train import _read_metrics
+from grace.rundir import read_metrics
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +105,7 @@ def test_overwrite_replaces_the_run_and_keeps_other_files(models, run_copy, caps
     (run_copy / "final" / "stale.bin").write_bytes(b"x")
     rc, err = run_cli(capsys, cli_args(models, run_copy, "--overwrite"))
     assert rc == 0, err
-    assert [r["step"] for r in _read_metrics(str(run_copy / "metrics.jsonl"))] == [1, 2]
+    assert [r["step"] for r in read_metrics(str(run_copy / "metrics.jsonl"))] == [1, 2]
     assert (run_copy / "notes.txt").read_text() == "mine"
     assert not (run_copy / "final" / "stale.bin").exists()   # final/ of the old run is gone, not merged
     assert json.loads((run_copy / "config.json").read_text())["overwrite"] is True
@@ -160,7 +160,7 @@ def test_a_bad_metrics_line_before_the_last_is_named(tmp_path):
     path = tmp_path / "metrics.jsonl"
     path.write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(GraceError, match=r"metrics.jsonl:2 is not a JSON line"):
-        _read_metrics(str(path))
+        read_metrics(str(path))
 
 
 @pytest.mark.parametrize(("damage", "says"), [("truncated shard", "is truncated"), ("missing shard", "is missing"),

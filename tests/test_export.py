@@ -2,7 +2,7 @@
 
 A "run" here is what training leaves behind: a tiny checkpoint is quantized with quantize_model, its
 weights and log-scales are perturbed (so the scales are no longer their initial values), final/ is
-written by grace.train._save_final itself and the run's config.json names the student checkpoint.
+written by grace.rundir.save_final itself and the run's config.json names the student checkpoint.
 "llava_hf" is the tiny LLaVA saved first in the llava-hf Hub layout (``vision_tower.vision_model.*``).
 """
 
@@ -29,8 +29,8 @@ from grace.families import family_of
 from grace.load import load_int4_model, load_model, load_student
 from grace.naming import module_checkpoint_names
 from grace.quantize import quantize_model
+from grace.rundir import save_final
 from grace.schemes import COMPRESSED_TENSORS_VERSION
-from grace.train import _save_final
 from grace_kernels.nn import QuantLinear, W4A16Linear
 from grace_kernels.testing import assert_close_to_gold
 
@@ -39,7 +39,7 @@ GROUP = 128
 
 
 def _write_final(student, processor, cfg):
-    return _save_final(student, student.state_dict(), processor, cfg)
+    return save_final(student, student.state_dict(), processor, cfg)
 
 
 def _make_run(base, out, *, bits=4, scale_dtype="bfloat16", seed=0, exclude=None):

@@ -100,7 +100,7 @@ def _make_run(base: str, out: str, bits: int) -> None:
 
     from grace.config import TrainConfig
     from grace.quantize import quantize_model
-    from grace.train import _save_final
+    from grace.rundir import save_final
 
     model = AutoModelForImageTextToText.from_pretrained(base)
     quantize_model(model, bits=bits, group_size=128, scale_dtype=torch.bfloat16, verbose=False)
@@ -109,7 +109,7 @@ def _make_run(base: str, out: str, bits: int) -> None:
         for name, p in model.named_parameters():
             p.add_(torch.randn(p.shape, generator=g) * (0.05 if name.endswith("log_scale") else 0.01))
     cfg = TrainConfig(student=base, output_dir=out, bits=bits, group_size=128, scale_dtype="bfloat16")
-    _save_final(model, model.state_dict(), AutoProcessor.from_pretrained(base), cfg)
+    save_final(model, model.state_dict(), AutoProcessor.from_pretrained(base), cfg)
     cfg.to_json(os.path.join(out, "config.json"))
 
 

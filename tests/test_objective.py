@@ -14,6 +14,7 @@ from grace.families import family_of
 from grace.objective import (
     MODEL_INPUTS,
     RCKA_MIN_TOKENS,
+    LossConfig,
     image_segments,
     rcka_per_image,
     student_objective,
@@ -136,7 +137,7 @@ def test_rcka_is_the_mean_over_the_images_of_a_sample(qwen_pair):
     batch = two_image_batch(processor)
     assert batch["image_grid_thw"].shape[0] == 2
     t_out = teacher_outputs(teacher, family, batch, kd=True, rcka=True)
-    parts = student_objective(student, family, batch, t_out, beta=1.0, omega=1.0, kd=True, rcka=True)
+    parts = student_objective(student, family, batch, t_out, LossConfig(omega=1.0, kd=True, rcka=True), beta=1.0)
     with torch.no_grad():
         inputs = {k: batch[k] for k in MODEL_INPUTS if k in batch}
         hs = family.backbone(student)(**inputs, output_hidden_states=True).hidden_states[-2][0]
@@ -156,11 +157,12 @@ def test_ramps_reach_the_objective(qwen_pair):
     family = family_of(student.config)
     batch = two_image_batch(processor)
     t_out = teacher_outputs(teacher, family, batch, kd=True, rcka=True)
-    kw = dict(beta=0.7, omega=3.0, kd=True, rcka=True)
+    kw = dict(beta=0.7)
+    settings = LossConfig(omega=3.0, kd=True, rcka=True)
     with torch.no_grad():
-        full = student_objective(student, family, batch, t_out, **kw)
-        off = student_objective(student, family, batch, t_out, rcka_scale=warmup_scale(0, 400), **kw)
-        quarter = student_objective(student, family, batch, t_out, rcka_scale=warmup_scale(100, 400), **kw)
+        full = student_objective(student, family, batch, t_out, settings, **kw)
+        off = student_objective(student, family, batch, t_out, settings, rcka_scale=warmup_scale(0, 400), **kw)
+        quarter = student_objective(student, family, batch, t_out, settings, rcka_scale=warmup_scale(100, 400), **kw)
     torch.testing.assert_close(off.total, full.ce + 0.7 * full.gdkd, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(quarter.total, full.ce + 0.7 * full.gdkd + 3.0 * 0.25 * full.rcka,
                                rtol=1e-6, atol=1e-6)
@@ -209,8 +211,8 @@ def test_kd_convention_divides_t2_out_of_the_loss_and_its_gradient(qwen_pair):
 
     def run(kd_t2, b):
         student.zero_grad(set_to_none=True)
-        parts = student_objective(student, family, batch, t_out, beta=b, omega=1.0, kd=True, rcka=False,
-                                  temperature=temperature, kd_t2=kd_t2)
+        settings = LossConfig(omega=1.0, kd=True, rcka=False, temperature=temperature, kd_t2=kd_t2)
+        parts = student_objective(student, family, batch, t_out, settings, beta=b)
         parts.total.backward()
         grads = [p.grad.clone() for p in student.parameters() if p.grad is not None]
         return parts, grads

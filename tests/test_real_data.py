@@ -110,7 +110,7 @@ def test_text_only_micro_batch_has_no_rcka_weight_or_gradient(pair):
     from grace.data import ConversationDataset, RecordIndex, collate
     from grace.demo.tiny import build_processor
     from grace.families import family_of
-    from grace.objective import student_objective, teacher_outputs
+    from grace.objective import LossConfig, student_objective, teacher_outputs
 
     records = json.load(open(pair["data"]))
     text = [r for r in records if "image" not in r][:2]
@@ -124,7 +124,7 @@ def test_text_only_micro_batch_has_no_rcka_weight_or_gradient(pair):
     for rcka in (True, False):
         student.zero_grad()
         t_out = teacher_outputs(teacher, family, batch, kd=True, rcka=rcka)
-        parts = student_objective(student, family, batch, t_out, beta=0.7, omega=1.5, kd=True, rcka=rcka)
+        parts = student_objective(student, family, batch, t_out, LossConfig(omega=1.5, kd=True, rcka=rcka), beta=0.7)
         assert parts.rcka_images == 0 and float(parts.rcka) == 0
         torch.testing.assert_close(parts.total.detach(), parts.ce + 0.7 * parts.gdkd)
         parts.total.backward()

@@ -25,7 +25,7 @@ from PIL import Image
 import grace_kernels
 from grace.demo.tiny import QWEN_IMAGE_SIZE, build_processor
 from grace.families import family_of
-from grace.objective import student_objective, teacher_outputs
+from grace.objective import LossConfig, student_objective, teacher_outputs
 from grace.quantize import quantize_model
 from grace_kernels import default_chunk_size
 from grace_kernels.ops import fused_linear_grace_loss as fused_module
@@ -142,7 +142,7 @@ def test_one_step_at_qwen2_vl_2b_width(monkeypatch, reference_backend):
         # From here the teacher's head (tied to its embeddings) is all the loss reads: let its blocks go.
         teacher.model.language_model.layers = torch.nn.ModuleList()
         teacher.model.visual = None
-        parts = student_objective(student, family, batch, t_out, beta=1.0, omega=1.0, kd=True, rcka=True)
+        parts = student_objective(student, family, batch, t_out, LossConfig(omega=1.0, kd=True, rcka=True), beta=1.0)
         del t_out, teacher
         parts.total.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

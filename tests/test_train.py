@@ -17,11 +17,12 @@ from grace.data import ConversationDataset, SkipSample, load_records
 from grace.demo.tiny import build_processor, build_tiny_vlm
 from grace.errors import GraceError
 from grace.families import family_of
-from grace.objective import student_objective, teacher_outputs
+from grace.objective import LossConfig, student_objective, teacher_outputs
 from grace.quantize import quantize_model
 
 ANSWERS = ["red", "green", "blue", "yellow"]
 train_mod = importlib.import_module("grace.train")   # ``grace.train`` the attribute is the function
+rundir = importlib.import_module("grace.rundir")
 
 
 @pytest.fixture(autouse=True)
@@ -155,9 +156,9 @@ def models_and_batch(setup):
 
 def _parts(models_and_batch, **kw):
     student, teacher, family, batch = models_and_batch
-    args = {**dict(beta=0.7, omega=1.5, kd=True, rcka=True), **kw}
-    t_out = teacher_outputs(teacher, family, batch, kd=args["kd"], rcka=args["rcka"])
-    return student_objective(student, family, batch, t_out, **args)
+    settings = LossConfig(**{**dict(omega=1.5, kd=True, rcka=True), **kw})
+    t_out = teacher_outputs(teacher, family, batch, kd=settings.kd, rcka=settings.rcka)
+    return student_objective(student, family, batch, t_out, settings, beta=0.7)
 
 
 def test_objective_gradients_reach_student_not_teacher(models_and_batch):
@@ -205,17 +206,17 @@ def test_resume_continues_bit_for_bit(setup, tmp_path, monkeypatch):
         pytest.skip("one family is enough for the checkpoint logic")
     full = train(config(setup, tmp_path / "full", max_steps=4, save_every=2), progress=False)
 
-    real_publish = train_mod._publish_checkpoint
+    real_publish = rundir.publish_checkpoint
 
     def crash_after_first_checkpoint(tmp, path):
         real_publish(tmp, path)
         raise KeyboardInterrupt("simulated kill after step 2")
 
-    monkeypatch.setattr(train_mod, "_publish_checkpoint", crash_after_first_checkpoint)
+    monkeypatch.setattr(rundir, "publish_checkpoint", crash_after_first_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         train(config(setup, tmp_path / "cut", max_steps=4, save_every=2), progress=False)
-    monkeypatch.setattr(train_mod, "_publish_checkpoint", real_publish)
-    assert torch.load(tmp_path / "cut" / "checkpoint" / train_mod.TRAINER_STATE, weights_only=False)["step"] == 2
+    monkeypatch.setattr(rundir, "publish_checkpoint", real_publish)
+    assert torch.load(tmp_path / "cut" / "checkpoint" / rundir.TRAINER_STATE, weights_only=False)["step"] == 2
     resumed = train(config(setup, tmp_path / "cut", max_steps=4, save_every=2, resume=True), progress=False)
     assert [r["loss"] for r in resumed.metrics] == [r["loss"] for r in full.metrics]
     assert [r["beta"] for r in resumed.metrics] == [r["beta"] for r in full.metrics]
@@ -233,14 +234,14 @@ def test_resume_of_a_run_saved_before_kd_t2_reads_the_t2_convention(setup, tmp_p
     for kd in (True, False):
         out = tmp_path / f"kd{kd}"
         train(config(setup, out, max_steps=2, save_every=2, kd=kd, kd_t2=True), progress=False)
-        state_path = out / "checkpoint" / train_mod.TRAINER_STATE
+        state_path = out / "checkpoint" / rundir.TRAINER_STATE
         state = torch.load(state_path, weights_only=False)
         del state["config"]["kd_t2"]
         torch.save(state, state_path)
         if kd:
             with pytest.raises(GraceError, match=r"kd_t2 False \(checkpoint: True\)"):
-                train_mod.check_run_dir(config(setup, out, max_steps=2, save_every=2, resume=True))
-        resumed = train_mod.check_run_dir(config(setup, out, max_steps=2, save_every=2, kd=kd, kd_t2=kd,
+                rundir.check_run_dir(config(setup, out, max_steps=2, save_every=2, resume=True))
+        resumed = rundir.check_run_dir(config(setup, out, max_steps=2, save_every=2, kd=kd, kd_t2=kd,
                                                  resume=True))
         assert resumed["step"] == 2 and "kd_t2" not in resumed["config"]
 

@@ -66,14 +66,14 @@ def test_single_process_loads_stored_dtype_and_initialises_scales_from_it(bf16_s
     from transformers import AutoModelForImageTextToText
 
     loaded = []
-    real_load = train_mod._load_model
+    real_load = train_mod.load_pretrained
 
-    def recording_load(path, dtype, device):
-        model = real_load(path, dtype, device)
+    def recording_load(path, dtype, device, **kw):
+        model = real_load(path, dtype, device, **kw)
         loaded.append({p.dtype for p in model.parameters()})
         return model
 
-    monkeypatch.setattr(train_mod, "_load_model", recording_load)
+    monkeypatch.setattr(train_mod, "load_pretrained", recording_load)
     run = _run(bf16_setup)
     train_mod.build_student(run)
     assert loaded == [{torch.bfloat16}]   # read as stored: no float32 copy before quantization

@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 from grace import TrainConfig
 from grace.data import ConversationDataset, collate, load_records
 from grace.families import family_of
-from grace.objective import teacher_outputs
+from grace.objective import LossConfig, teacher_outputs
 
 train_mod = importlib.import_module("grace.train")
 
@@ -31,14 +31,14 @@ def main(teacher_dir, student_dir, data, images, out_dir):
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     loads = []   # (path, dtype of the loaded parameters) for every checkpoint this rank reads whole
-    real_load = train_mod._load_model
+    real_load = train_mod.load_pretrained
 
-    def recording_load(path, dtype, device):
-        model = real_load(path, dtype, device)
+    def recording_load(path, dtype, device, **kw):
+        model = real_load(path, dtype, device, **kw)
         loads.append((path, sorted({str(p.dtype) for p in model.parameters()})))
         return model
 
-    train_mod._load_model = recording_load
+    train_mod.load_pretrained = recording_load
     cfg = TrainConfig(teacher=teacher_dir, student=student_dir, data=data, image_folder=images,
                       mixed_precision="bf16", bits=4, group_size=128)
     family = family_of(__import__("transformers").AutoConfig.from_pretrained(student_dir))
@@ -67,7 +67,7 @@ def main(teacher_dir, student_dir, data, images, out_dir):
     def step(run, batch):
         with torch.autocast("cpu", dtype=run.compute_dtype, enabled=run.compute_dtype != torch.float32):
             t_out = teacher_outputs(teacher, family, batch, kd=True, rcka=True)
-            parts = run.objective(family, batch, t_out, beta=0.7, omega=1.5, kd=True, rcka=True)
+            parts = run.objective(family, batch, t_out, LossConfig(omega=1.5, kd=True, rcka=True), beta=0.7)
         parts.total.backward()
         loss = parts.total.detach().float().reshape(1)
         if run.world > 1:

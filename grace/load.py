@@ -30,7 +30,7 @@ from grace.naming import (
     module_checkpoint_names,
 )
 from grace.quantize import quantize_model, replace_module
-from grace.schemes import Scheme, read_checkpoint_config
+from grace.schemes import SCHEMES, Scheme, read_checkpoint_config
 from grace_kernels.int4 import SCALE_DTYPES
 from grace_kernels.nn import convert_to_kernel_layout
 
@@ -338,8 +338,30 @@ def _served_scale_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if bool((a <= fp16.max).all() and (a >= fp16.smallest_normal).all()) else torch.bfloat16
 
 
+def _symmetric_int8_codes(tensors: dict, ckpt: str, scale: torch.Tensor, group_size: int, model_dir: str) -> None:
+    """Rewrite, in ``tensors``, the asymmetric 4-bit layer ``ckpt`` (codes q and zero points z in [-8, 7],
+    W = scale * (q - z)) as the symmetric 8-bit layer with codes q - z in [-15, 15] and the same scales: the
+    same weight, exactly, in the format :class:`W8A16Linear` serves.
+
+    ``<ckpt>.weight_zero_point`` is compressed-tensors' layout: int32 [ceil(N / 8), groups], eight 4-bit zero
+    points per word along the output dimension."""
+    from grace_kernels import pack_int8
+    from grace_kernels.reference.w4a16 import unpack_int4_ref
+
+    packed, zp = tensors[f"{ckpt}.weight_packed"], tensors.pop(f"{ckpt}.weight_zero_point")
+    n, groups = scale.shape
+    if zp.dtype != torch.int32 or tuple(zp.shape) != (-(-n // 8), groups):
+        raise ValueError(f"{model_dir}: {ckpt}.weight_zero_point is {zp.dtype} {tuple(zp.shape)}, expected int32 "
+                         f"{(-(-n // 8), groups)} (4-bit zero points packed along the output dimension)")
+    zero = unpack_int4_ref(zp.t().contiguous())[:, :n].t()   # [N, groups]
+    codes = unpack_int4_ref(packed).to(torch.int16) - zero.to(torch.int16).repeat_interleave(group_size, dim=1)
+    half = scale if scale.dtype in SCALE_DTYPES else scale.to(_served_scale_dtype(scale, torch.float32))
+    tensors[f"{ckpt}.weight_packed"] = pack_int8(codes.to(torch.int8), half, group_size).packed
+
+
 def _swap_in_served_linears(model: nn.Module, tensors: dict, names: dict[str, str], ignore: list[str],
-                            scheme: Scheme, group_size: int, dtype: torch.dtype, model_dir: str) -> None:
+                            scheme: Scheme, group_size: int, dtype: torch.dtype, model_dir: str,
+                            symmetric: bool = True) -> None:
     """Step 1: replace every nn.Linear the config quantizes (not matched by ``ignore``, under its in-memory
     or its on-disk name) by an empty served layer of ``scheme`` of the same shape, after checking the
     file's scales for it (shape, dtype, finite and > 0: a NaN, Inf or zero scale would generate garbage)."""
@@ -354,9 +376,12 @@ def _swap_in_served_linears(model: nn.Module, tensors: dict, names: dict[str, st
         if f"{ckpt}.weight_g_idx" in tensors:
             raise ValueError(f"{model_dir}: {ckpt}.weight_g_idx holds an activation-order permutation (GPTQ "
                              "actorder 'group'), which this loader cannot apply")
-        if f"{ckpt}.weight_zero_point" in tensors:
-            raise ValueError(f"{model_dir}: {ckpt}.weight_zero_point: asymmetric weights (zero points) are not "
-                             "supported")
+        if symmetric and f"{ckpt}.weight_zero_point" in tensors:
+            raise ValueError(f"{model_dir}: {ckpt}.weight_zero_point holds zero points but the config says the "
+                             "weights are symmetric")
+        if not symmetric and f"{ckpt}.weight_zero_point" not in tensors:
+            raise ValueError(f"{model_dir}: the config says the weights are asymmetric but the checkpoint has no "
+                             f"{ckpt}.weight_zero_point")
         if scale.dim() != 2 or lin.in_features != scale.shape[-1] * group_size:
             raise ValueError(f"{model_dir}: {ckpt}.weight_scale {tuple(scale.shape)} does not fit "
                              f"in_features {lin.in_features} with group_size {group_size}")
@@ -366,7 +391,11 @@ def _swap_in_served_linears(model: nn.Module, tensors: dict, names: dict[str, st
         if bool(bad.any()):
             raise ValueError(f"{model_dir}: {ckpt}.weight_scale holds {int(bad.sum())} scale(s) that are not finite "
                              f"and > 0 (such as {scale[bad].flatten()[0].item()}); the checkpoint is corrupt")
-        replace_module(model, name, scheme.empty_layer(lin, group_size=group_size,
+        served = scheme
+        if not symmetric:
+            _symmetric_int8_codes(tensors, ckpt, scale, group_size, model_dir)
+            served = SCHEMES["int8"]
+        replace_module(model, name, served.empty_layer(lin, group_size=group_size,
                                                        scale_dtype=_served_scale_dtype(scale, dtype),
                                                        bias_dtype=dtype))
 
@@ -450,7 +479,7 @@ def load_quantized_model(model_dir: str, device: str | torch.device = "cpu", dty
     raw = read_json(config_path)
     if not raw.get("quantization_config"):
         raise ValueError(f"{config_path} has no quantization_config: not a quantized checkpoint")
-    scheme, group_size, ignore = read_checkpoint_config(raw["quantization_config"],
+    scheme, group_size, ignore, symmetric = read_checkpoint_config(raw["quantization_config"],
                                                         f"{config_path} quantization_config")
     if isinstance(dtype, str):
         if dtype not in DTYPES:
@@ -468,7 +497,7 @@ def load_quantized_model(model_dir: str, device: str | torch.device = "cpu", dty
     adopt_checkpoint_layout(model, list(tensors))
     with torch.no_grad():
         _swap_in_served_linears(model, tensors, module_checkpoint_names(model, linear_names(model)), ignore,
-                                scheme, group_size, dtype, model_dir)
+                                scheme, group_size, dtype, model_dir, symmetric)
         _load_strict(model, tensors, model_dir)
     model = model.to(device).eval()
     if kernel_layout is None:

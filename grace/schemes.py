@@ -30,6 +30,10 @@ COMPRESSED_TENSORS_VERSION = "0.20.0"
 # GPTQ's activation orderings that only change how the codes were calibrated, not the file's layout
 # (compressed-tensors' ActivationOrdering "weight" and its alias "static"): such files hold no g_idx.
 LAYOUT_FREE_ACTORDER = (None, "weight", "static")
+# Asymmetric checkpoints of this width are served: q - zero_point of two 4-bit codes lies in [-15, 15], so the
+# layer becomes an exact symmetric 8-bit one (W8A16Linear, same scales and groups). 8-bit codes minus 8-bit zero
+# points span [-255, 255], which no served width holds.
+ASYMMETRIC_BITS = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,13 +131,15 @@ def scheme_for_bits(bits: int | None) -> Scheme:
                      f"{', '.join(f'{s.name} (bits={s.bits})' for s in SCHEMES.values())}")
 
 
-def read_checkpoint_config(qc: dict, where: str) -> tuple[Scheme, int, list[str]]:
-    """(scheme, group_size, ignore) of a compressed-tensors ``quantization_config`` this project serves.
+def read_checkpoint_config(qc: dict, where: str) -> tuple[Scheme, int, list[str], bool]:
+    """(scheme, group_size, ignore, symmetric) of a compressed-tensors ``quantization_config`` this project
+    serves.
 
     Accepted: one config group targeting ``Linear``, format "pack-quantized" (per group or at the top),
-    symmetric group-wise static int weights of a registered width, no activation quantization; GPTQ's
-    ``actorder`` "weight"/"static" (the file holds no g_idx). Anything else is a ValueError that starts
-    with ``where`` and names every unsupported field in one line.
+    group-wise static int weights of a registered width, symmetric, or asymmetric 4-bit (zero points:
+    llm-compressor's W4A16_ASYM, what compressed-tensors' AWQ converter writes), no activation quantization;
+    GPTQ's ``actorder`` "weight"/"static" (the file holds no g_idx). Anything else is a ValueError that
+    starts with ``where`` and names every unsupported field in one line.
     """
     if qc.get("quant_method") != "compressed-tensors":
         raise ValueError(f"{where}: quant_method {qc.get('quant_method')!r} is not 'compressed-tensors'")
@@ -157,8 +163,10 @@ def read_checkpoint_config(qc: dict, where: str) -> tuple[Scheme, int, list[str]
         problems.append(f"num_bits {w.get('num_bits')!r} (supported: {sorted(widths)})")
     if w.get("type") != "int":
         problems.append(f"type {w.get('type')!r} (supported: int)")
-    if w.get("symmetric") is not True:
-        problems.append("asymmetric weights (zero points; supported: symmetric)")
+    symmetric = w.get("symmetric") is not False
+    if not symmetric and w.get("num_bits") != ASYMMETRIC_BITS:
+        problems.append(f"asymmetric {w.get('num_bits')}-bit weights (zero points; supported: symmetric, "
+                        f"and asymmetric {ASYMMETRIC_BITS}-bit)")
     if w.get("strategy") != "group":
         problems.append(f"strategy {w.get('strategy')!r} (supported: group)")
     if w.get("dynamic"):
@@ -174,4 +182,4 @@ def read_checkpoint_config(qc: dict, where: str) -> tuple[Scheme, int, list[str]
         problems.append(f"ignore {ignore!r} (a list of names or 're:' patterns)")
     if problems:
         raise ValueError(f"{where}: unsupported {'; '.join(problems)}")
-    return scheme, w["group_size"], ignore
+    return scheme, w["group_size"], ignore, symmetric

@@ -696,9 +696,83 @@ def test_load_int4_model_is_strict(llava_run, tmp_path, edit_tensors, edit_qc, m
         load_int4_model(_tampered(run, tmp_path, edit_tensors, edit_qc))
 
 
-def _asymmetric(qc):
-    # llm-compressor's W4A16_ASYM (and compressed-tensors' AWQ converter): zero points, one per group
-    qc["config_groups"]["group_0"]["weights"].update(symmetric=False, zp_dtype="torch.int8")
+def _asymmetric_checkpoint(run, path):
+    """The run's trained weights quantized asymmetrically, 4-bit, group 128 (per group scale = (max - min) / 15,
+    its zero point mapping the minimum to -8), written as llm-compressor writes W4A16_ASYM, with
+    compressed-tensors' own packers (zero points packed along the output dimension). The scales are stored in
+    float32 holding bfloat16 values, so every client's dequantization is exact. Returns {module: weight}."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    shutil.copytree(run["export"], path)
+    tensors = load_file(str(path / "model.safetensors"))
+    qlayers = _quant_layers(run["student"])
+    names = module_checkpoint_names(run["student"], list(qlayers))
+    expected = {}
+    for name, ql in qlayers.items():
+        w = ql.fake_quant_weight().detach().float()
+        n, k = w.shape
+        groups = w.view(n, k // GROUP, GROUP)
+        lo, hi = groups.amin(-1), groups.amax(-1)
+        scale = ((hi - lo) / 15).clamp_min(1e-6).bfloat16().float()
+        zero = (-8 - torch.round(lo / scale)).clamp(-8, 7)
+        q = (torch.round(groups / scale[..., None]) + zero[..., None]).clamp(-8, 7).view(n, k)
+        key = names[name]
+        tensors[f"{key}.weight_packed"] = pack_to_int32(q.to(torch.int8), 4)
+        tensors[f"{key}.weight_scale"] = scale
+        tensors[f"{key}.weight_zero_point"] = pack_to_int32(zero.to(torch.int8), 4, packed_dim=0)
+        expected[name] = (q - zero.repeat_interleave(GROUP, 1)) * scale.repeat_interleave(GROUP, 1)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(symmetric=False, zp_dtype="torch.int8")
+    (path / "config.json").write_text(json.dumps(config))
+    return expected
+
+
+def test_asymmetric_int4_checkpoints_load_and_match_transformers(bf16_run, tmp_path, reference_backend):
+    """An asymmetric W4A16 checkpoint (zero points) is served exactly as an 8-bit symmetric layer (codes minus
+    zero points lie in [-15, 15]). compressed-tensors' model-free dequantizer turns the same file into dense
+    weights; plain transformers on those computes the same logits and greedy tokens as ours. (transformers'
+    own from_pretrained of the compressed file, 5.24 with compressed-tensors 0.20.1, reports the packed zero
+    points as a size mismatch and re-initialises them, so the comparison goes through the dequantizer.)"""
+    from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
+    from transformers import AutoModelForImageTextToText
+
+    from grace.evaluate import generate
+    from grace_kernels.nn import W8A16Linear
+
+    path = tmp_path / "asym"
+    expected = _asymmetric_checkpoint(bf16_run, path)
+    ours, processor = load_int4_model(str(path))
+    for name, weight in expected.items():
+        layer = ours.get_submodule(name)
+        assert isinstance(layer, W8A16Linear), name
+        assert torch.equal(layer.int8_weight.dequantize(), weight), name
+    dense = CompressedTensorsDequantizer(str(path), dtype=torch.float32).validate(
+        dict(load_file(str(path / "model.safetensors"))))
+    names = module_checkpoint_names(bf16_run["student"], list(expected))
+    for name, weight in expected.items():
+        assert torch.equal(dense[f"{names[name]}.weight"].float(), weight), name
+    plain_dir = tmp_path / "dense"
+    shutil.copytree(path, plain_dir)
+    config = json.loads((plain_dir / "config.json").read_text())
+    del config["quantization_config"]
+    (plain_dir / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in dense.items()}, str(plain_dir / "model.safetensors"),
+              metadata={"format": "pt"})
+    plain, info = AutoModelForImageTextToText.from_pretrained(str(plain_dir), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    inputs = _inputs(processor)
+    a, b = _logits(plain.eval(), inputs), _logits(ours, inputs)
+    assert (a - b).abs().max() <= 1e-4 * a.abs().max(), (a - b).abs().max()
+    image = tmp_path / "image.png"
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(image)
+    prompt = "what color is the circle ?"
+    assert generate(plain, processor, str(image), prompt, 8) == generate(ours, processor, str(image), prompt, 8)
+
+
+def _asymmetric8(qc):
+    # asymmetric 8-bit (llm-compressor's W8A16 with symmetric: false): zero points, one per group
+    qc["config_groups"]["group_0"]["weights"].update(num_bits=8, symmetric=False, zp_dtype="torch.int8")
 
 
 def _zero_points(t):
@@ -723,11 +797,12 @@ def _activations(qc):
 
 
 @pytest.mark.parametrize("edit_tensors, edit_qc, message", [
-    (_zero_points, _asymmetric, "unsupported asymmetric weights \\(zero points; supported: symmetric\\)"),
+    (_zero_points, _asymmetric8, "unsupported asymmetric 8-bit weights \\(zero points; supported: symmetric, "
+                                 "and asymmetric 4-bit\\)"),
     (None, _channelwise, "unsupported strategy 'channel' \\(supported: group\\); group_size None"),
     (None, _two_groups, "expected one config group, found 2"),
     (None, _activations, "unsupported activation quantization \\(only weight-only W4A16 / W8A16"),
-], ids=["asymmetric", "channel-wise", "two-config-groups", "activation-quantization"])
+], ids=["asymmetric-8-bit", "channel-wise", "two-config-groups", "activation-quantization"])
 def test_other_producers_variants_are_refused_in_one_line(llava_run, tmp_path, edit_tensors, edit_qc, message):
     """What other compressed-tensors producers write and this loader does not serve: one line that starts
     with the config file and names the field."""
@@ -737,8 +812,8 @@ def test_other_producers_variants_are_refused_in_one_line(llava_run, tmp_path, e
     assert "\n" not in str(caught.value) and str(caught.value).startswith(os.path.join(path, "config.json"))
 
 
-def test_cli_refuses_an_asymmetric_checkpoint_in_one_line(llava_run, tmp_path):
-    path = _tampered(llava_run, tmp_path, _zero_points, _asymmetric)
+def test_cli_refuses_an_asymmetric_8_bit_checkpoint_in_one_line(llava_run, tmp_path):
+    path = _tampered(llava_run, tmp_path, _zero_points, _asymmetric8)
     image = tmp_path / "image.png"
     Image.fromarray(np.zeros((56, 56, 3), dtype=np.uint8)).save(image)
     import subprocess
@@ -748,7 +823,7 @@ def test_cli_refuses_an_asymmetric_checkpoint_in_one_line(llava_run, tmp_path):
     proc = subprocess.run([sys.executable, "-m", "grace", "generate", path, "--image", str(image), "--prompt", "hi"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
-    assert proc.stderr.count("\n") == 1 and "asymmetric weights (zero points" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "asymmetric 8-bit weights (zero points" in proc.stderr, proc.stderr
 
 
 def test_load_int4_model_rejects_unquantized_directories(llava_run, tmp_path):

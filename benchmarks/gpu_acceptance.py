@@ -291,6 +291,9 @@ def _parse_env(result: StepResult, ctx: dict) -> None:
     ctx["env"] = result.details
     cap = result.details.get("capability")
     ctx["arch"] = f"{cap[0]}.{cap[1]}" if cap else None
+    if result.details.get("gpu") and result.details.get("copy_gbps"):
+        # the decode benchmark states its bandwidth against this machine's measured copy rate
+        ctx.setdefault("step_env", {})["GRACE_COPY_GBPS"] = f"{result.details['copy_gbps']:.1f}"
 
 
 def _left(ctx: dict) -> float:
@@ -398,7 +401,7 @@ def run(groups_: list[Group], *, out: str, work: str, start: float | None = None
     """Run the groups in order, each step within its group's deadline (the sum of the budgets so far after
     ``start``); write the results after each step. ``env``: added to every step's environment."""
     start = time.monotonic() if start is None else start
-    extra_env = step_env(stand_in) if env is None else env
+    extra_env = dict(step_env(stand_in) if env is None else env)
     ctx: dict = {"extension": None, "stand_in": stand_in, "step_env": extra_env}
     results = [StepResult(s.name, s.estimate_s, g.name) for g in groups_ for s in g.steps]
     budget_s = sum(g.budget_s for g in groups_)

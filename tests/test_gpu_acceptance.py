@@ -141,14 +141,16 @@ def test_each_group_has_its_own_budget_and_what_ran_is_saved(tmp_path, monkeypat
     sleep = "import time; print('started', flush=True); time.sleep({})"
     groups = [
         ga.Group("first", 9, "quick steps, then one that hangs", [
-            ga.Step("env", 1, "quick", _py("print('ENV_JSON {\"gpu\": \"fake\"}')"), after=ga._parse_env),
+            ga.Step("env", 1, "quick", _py("print('ENV_JSON {\"gpu\": \"fake\", \"copy_gbps\": 4321.0}')"),
+                    after=ga._parse_env),
             ga.Step("gpu-tests", 1, "pytest-like",
                     _py("print('FAILED tests/x.py::t - boom'); print('1 failed, 2 passed'); raise SystemExit(1)"),
                     after=ga._parse_pytest),
             ga.Step("hang", 1, "runs past its group's budget", _py(sleep.format(120))),
             ga.Step("late", 1, "no time left in its group", _py("print('no')"))]),
         ga.Group("second", 5, "runs whole although the first group hung", [
-            ga.Step("after-hang", 1, "quick", _py("print('second group ran')"))]),
+            ga.Step("after-hang", 1, "quick",
+                    _py("import os; print('second group ran', os.environ['GRACE_COPY_GBPS'])"))]),
         ga.Group("third", 4, "inherits the time the second left", [
             ga.Step("longer", 1, "longer than its own budget", _py(sleep.format(5)))]),
     ]
@@ -166,7 +168,8 @@ def test_each_group_has_its_own_budget_and_what_ran_is_saved(tmp_path, monkeypat
     saved = json.loads((out / "acceptance.json").read_text())
     assert [s["status"] for s in saved["steps"]] == list(status.values())
     log = (out / "acceptance.log").read_text()
-    assert "started" in log and "second group ran" in log  # the stopped step's output is kept
+    assert "started" in log  # the stopped step's output is kept
+    assert "second group ran 4321.0" in log  # later steps see the copy rate the preflight measured
     summary = (out / "summary.md").read_text()
     assert "| first | hang | 1 |" in summary and "stopped at budget" in summary and "1 failed, 2 passed" in summary
     assert json.loads((out / "benchmarks.json").read_text())[0]["rows"] == [{"ms": 1.0}]

@@ -223,6 +223,7 @@ def test_triton_36_compiles_every_kernel_for_sm90_with_ieee_fp32(side_env, tmp_p
     _check_ieee(result)
 
 
+@pytest.mark.slow
 def test_side_stack_runs_the_gpu_day_dry_run_and_stand_in(side_env, tmp_path):
     """The GPU day's orchestrator under the image's releases: its dry run imports what every step imports,
     and its CPU stand-in run completes every group and writes every result file."""

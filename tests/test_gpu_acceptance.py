@@ -38,6 +38,7 @@ def test_groups_in_order_of_value_with_budgets_that_fit_the_machine():
         [81 * b / sum(ga.GROUPS_BUDGET_S.values()) for b in ga.GROUPS_BUDGET_S.values()])
 
 
+@pytest.mark.slow
 def test_dry_run_imports_what_every_step_imports():
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_acceptance.sh"), "--dry-run"],
                           capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHON": sys.executable})
@@ -101,6 +102,7 @@ def test_the_blocker_blocks_this_process_and_not_its_children(tmp_path):
     assert "blocked: grace_kernels cannot be imported" in proc.stdout and "child imports" in proc.stdout
 
 
+@pytest.mark.slow
 def test_stand_in_run_completes_every_group_and_writes_every_file_without_importing_the_package(tmp_path):
     """The whole day on CPU (CUDA hidden, no network): the orchestrator, which cannot import grace_kernels
     (bug 2: its summary once imported bench_decode), runs every step of every group; the decode step (a

@@ -30,6 +30,7 @@ from grace.naming import (
     module_checkpoint_names,
 )
 from grace.quantize import quantize_model, replace_module
+from grace.rundir import find_checkpoint, read_checkpoint
 from grace.schemes import SCHEMES, Scheme, read_checkpoint_config
 from grace_kernels.int4 import SCALE_DTYPES
 from grace_kernels.nn import convert_to_kernel_layout
@@ -237,24 +238,14 @@ def _file_of(model_dir: str, disk_name: str) -> str:
                  if os.path.isfile(os.path.join(model_dir, n))), model_dir)
 
 
-def _checkpoint_reader():
-    """(find_checkpoint, read_checkpoint) of the trainer's run-directory code."""
-    try:
-        from grace.rundir import find_checkpoint, read_checkpoint
-    except ImportError:   # the run-directory code still inside grace.train
-        from grace.train import _find_checkpoint as find_checkpoint
-        from grace.train import _read_checkpoint as read_checkpoint
-    return find_checkpoint, read_checkpoint
-
-
 def find_run_checkpoint(run_dir: str) -> str | None:
     """The ``checkpoint/`` directory of a training run (finished or not), or None."""
-    return _checkpoint_reader()[0](run_dir) if os.path.isdir(run_dir) else None
+    return find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
 
 
 def read_checkpoint_state(ckpt: str) -> dict:
     """The trainer state of checkpoint directory ``ckpt`` (step, config ...), its shards checked complete."""
-    return _checkpoint_reader()[1](ckpt)
+    return read_checkpoint(ckpt)
 
 
 def load_checkpoint_student(run_dir: str, step: int | None = None, device: str | torch.device = "cpu"):
@@ -281,11 +272,10 @@ def load_checkpoint_student(run_dir: str, step: int | None = None, device: str |
 
     from grace.schemes import scheme_for_bits
 
-    find_checkpoint, read_checkpoint = _checkpoint_reader()
-    ckpt = find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
+    ckpt = find_run_checkpoint(run_dir)
     if ckpt is None:
         raise ValueError(f"{run_dir!r} has no checkpoint/ (a run writes one every --save-every steps)")
-    state = read_checkpoint(ckpt)
+    state = read_checkpoint_state(ckpt)
     if step is not None and state["step"] != step:
         raise ValueError(f"{ckpt} holds step {state['step']}, not step {step} (a run keeps its latest checkpoint "
                          "only)")

@@ -1,6 +1,6 @@
 """The README's install (command 1) in a fresh virtual environment, then the README's own load snippet.
 
-README command 1 is ``pip install -U torch setuptools && pip install --no-build-isolation -e .``. Here the
+README command 1 is ``pip install torch "setuptools>=70.1" && pip install --no-build-isolation -e .``. Here the
 first half is served by this environment's torch and setuptools (the distributions and their
 requirements, linked into the new environment: the same files a pip cache would install, without
 downloading torch again); the second half runs as written, with pip resolving the project's declared
@@ -60,7 +60,7 @@ def _link_host_packages(names: list[str], into: str, site: str) -> None:
     """Symlink the top-level files of ``names`` and their requirements (packages and .dist-info) into
     ``into``, put ``into`` on the new environment's path (``site``: its site-packages) and copy their .pth
     files there (setuptools' distutils shim): pip then finds them installed, as after
-    ``pip install torch setuptools``."""
+    ``pip install torch "setuptools>=70.1"``."""
     os.makedirs(into)
     for dist in _requirement_closure(names):
         for top in {str(f).split("/")[0] for f in dist.files or []}:
@@ -81,7 +81,7 @@ def _fresh_env(tmp_path) -> tuple[str, dict]:
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=120)
     py = str(venv / "bin" / "python")
     # Python <= 3.11 venvs come with setuptools 65, which has no bdist_wheel of its own (70.1 and later do), and
-    # `pip install setuptools` leaves it there: README command 1 upgrades it (`-U`), as done here by the link.
+    # `pip install setuptools` leaves it there: README command 1 asks for 70.1, as done here by the link.
     subprocess.run([py, "-m", "pip", "uninstall", "-y", "-q", "setuptools"], check=True, timeout=120,
                    capture_output=True)
     site = subprocess.run([py, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], check=True,

@@ -46,7 +46,14 @@ from tqdm.auto import tqdm
 from grace import rundir
 from grace.config import TrainConfig
 from grace.controller import AdaptiveIBController
-from grace.data import ConversationDataset, SampleStream, build_loader, end_tokens_of, template_ends_turns
+from grace.data import (
+    ConversationDataset,
+    SampleStream,
+    build_loader,
+    check_usable,
+    end_tokens_of,
+    template_ends_turns,
+)
 from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError, TrainingStopped
 from grace.families import check_pair, check_same_tokenizer, family_of
@@ -249,6 +256,7 @@ def build_data(run: Run) -> None:
                                                 cache=cfg.cache_samples, end_tokens=ends)
     if len(run.dataset) == 0:
         raise GraceError(f"no record in {cfg.data}")
+    check_usable(run.dataset, cfg.data)   # before any model loads: a wrong image folder fails in seconds
 
 
 def _generation_eos(model_dir: str):

@@ -16,6 +16,7 @@ import grace.data as data
 import grace.data.encode as encode
 from grace.config import TrainConfig
 from grace.data import (
+    MAX_DRAWS,
     ConversationDataset,
     RecordIndex,
     SampleOrder,
@@ -27,6 +28,7 @@ from grace.data import (
 )
 from grace.data.index import _scan_json_list
 from grace.demo.tiny import build_processor
+from grace.errors import GraceError
 
 WORDS = "what is the color shape of this object red green blue yellow circle square one two three yes no".split()
 
@@ -244,8 +246,8 @@ def test_stream_rejects_bad_arguments_and_unusable_data(image_data, tmp_path):
         with pytest.raises(ValueError, match=match):
             SampleStream(ds, **{"batch_size": 2, "seed": 0, **kw})
     only_bad = ConversationDataset([{"id": "x", "conversations": []}], build_processor(WORDS), "", 60)
-    with pytest.raises(RuntimeError, match="draws in a row were unusable"):
-        next(SampleStream(only_bad, batch_size=1, seed=0))
+    with pytest.raises(GraceError, match=f"{MAX_DRAWS} draws in a row were unusable.*empty conversation: {MAX_DRAWS}"):
+        next(SampleStream(only_bad, batch_size=1, seed=0))   # one line for the CLI, not a RuntimeError
     with pytest.raises(ValueError, match="max_length"):
         ConversationDataset([], build_processor(WORDS), "", 0)
     with pytest.raises(ValueError, match="num_workers must be an integer >= 0"):

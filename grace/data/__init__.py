@@ -28,4 +28,11 @@ from grace.data.encode import (  # noqa: F401
     to_messages,
 )
 from grace.data.index import MAX_RECORD_BYTES, RecordIndex, load_records  # noqa: F401
-from grace.data.stream import GROUP_CHUNK, MAX_DRAWS, SampleOrder, SampleStream, build_loader  # noqa: F401
+from grace.data.stream import (  # noqa: F401
+    GROUP_CHUNK,
+    MAX_DRAWS,
+    SampleOrder,
+    SampleStream,
+    build_loader,
+    check_usable,
+)

@@ -11,7 +11,7 @@ import os
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from grace.data.index import RecordIndex
 
@@ -78,12 +78,37 @@ def parse_record(rec) -> tuple[list[dict], str | None]:
 
 
 def load_image(path: str) -> Image.Image:
-    """The image at ``path`` as RGB; SkipSample("missing or unreadable image") when it cannot be decoded."""
+    """The image at ``path`` as 8-bit RGB, upright: its EXIF orientation applied (a phone photo stored sideways
+    is turned as a viewer shows it), 16-bit and float images scaled to 8 bits (:func:`to_8bit`; PIL's own
+    conversion clips them, which makes a 16-bit image white and a [0, 1] float image black).
+    SkipSample("missing or unreadable image") when it cannot be decoded."""
     try:
         with Image.open(path) as im:
-            return im.convert("RGB")
+            im = ImageOps.exif_transpose(im)
+            return to_8bit(im).convert("RGB")
     except (OSError, ValueError, Image.DecompressionBombError):
         raise SkipSample("missing or unreadable image") from None
+
+
+def to_8bit(im: Image.Image) -> Image.Image:
+    """A single-channel image of more than 8 bits as 8-bit grayscale ("L"); any other image as it is.
+
+    Integer modes ("I;16*", "I"): v / 257, the 16-bit range [0, 65535] onto [0, 255] (a 32-bit "I" image
+    whose values exceed 65535 is scaled by its maximum instead). Float ("F"): values in [0, 1] times 255,
+    any other range mapped linearly from [min, max] onto [0, 255]; NaN becomes 0. Rounded to nearest."""
+    if im.mode not in ("I", "F") and not im.mode.startswith("I;16"):
+        return im
+    a = np.asarray(im, dtype=np.float64)
+    if im.mode == "F":
+        a = np.nan_to_num(a, nan=0.0, posinf=0.0, neginf=0.0)
+        lo, hi = float(a.min()), float(a.max())
+        if lo < 0 or hi > 1:
+            a = (a - lo) / (hi - lo) if hi > lo else np.zeros_like(a)
+        a = a * 255.0
+    else:
+        top = float(a.max()) if a.size else 0.0
+        a = a / (top / 255.0 if top > 65535 else 257.0)
+    return Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8))   # 2-D uint8: mode "L"
 
 class ConversationDataset(torch.utils.data.Dataset):
     """The records of a :class:`RecordIndex`, each checked and encoded on access.

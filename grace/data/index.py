@@ -10,13 +10,17 @@ when the sample is drawn.
 from __future__ import annotations
 
 import array
+import codecs
 import json
 import os
 import re
 
 import numpy as np
 
+from grace.errors import GraceError
+
 MAX_RECORD_BYTES = 1 << 26   # a longer list element is taken for invalid JSON rather than read on
+UTF8_SLICE = 1 << 16         # bytes validated as UTF-8 at a time
 _WS = re.compile(r"[ \t\n\r]*")
 _SEP = re.compile(r"[ \t\n\r]*,[ \t\n\r]*")
 
@@ -38,6 +42,7 @@ def _scan_json_list(path: str, chunk_bytes: int = 1 << 24, start: int | None = N
     decoded as latin-1 so that string offsets are byte offsets; that mis-decodes non-ASCII characters
     inside strings, which the index never reads (a drawn record is re-parsed as UTF-8 from its range)."""
     decoder = json.JSONDecoder()
+    utf8 = codecs.getincrementaldecoder("utf-8")()
     with open(path, "rb") as f:
         buf, base, eof = "", start or 0, False
         f.seek(base)
@@ -46,8 +51,10 @@ def _scan_json_list(path: str, chunk_bytes: int = 1 << 24, start: int | None = N
             nonlocal buf, base, eof
             if eof:
                 return pos, False
+            at = f.tell()
             data = f.read(chunk_bytes)
             eof = len(data) < chunk_bytes
+            _check_utf8(utf8, data, eof, at, path)
             buf, base = buf[pos:] + data.decode("latin-1"), base + pos
             return 0, bool(data)
 
@@ -93,6 +100,39 @@ def _scan_json_list(path: str, chunk_bytes: int = 1 << 24, start: int | None = N
             else:
                 raise ValueError(f"{path}: invalid JSON at byte {base + pos}: expected ',' or ']'")
 
+def _check_utf8(decoder, data: bytes, final: bool, at: int, path: str) -> None:
+    """Feed ``data`` (the bytes at file offset ``at``) to an incremental UTF-8 ``decoder``; GraceError naming
+    the first byte that is not UTF-8 and its offset. The decoder carries a character cut by a chunk end over
+    to the next chunk. Fed in slices of UTF8_SLICE bytes, so the decoded text held at a time stays small
+    beside the chunk."""
+    view = memoryview(data)
+    for lo in range(0, max(len(data), 1), UTF8_SLICE):
+        piece = view[lo:lo + UTF8_SLICE]
+        pending = len(decoder.getstate()[0])
+        try:
+            decoder.decode(piece, final and lo + UTF8_SLICE >= len(data))
+        except UnicodeDecodeError as e:
+            # e.object is the carried-over bytes followed by this piece
+            raise GraceError(f"{path} is not UTF-8: byte 0x{e.object[e.start]:02x} at offset "
+                             f"{at + lo - pending + e.start} (Latin-1 or Windows-1252 text?); convert the file "
+                             "to UTF-8") from None
+
+
+def check_encoding(path: str) -> None:
+    """Refuse, naming the encoding, a file that starts with a byte-order mark or NUL bytes: JSON here is read
+    as UTF-8 without a BOM (``json`` itself refuses the BOM), and a UTF-16/32 file would read as garbage."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    for bom, name in ((codecs.BOM_UTF32_LE, "UTF-32"), (codecs.BOM_UTF32_BE, "UTF-32"), (codecs.BOM_UTF8, "UTF-8"),
+                      (codecs.BOM_UTF16_LE, "UTF-16"), (codecs.BOM_UTF16_BE, "UTF-16")):
+        if head.startswith(bom):
+            what = "UTF-8 byte-order mark (BOM)" if name == "UTF-8" else f"{name} byte-order mark: the file is {name}"
+            raise GraceError(f"{path} starts with a {what}; save it as UTF-8 without a BOM")
+    if b"\x00" in head:
+        raise GraceError(f"{path} starts with NUL bytes: UTF-16 or UTF-32 text without a byte-order mark?; "
+                         "save it as UTF-8")
+
+
 class RecordIndex:
     """The records of a conversation JSON, compactly: record i is the byte range
     [starts[i], ends[i]) of the source (a file, read with ``os.pread`` when drawn, or one bytes buffer
@@ -114,7 +154,19 @@ class RecordIndex:
         one). A range starts where ``}, {`` is found after its nominal start: a guess, which may lie
         inside a string; it is kept only if the previous range's parse ends exactly there, and the range
         is parsed again from where the previous one ended otherwise, so the index never depends on the
-        guess. Raises ValueError for a file that is not a JSON list."""
+        guess. Raises ValueError for a file that is not a JSON list, GraceError (naming the encoding or the
+        byte offset) for one that is not UTF-8 without a BOM, and for a list of lists (``[[...]]``)."""
+        check_encoding(path)
+        index = cls._from_json(path, chunk_bytes, processes)
+        if len(index) and not isinstance(index[0], dict):
+            kind = "a JSON array" if isinstance(index[0], list) else f"a JSON {type(index[0]).__name__}"
+            nested = " holds a list of lists ([[...]]):" if isinstance(index[0], list) else ":"
+            raise GraceError(f"{path}{nested} element 0 is {kind}, not a conversation record (a JSON object); "
+                             "the file must be one flat list of records")
+        return index
+
+    @classmethod
+    def _from_json(cls, path: str, chunk_bytes: int, processes: int | None) -> RecordIndex:
         size = os.path.getsize(path)
         if processes is None:
             processes = min(8, os.cpu_count() or 1) if size > 1 << 26 else 1

@@ -13,9 +13,50 @@ import torch
 
 from grace.data.encode import ConversationDataset, SkipSample, collate
 from grace.data.index import RecordIndex
+from grace.errors import GraceError
 
 MAX_DRAWS = 64          # draws per stream position before the data is declared unusable
 GROUP_CHUNK = 64        # micro-batches per length-sorted chunk when grouping by length
+PROBE_RECORDS = 16      # records of each kind (with an image, text only) encoded before training starts
+# What to do about a skip reason that makes every record of a kind unusable (the data is what to check otherwise).
+_HINTS = {
+    "missing or unreadable image": lambda ds: f"images are looked up under {os.path.abspath(ds.image_folder)!r}: "
+                                              "check --image-folder",
+    "longer than max_length": lambda ds: f"--max-length {ds.max_length} is too short for them: raise it",
+    "image without exactly one <image> token": lambda ds: "a record naming an image needs exactly one <image> tag "
+                                                          "in its turns",
+    "<image> token without an image": lambda ds: "a record with an <image> tag needs an \"image\" field",
+}
+
+
+def describe_unusable(what: str, reasons: collections.Counter, dataset: ConversationDataset) -> str:
+    """One line: ``what``, the skip reasons with their counts, and what to do about each."""
+    counts = ", ".join(f"{reason}: {n}" for reason, n in reasons.most_common())
+    hints = [_HINTS[r](dataset) for r in reasons if r in _HINTS] or ["check the data"]
+    return f"{what} ({counts}); {'; '.join(hints)}"
+
+
+def check_usable(dataset: ConversationDataset, source: str = "the data", probe: int = PROBE_RECORDS) -> None:
+    """Encode the first ``probe`` records with an image and the first ``probe`` text-only records (file order)
+    and refuse the data when none of a kind encodes: a wrong image folder, image records without their
+    ``<image>`` tag, or a max_length that no image sample fits would otherwise train on text alone (or, with
+    no usable record at all, stop inside the draw loop). Raises GraceError naming ``source``, the reasons and
+    their counts, and what to check."""
+    has_image = np.asarray(dataset.index.has_image, bool)
+    for kind, ids in (("records with an image", np.flatnonzero(has_image)[:probe]),
+                      ("text-only records", np.flatnonzero(~has_image)[:probe])):
+        reasons = collections.Counter()
+        for i in ids:
+            try:
+                dataset[int(i)]
+                break
+            except SkipSample as s:
+                reasons[s.reason] += 1
+        else:
+            if len(ids):
+                label = kind.replace("records with an image", "image records")
+                raise GraceError(describe_unusable(f"{source}: none of the first {len(ids)} {label} is usable",
+                                                   reasons, dataset))
 
 
 class SampleOrder:
@@ -56,10 +97,15 @@ class SampleOrder:
         return int(self.epoch_order(q // self.n)[q % self.n])
 
 
+UNUSABLE = "unusable_at"   # the key of the placeholder sample at a position whose draws were all bad
+
+
 class _Draws(torch.utils.data.Dataset):
     """Worker side of the stream: item (q, record) -> (sample, [(record, reason) of the bad draws]). A bad
     record is replaced by draws seeded by (seed, q, attempt) only, so the sample at q is the same whichever
-    worker or rank encodes it."""
+    worker or rank encodes it. After MAX_DRAWS bad draws the sample is {UNUSABLE: q}: the stream raises in the
+    training process, where the error is one line (an exception raised in a worker arrives re-raised by the
+    DataLoader with the worker's traceback in its message)."""
 
     def __init__(self, dataset: ConversationDataset, seed: int):
         self.dataset, self.seed = dataset, seed % (1 << 63)
@@ -77,8 +123,7 @@ class _Draws(torch.utils.data.Dataset):
                 return self.dataset[rec], bad
             except SkipSample as s:
                 bad.append((rec, s.reason))
-        raise RuntimeError(f"{MAX_DRAWS} draws in a row were unusable at stream position {q} ({bad[:3]} ...): "
-                           "check the image folder and the data")
+        return {UNUSABLE: q}, bad
 
 
 class _RankBatches:
@@ -102,6 +147,7 @@ class SampleStream:
 
     The samples, their order and the bad draws met depend only on (seed, micro-batch size * world,
     group_by_length, the data) and the start position: not on num_workers or how they are scheduled.
+    MAX_DRAWS bad draws in a row raise GraceError from ``next`` (the reasons counted, what to check).
     ``state_dict()`` -> {"position": samples consumed by all ranks, "bad": {record: reason}} after the
     micro-batches taken so far (prefetched ones are not counted); a stream built with that state continues
     with exactly the micro-batch that would have come next. ``skipped``: the distinct bad records this rank
@@ -138,6 +184,10 @@ class SampleStream:
         if self._it is None:
             self._it = iter(self._loader)
         batch, bad = next(self._it)
+        if UNUSABLE in batch:
+            reasons = collections.Counter(reason for _, reason in bad[-MAX_DRAWS:])
+            raise GraceError(describe_unusable(f"{MAX_DRAWS} draws in a row were unusable at stream position "
+                                               f"{batch[UNUSABLE]}", reasons, self.dataset))
         for rec, reason in bad:
             self.bad.setdefault(int(rec), reason)
         self.position += self._step
@@ -162,7 +212,11 @@ class _CollateDraws:
         self.pad_id = pad_id
 
     def __call__(self, items: list) -> tuple[dict, list]:
-        return collate([s for s, _ in items], self.pad_id), [b for _, bad in items for b in bad]
+        bad = [b for _, draws in items for b in draws]
+        unusable = next((s for s, _ in items if UNUSABLE in s), None)
+        if unusable is not None:
+            return unusable, bad
+        return collate([s for s, _ in items], self.pad_id), bad
 
 
 def build_loader(cfg, dataset: ConversationDataset, rank: int, world: int, state: dict | None = None) -> SampleStream:

@@ -164,7 +164,8 @@ def check_same_tokenizer(teacher_tok, student_tok, *, teacher_rows: int, student
     Args:
         teacher_tok, student_tok: Hugging Face tokenizers (``get_vocab()``, ``convert_tokens_to_ids``).
         teacher_rows, student_rows: the models' vocabulary rows (LM head / embedding size).
-        teacher_image_token, student_image_token: the processors' image placeholder strings (None: none).
+        teacher_image_token, student_image_token: the processors' image placeholder strings (None: none, as
+            for a bare tokenizer; then only the configs' image token ids, see :func:`check_pair`, are compared).
 
     Raises:
         ValueError: naming the first differing id and token (or special token) of each side.
@@ -188,7 +189,9 @@ def check_same_tokenizer(teacher_tok, student_tok, *, teacher_rows: int, student
                          f"only {teacher_rows} vocabulary rows")
     pairs = [(name, getattr(teacher_tok, name, None), getattr(student_tok, name, None))
              for name in SPECIAL_TOKEN_NAMES]
-    pairs.append(("image token", teacher_image_token, student_image_token))
+    if teacher_image_token is not None and student_image_token is not None:
+        # a bare tokenizer names no image token; the configs' image token ids are compared by check_pair
+        pairs.append(("image token", teacher_image_token, student_image_token))
     for name, t, s in pairs:
         t_id = None if t is None else teacher_tok.convert_tokens_to_ids(t)
         s_id = None if s is None else student_tok.convert_tokens_to_ids(s)

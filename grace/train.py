@@ -205,12 +205,19 @@ def _load_sharded_student(run: Run):
     from torch.distributed.checkpoint.state_dict import set_model_state_dict
 
     full_state, buffers = {}, {}
+    refused = [None]
     if run.main:
-        # on the GPU the scale init is fast
-        full = load_pretrained(run.cfg.student, "auto", run.device, role="student")
-        _prepare_student(full, run, verbose=False)
-        full_state, buffers = full.state_dict(), dict(full.named_buffers())
-        del full
+        try:   # on the GPU the scale init is fast
+            full = load_pretrained(run.cfg.student, "auto", run.device, role="student")
+        except ValueError as e:   # every rank raises it: the others would wait for the broadcast forever
+            refused = [one_line(e)]
+        else:
+            _prepare_student(full, run, verbose=False)
+            full_state, buffers = full.state_dict(), dict(full.named_buffers())
+            del full
+    dist.broadcast_object_list(refused, src=0)
+    if refused[0] is not None:
+        raise GraceError(refused[0])
     student = _student_skeleton(run.cfg.student)
     _prepare_student(student, run, verbose=run.main)
     _set_dtypes(student, run)

@@ -130,3 +130,23 @@ def test_qwen_teacher_missing_a_tensor_is_refused(pair, tmp_path):
     broken, name = _broken_copy(pair["teacher"], tmp_path / "broken", "missing")
     proc = grace_train(pair, tmp_path / "run", teacher=broken)
     assert_one_line_error(proc, "teacher checkpoint", f"tensor {name} is missing")
+
+
+@pytest.mark.slow
+@LLAVA
+def test_torchrun_student_missing_a_tensor_stops_every_rank(pair, tmp_path):
+    """Under torchrun only rank 0 reads the student: its refusal reaches every rank (the others would wait in
+    the weight broadcast forever)."""
+    import subprocess
+    import sys
+
+    broken, name = _broken_copy(pair["student"], tmp_path / "broken", "missing")
+    args = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "grace", "train",
+            "--teacher", pair["teacher"], "--student", broken, "--data", pair["data"], "--image-folder",
+            pair["images"], "--output-dir", str(tmp_path / "run"), "--max-steps", "1", "--batch-size", "1",
+            "--num-workers", "0", "--no-progress"]
+    proc = subprocess.run(args, capture_output=True, text=True, env=test_real_data.ENV, timeout=300)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("grace train: error:")]
+    assert len(lines) == 2 and all(f"tensor {name} is missing" in line for line in lines), proc.stderr[-3000:]
+    assert not os.path.exists(tmp_path / "run")

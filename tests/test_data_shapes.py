@@ -66,6 +66,15 @@ def test_system_turn_after_the_first_turn_is_skipped():
         parse_record({"conversations": [SYSTEM, {"from": "gpt", "value": "a"}]})
 
 
+def test_template_that_refuses_a_system_turn_skips_the_record():
+    processor = build_processor()
+    processor.chat_template = ("{% for m in messages %}{% if m['role'] == 'system' %}"
+                               "{{ raise_exception('System role not supported') }}{% endif %}{% endfor %}")
+    rec = {"conversations": [SYSTEM, {"from": "human", "value": "q"}, {"from": "gpt", "value": "a"}]}
+    with pytest.raises(SkipSample, match="chat template rejected the conversation"):
+        ConversationDataset([rec], processor, "", 128)[0]
+
+
 @LLAVA
 def test_grace_train_on_sharegpt_records_with_a_system_turn(pair, tmp_path):
     records = [{**r, "conversations": [SYSTEM, *r["conversations"]]} for r in _records(pair)]

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from test_real_data import ENV, write_image
+from test_real_data import ENV, assert_one_line_error, write_image
 from test_train_inputs import _broken_copy
 
 from grace.demo.tiny import build_tiny_vlm
@@ -29,12 +29,7 @@ def generate(model_dir, image, prompt, *extra):
 
 
 def one_line(proc, *fragments):
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("grace generate: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+    return assert_one_line_error(proc, *fragments, command="generate")
 
 
 def test_prompt_longer_than_the_positions_is_refused_with_the_numbers(model):

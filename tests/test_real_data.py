@@ -69,9 +69,11 @@ def metrics(out) -> list[dict]:
     return [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
 
 
-def assert_one_line_error(proc, *fragments):
+def assert_one_line_error(proc, *fragments, command="train"):
+    """``proc`` (a finished `grace <command>`) exited 2 with one error line holding every fragment, no
+    traceback; returns the line."""
     assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith("grace train: error:")]
+    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"grace {command}: error:")]
     assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     for fragment in fragments:
         assert fragment in lines[0], lines[0]

@@ -180,6 +180,7 @@ class ConversationDataset(torch.utils.data.Dataset):
 def render(processor, msgs: list[dict], add_generation_prompt: bool = False) -> str:
     """The chat template's text for ``msgs``; SkipSample when the template refuses them (a template that
     raises on a role or an order it does not support, e.g. a system turn)."""
+    # transformers renders chat templates with jinja2
     from jinja2 import TemplateError
 
     try:

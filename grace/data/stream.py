@@ -43,7 +43,7 @@ def check_usable(dataset: ConversationDataset, source: str = "the data", probe: 
     no usable record at all, stop inside the draw loop). Raises GraceError naming ``source``, the reasons and
     their counts, and what to check."""
     has_image = np.asarray(dataset.index.has_image, bool)
-    for kind, ids in (("records with an image", np.flatnonzero(has_image)[:probe]),
+    for kind, ids in (("image records", np.flatnonzero(has_image)[:probe]),
                       ("text-only records", np.flatnonzero(~has_image)[:probe])):
         reasons = collections.Counter()
         for i in ids:
@@ -54,8 +54,7 @@ def check_usable(dataset: ConversationDataset, source: str = "the data", probe: 
                 reasons[s.reason] += 1
         else:
             if len(ids):
-                label = kind.replace("records with an image", "image records")
-                raise GraceError(describe_unusable(f"{source}: none of the first {len(ids)} {label} is usable",
+                raise GraceError(describe_unusable(f"{source}: none of the first {len(ids)} {kind} is usable",
                                                    reasons, dataset))
 
 
@@ -103,9 +102,9 @@ UNUSABLE = "unusable_at"   # the key of the placeholder sample at a position who
 class _Draws(torch.utils.data.Dataset):
     """Worker side of the stream: item (q, record) -> (sample, [(record, reason) of the bad draws]). A bad
     record is replaced by draws seeded by (seed, q, attempt) only, so the sample at q is the same whichever
-    worker or rank encodes it. After MAX_DRAWS bad draws the sample is {UNUSABLE: q}: the stream raises in the
-    training process, where the error is one line (an exception raised in a worker arrives re-raised by the
-    DataLoader with the worker's traceback in its message)."""
+    worker or rank encodes it. After MAX_DRAWS bad draws the sample is {UNUSABLE: (q, their reasons)}: the stream
+    raises in the training process, where the error is one line (an exception raised in a worker arrives
+    re-raised by the DataLoader with the worker's traceback in its message)."""
 
     def __init__(self, dataset: ConversationDataset, seed: int):
         self.dataset, self.seed = dataset, seed % (1 << 63)
@@ -123,7 +122,7 @@ class _Draws(torch.utils.data.Dataset):
                 return self.dataset[rec], bad
             except SkipSample as s:
                 bad.append((rec, s.reason))
-        return {UNUSABLE: q}, bad
+        return {UNUSABLE: (q, [reason for _, reason in bad])}, bad
 
 
 class _RankBatches:
@@ -185,9 +184,9 @@ class SampleStream:
             self._it = iter(self._loader)
         batch, bad = next(self._it)
         if UNUSABLE in batch:
-            reasons = collections.Counter(reason for _, reason in bad[-MAX_DRAWS:])
-            raise GraceError(describe_unusable(f"{MAX_DRAWS} draws in a row were unusable at stream position "
-                                               f"{batch[UNUSABLE]}", reasons, self.dataset))
+            q, reasons = batch[UNUSABLE]
+            raise GraceError(describe_unusable(f"{MAX_DRAWS} draws in a row were unusable at stream position {q}",
+                                               collections.Counter(reasons), self.dataset))
         for rec, reason in bad:
             self.bad.setdefault(int(rec), reason)
         self.position += self._step

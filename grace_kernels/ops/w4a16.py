@@ -56,22 +56,33 @@ torch.library.define(
 )
 
 
-@torch.library.impl("grace_kernels::w4a16_matmul", ("cpu", "cuda"))
-def _w4a16_matmul_impl(x, packed, scales, group_size):
-    # CUDA: the Triton kernel; CPU: the reference, or the Triton kernel under TRITON_INTERPRET=1. A forced
-    # backend wins on either device (select_backend raises where it cannot run).
-    if select_backend("w4a16_matmul", x.device) == "triton":
+def wna16_impl(op: str, bits: int, x, packed, scales, group_size: int) -> torch.Tensor:
+    """The implementation of the canonical-layout GEMM of both code widths (w4a16_matmul, w8a16_matmul).
+
+    CUDA: the Triton kernel; CPU: the reference, or the Triton kernel under TRITON_INTERPRET=1. A forced
+    backend wins on either device (select_backend raises where it cannot run)."""
+    if select_backend(op, x.device) == "triton":
         from grace_kernels.triton import w4a16 as tri
 
-        return tri.w4a16_matmul(x, packed, scales.to(x.dtype), group_size)
-    return x.float() @ ref.dequantize_int4_ref(packed, scales, group_size).t()
+        return tri.wna16_matmul(x, packed, scales.to(x.dtype), group_size, bits=bits)
+    return x.float() @ ref.dequantize_codes(packed, scales, group_size, bits=bits).t()
+
+
+def wna16_fake(bits: int, x, packed) -> torch.Tensor:
+    """The fake implementation of both widths: float32 [M, N]."""
+    torch._check(x.dim() == 2 and packed.dim() == 2, lambda: "x and packed must be 2-D")
+    torch._check(x.shape[1] == packed.shape[1] * (32 // bits), lambda: "x's K does not match packed")
+    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+
+
+@torch.library.impl("grace_kernels::w4a16_matmul", ("cpu", "cuda"))
+def _w4a16_matmul_impl(x, packed, scales, group_size):
+    return wna16_impl("w4a16_matmul", 4, x, packed, scales, group_size)
 
 
 @torch.library.register_fake("grace_kernels::w4a16_matmul")
 def _(x, packed, scales, group_size):
-    torch._check(x.dim() == 2 and packed.dim() == 2, lambda: "x and packed must be 2-D")
-    torch._check(x.shape[1] == packed.shape[1] * 8, lambda: "x's K does not match packed")
-    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+    return wna16_fake(4, x, packed)
 
 
 @torch.library.impl("grace_kernels::w4a16_matmul_repacked", "cpu")

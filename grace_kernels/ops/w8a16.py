@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from grace_kernels._backend import select_backend
 from grace_kernels.int8 import Int8Weight
 from grace_kernels.ops.w4a16 import _check_x_bias as check_x_bias
+from grace_kernels.ops.w4a16 import wna16_fake, wna16_impl
 from grace_kernels.reference import w8a16 as ref
 
 torch.library.define("grace_kernels::w8a16_matmul",
@@ -25,18 +25,12 @@ torch.library.define("grace_kernels::w8a16_matmul",
 
 @torch.library.impl("grace_kernels::w8a16_matmul", ("cpu", "cuda"))
 def _w8a16_matmul_impl(x, packed, scales, group_size):
-    if select_backend("w8a16_matmul", x.device) == "triton":
-        from grace_kernels.triton import w4a16 as tri
-
-        return tri.w8a16_matmul(x, packed, scales.to(x.dtype), group_size)
-    return x.float() @ ref.dequantize_int8_ref(packed, scales, group_size).t()
+    return wna16_impl("w8a16_matmul", ref.BITS, x, packed, scales, group_size)
 
 
 @torch.library.register_fake("grace_kernels::w8a16_matmul")
 def _(x, packed, scales, group_size):
-    torch._check(x.dim() == 2 and packed.dim() == 2, lambda: "x and packed must be 2-D")
-    torch._check(x.shape[1] == packed.shape[1] * ref.PER_WORD, lambda: "x's K does not match packed")
-    return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
+    return wna16_fake(ref.BITS, x, packed)
 
 
 def w8a16_matmul(x: torch.Tensor, weight: Int8Weight, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -22,42 +22,51 @@ with 0x000F000F (or 0x00F000F0) yields the two halves of one half2 register dire
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-_SHIFTS = torch.arange(0, 32, 4, dtype=torch.int32)  # nibble s of a word lives at bits 4s .. 4s + 3
+# The canonical format of both code widths (bits 4 and 8; grace_kernels.reference.w8a16 holds the 8-bit
+# names): 32 / bits codes per int32 word, u = q + 2^(bits - 1), field s of a word at bits s * bits and up.
 
 
-def pack_int4_ref(codes: torch.Tensor) -> torch.Tensor:
-    """int8 codes [N, K] in [-8, 7] -> int32 [N, K / 8] (canonical)."""
-    u = (codes.to(torch.int32) + 8).view(codes.shape[0], -1, 8)
-    # OR the eight nibbles together in int64, then reinterpret the low 32 bits as int32 (the top
-    # nibble makes the word negative when it is >= 8, exactly as the format stores it).
-    words = torch.zeros(u.shape[:2], dtype=torch.int64, device=u.device)
-    for s in range(8):
-        words |= u[..., s].to(torch.int64) << (4 * s)
+def pack_codes(codes: torch.Tensor, *, bits: int) -> torch.Tensor:
+    """int8 codes [N, K] in [-2^(bits-1), 2^(bits-1) - 1] -> int32 [N, K * bits / 32] (canonical)."""
+    per_word = 32 // bits
+    u = (codes.to(torch.int64) + (1 << (bits - 1))).reshape(codes.shape[0], -1, per_word)
+    # The fields are disjoint, so their sum is their OR; in int64, then the low 32 bits reinterpreted as int32
+    # (a top field >= 2^(bits-1) makes the word negative, exactly as the format stores it).
+    words = (u << torch.arange(0, 32, bits, dtype=torch.int64, device=codes.device)).sum(-1)
     return torch.where(words >= 2 ** 31, words - 2 ** 32, words).to(torch.int32)
 
 
-def unpack_int4_ref(packed: torch.Tensor) -> torch.Tensor:
-    """int32 [N, K / 8] -> int8 codes [N, K] in [-8, 7]."""
-    u = (packed.unsqueeze(-1) >> _SHIFTS.to(packed.device)) & 0xF  # arithmetic shift; the mask drops the sign
-    return (u - 8).to(torch.int8).reshape(packed.shape[0], -1)
+def unpack_codes(packed: torch.Tensor, *, bits: int) -> torch.Tensor:
+    """int32 [N, K * bits / 32] -> int8 codes [N, K] (the inverse of :func:`pack_codes`)."""
+    shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=packed.device)
+    u = (packed.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)  # arithmetic shift; the mask drops the sign
+    return (u - (1 << (bits - 1))).to(torch.int8).reshape(packed.shape[0], -1)
 
 
-def dequantize_int4_ref(packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """W [N, K] in float32: scale * q (exact: |q| <= 8 times a half-precision scale fits float32)."""
-    q = unpack_int4_ref(packed).float()
+def dequantize_codes(packed: torch.Tensor, scales: torch.Tensor, group_size: int, *, bits: int) -> torch.Tensor:
+    """W [N, K] in float32: scale * q (exact: |q| <= 128 times a half-precision scale fits float32's 24 bits)."""
+    q = unpack_codes(packed, bits=bits).float()
     return q * scales.float().repeat_interleave(group_size, dim=1)
 
 
-def w4a16_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
-                     bias: torch.Tensor | None = None) -> torch.Tensor:
+def wna16_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
+                     bias: torch.Tensor | None = None, *, bits: int) -> torch.Tensor:
     """y = x @ W^T (+ bias) accumulated in float32, returned in x's dtype; x is [..., K]."""
-    w = dequantize_int4_ref(packed, scales, group_size)
-    y = x.float() @ w.t()
+    y = x.float() @ dequantize_codes(packed, scales, group_size, bits=bits).t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)
+
+
+# The INT4 names (signatures as grace_kernels.ops.w4a16's): codes in [-8, 7], eight per word.
+pack_int4_ref = functools.partial(pack_codes, bits=4)
+unpack_int4_ref = functools.partial(unpack_codes, bits=4)
+dequantize_int4_ref = functools.partial(dequantize_codes, bits=4)
+w4a16_matmul_ref = functools.partial(wna16_matmul_ref, bits=4)
 
 
 # Kernel layout: tiles of KERNEL_TILE_K x KERNEL_TILE_N; see the module docstring for the bit mapping.

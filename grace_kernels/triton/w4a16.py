@@ -86,19 +86,10 @@ def _config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int]:
     return block_m, block_n, split
 
 
-def w4a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """float32 [M, N] = x2d [M, K] @ dequant(packed, scales)^T, packed int32 [N, K / 8] (caller adds bias and casts)."""
-    return wna16_matmul(x2d, packed, scales, group_size, bits=4)
-
-
-def w8a16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int) -> torch.Tensor:
-    """float32 [M, N] = x2d [M, K] @ dequant(packed, scales)^T, packed int32 [N, K / 4] (caller adds bias and casts)."""
-    return wna16_matmul(x2d, packed, scales, group_size, bits=8)
-
-
 def wna16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *,
                  bits: int) -> torch.Tensor:
-    """The launcher of both widths: ``bits`` 4 or 8 (codes per int32 word: 32 / bits)."""
+    """float32 [M, N] = x2d [M, K] @ dequant(packed, scales)^T for ``bits`` 4 or 8: packed int32
+    [N, K * bits / 32], 32 / bits codes per word (the caller adds the bias and casts)."""
     m, k = x2d.shape
     n = packed.shape[0]
     block_m, block_n, split = _config(m, n, k, group_size)

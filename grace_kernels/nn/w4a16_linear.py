@@ -20,10 +20,11 @@ from grace_kernels.int4 import (
     repack_for_kernel,
     repack_to_canonical,
 )
+from grace_kernels.nn._packed_linear import PackedLinear
 from grace_kernels.ops.w4a16 import cuda_kernel_unsupported, w4a16_matmul, w4a16_matmul_repacked
 
 
-class W4A16Linear(nn.Module):
+class W4A16Linear(PackedLinear):
     """y = x @ (scale * q)^T + b with q in [-8, 7] packed eight to an int32, in the canonical layout.
 
     Buffers: ``weight_packed`` int32 [N, K/8], ``weight_scale`` [N, K/group_size] float16/bfloat16,
@@ -33,29 +34,8 @@ class W4A16Linear(nn.Module):
     """
 
     layout = "canonical"
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, *, group_size: int = 128,
-                 scale_dtype: torch.dtype = torch.float16, bias_dtype: torch.dtype | None = None, device=None):
-        super().__init__()
-        if in_features % group_size or in_features % 8:
-            raise ValueError(f"in_features {in_features} must be a multiple of 8 and of group_size {group_size}")
-        if scale_dtype not in SCALE_DTYPES:
-            raise ValueError(f"scale_dtype must be float16 or bfloat16, got {scale_dtype}")
-        self.in_features, self.out_features, self.group_size = in_features, out_features, group_size
-        self._register_weight(scale_dtype, device)
-        self.register_buffer("weight_shape", torch.tensor([out_features, in_features], dtype=torch.int64))
-        bias_dtype = bias_dtype or scale_dtype
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=bias_dtype),
-                                 requires_grad=False) if bias else None
-
-    def _register_weight(self, scale_dtype: torch.dtype, device) -> None:
-        n, k = self.out_features, self.in_features
-        self.register_buffer("weight_packed", torch.zeros(n, k // 8, dtype=torch.int32, device=device))
-        self.register_buffer("weight_scale", torch.ones(n, k // self.group_size, dtype=scale_dtype, device=device))
-
-    @property
-    def scale_dtype(self) -> torch.dtype:
-        return self.weight_scale.dtype
+    bits = 4
+    _pack = staticmethod(pack_int4)
 
     @property
     def int4_weight(self) -> Int4Weight:
@@ -63,26 +43,14 @@ class W4A16Linear(nn.Module):
         return Int4Weight(self.weight_packed, self.weight_scale, (self.out_features, self.in_features),
                           self.group_size)
 
-    @torch.no_grad()
-    def _copy_weight_(self, weight: Int4Weight) -> None:
-        self.weight_packed.copy_(weight.packed)
-        self.weight_scale.copy_(weight.scales)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return w4a16_matmul(x, self.int4_weight, bias)
 
     @classmethod
-    @torch.no_grad()
     def from_int4_weight(cls, weight: Int4Weight, bias: torch.Tensor | None = None):
         """A layer holding a copy of ``weight`` (and of ``bias``), on the weight's device."""
-        n, k = weight.shape
-        layer = cls(k, n, bias=bias is not None, group_size=weight.group_size, scale_dtype=weight.scales.dtype,
-                    bias_dtype=None if bias is None else bias.dtype, device=weight.packed.device)
-        layer._copy_weight_(weight)
-        if bias is not None:
-            layer.bias.copy_(bias.detach())
-        return layer
+        return cls._from_weight(weight, bias)
 
     @classmethod
     @torch.no_grad()
@@ -90,25 +58,6 @@ class W4A16Linear(nn.Module):
         """Round-to-nearest INT4 with absmax / 7 scales (the RTN post-training baseline)."""
         sd = scale_dtype or (linear.weight.dtype if linear.weight.dtype in SCALE_DTYPES else torch.float16)
         return cls.from_int4_weight(quantize_rtn(linear.weight, group_size, sd), linear.bias)
-
-    @classmethod
-    @torch.no_grad()
-    def from_quant_linear(cls, quant_linear, scale_dtype: torch.dtype | None = None):
-        """The codes and scales a trained LSQ QuantLinear (4 bits) represents.
-
-        Scales are stored in ``scale_dtype`` (default: the QuantLinear's own scale_dtype, else
-        bfloat16) and the codes are computed against exactly those stored scales, so the output equals
-        QuantLinear's forward with ``scale_dtype`` set to the same dtype, up to matmul rounding. A layer
-        trained with that scale_dtype (``QuantLinear(..., scale_dtype=torch.bfloat16)``) exports exactly.
-        """
-        from grace_kernels.ops.lsq import lsq_quantize
-
-        if quant_linear.bits != 4:
-            raise ValueError(f"W4A16 holds 4-bit codes; this layer has bits={quant_linear.bits}")
-        sd = scale_dtype or quant_linear.scale_dtype or torch.bfloat16
-        codes, scales = lsq_quantize(quant_linear.weight, quant_linear.log_scale, bits=4,
-                                     group_size=quant_linear.group_size, scale_dtype=sd)
-        return cls.from_int4_weight(pack_int4(codes, scales, quant_linear.group_size), quant_linear.bias)
 
     def to_kernel_layout(self) -> W4A16KernelLinear:
         """A :class:`W4A16KernelLinear` holding this layer's weight (converted once) and bias.

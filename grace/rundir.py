@@ -81,7 +81,7 @@ def check_run_dir(cfg: TrainConfig, world: int = 1) -> dict | None:
     out = cfg.output_dir
     present = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if not cfg.resume:
-        if present and not cfg.overwrite:
+        if present and not cfg.overwrite and not only_a_start(out, present):
             raise GraceError(f"{out} already holds a run ({', '.join(present)}): pass --resume to continue it "
                              "or --overwrite to replace it")
         return None
@@ -456,3 +456,21 @@ def truncate_metrics(path: str, step: int) -> None:
     rows = [r for r in read_metrics(path) if r["step"] <= step]
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+def only_a_start(out: str, present: list[str]) -> bool:
+    """Whether ``out`` holds only what a start that never finished a step writes: this trainer's config.json
+    (every TrainConfig field in it) and at most an empty metrics.jsonl, no checkpoint, no final/. Nothing was
+    trained there, so a corrected retry may start again without --overwrite; anything else is a run."""
+    if not set(present) <= {"config.json", "metrics.jsonl"} or find_checkpoint(out) is not None:
+        return False
+    try:
+        saved = read_json(os.path.join(out, "config.json"))
+    except GraceError:
+        return False
+    if not {f.name for f in dataclasses.fields(TrainConfig)} <= set(saved):
+        return False
+    try:
+        return not read_metrics(os.path.join(out, "metrics.jsonl"))
+    except GraceError:   # a log with a bad line is a run's log
+        return False

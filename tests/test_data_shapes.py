@@ -253,3 +253,29 @@ def test_a_latin1_byte_is_named_with_its_offset_across_chunks(tmp_path, chunk):
 
     with pytest.raises(GraceError, match=f"byte 0xe9 at offset {at} "):
         RecordIndex.from_json(str(path), chunk_bytes=chunk)
+
+
+@LLAVA
+def test_a_start_that_never_took_a_step_needs_no_overwrite(pair, tmp_path):
+    """What a start that stopped after writing config.json but before step 1 leaves (a loss that is not finite
+    at step 1, a kill while loading) is not a run: the corrected retry starts without --overwrite. A run's log
+    or another program's config.json still makes the directory one."""
+    from grace.config import TrainConfig
+
+    out = tmp_path / "run"
+    out.mkdir()
+    TrainConfig(teacher=pair["teacher"], student=pair["student"], data=pair["data"], output_dir=str(out),
+                lr=1e9).to_json(str(out / "config.json"))
+    (out / "metrics.jsonl").write_text("")
+    proc = grace_train(pair, out, "--max-steps", "1")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.load(open(out / "config.json"))["lr"] == 1e-3   # the retry's settings
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    for name in ("final", "checkpoint", "controller.png"):   # left: config.json and a log with a step
+        os.rename(out / name, tmp_path / f"{name}.aside")
+    assert sorted(p for p in os.listdir(out) if not p.startswith(".")) == ["config.json", "metrics.jsonl"]
+    assert_one_line_error(grace_train(pair, out, "--max-steps", "1"), "already holds a run")
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "config.json").write_text(json.dumps({"model_type": "llava"}))
+    assert_one_line_error(grace_train(pair, foreign, "--max-steps", "1"), "already holds a run (config.json)")

@@ -15,6 +15,7 @@ import torch
 
 from grace.io import read_json, write_json
 from grace.reporting import parse_report_to
+from grace.schemes import SCHEMES
 from grace_kernels import KD_TYPES
 from grace_kernels.int4 import GROUP_SIZES
 from grace_kernels.int4 import SCALE_DTYPES as _INT4_SCALE_DTYPES
@@ -221,7 +222,7 @@ class TrainConfig:
         """
         problems = []
         if self.bits not in FIELD_CHOICES["bits"]:
-            problems.append(f"bits must be 4, 8 or None, got {self.bits}")
+            problems.append(f"bits must be one of {', '.join(map(str, FIELD_CHOICES['bits']))}, got {self.bits}")
         if self.group_size not in GROUP_SIZES:
             problems.append(f"group_size must be one of {GROUP_SIZES}, got {self.group_size}")
         if self.kd_type not in KD_TYPES:
@@ -326,7 +327,7 @@ def field_docs() -> dict[str, str]:
 
 
 # The fields whose values come from a fixed set (the CLI offers them as choices; validate() checks them).
-FIELD_CHOICES = {"bits": (4, 8, None), "group_size": GROUP_SIZES, "init_method": INIT_METHODS,
+FIELD_CHOICES = {"bits": tuple(scheme.bits for scheme in SCHEMES.values()), "group_size": GROUP_SIZES, "init_method": INIT_METHODS,
                  "scale_dtype": (*SCALE_DTYPES, None), "mixed_precision": MIXED_PRECISION, "kd_type": KD_TYPES,
                  "preset": tuple(PRESETS)}
 

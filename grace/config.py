@@ -327,9 +327,9 @@ def field_docs() -> dict[str, str]:
 
 
 # The fields whose values come from a fixed set (the CLI offers them as choices; validate() checks them).
-FIELD_CHOICES = {"bits": tuple(scheme.bits for scheme in SCHEMES.values()), "group_size": GROUP_SIZES, "init_method": INIT_METHODS,
-                 "scale_dtype": (*SCALE_DTYPES, None), "mixed_precision": MIXED_PRECISION, "kd_type": KD_TYPES,
-                 "preset": tuple(PRESETS)}
+FIELD_CHOICES = {"bits": tuple(scheme.bits for scheme in SCHEMES.values()), "group_size": GROUP_SIZES,
+                 "init_method": INIT_METHODS, "scale_dtype": (*SCALE_DTYPES, None),
+                 "mixed_precision": MIXED_PRECISION, "kd_type": KD_TYPES, "preset": tuple(PRESETS)}
 
 
 def _finite(value) -> bool:

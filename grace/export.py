@@ -42,8 +42,9 @@ import tempfile
 import torch
 from torch import nn
 
+from grace.errors import GraceError
 from grace.families import family_of
-from grace.io import read_json
+from grace.io import OWNER_FILE, mark_owner, owner_of, path_relation, read_json
 from grace.load import (
     DTYPES,
     final_dir,
@@ -65,6 +66,8 @@ from grace.naming import (
 from grace.quantize import replace_module
 from grace.schemes import Scheme, scheme_for_bits
 from grace_kernels.nn import QuantLinear
+
+OWNER = "grace export"   # the command named in an export's grace.io.OWNER_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -135,19 +138,26 @@ def _warn_split_fused_groups(quantized: list[str], full: list[str]) -> None:
                                "layer and will refuse this checkpoint", name, sorted(group & dense))
 
 
-def source_checkpoint(run_dir: str, final: str) -> str | None:
-    """The student checkpoint directory a run trained from (``student`` in the run's config.json, the
-    TrainConfig ``grace train`` writes), or None when the run names none or it is not a directory."""
+def _run_setting(run_dir: str, final: str, key: str) -> str | None:
+    """The non-empty string setting ``key`` of the run's config.json (the TrainConfig ``grace train`` writes,
+    beside final/), or None when the run has no readable config.json or it names none."""
     for path in (os.path.join(run_dir, "config.json"), os.path.join(os.path.dirname(final), "config.json")):
         if not os.path.isfile(path):
             continue
         try:
-            student = read_json(path).get("student")
+            value = read_json(path).get(key)
         except ValueError:
             continue
-        if isinstance(student, str) and student and os.path.isdir(student):
-            return student
+        if isinstance(value, str) and value:
+            return value
     return None
+
+
+def source_checkpoint(run_dir: str, final: str) -> str | None:
+    """The student checkpoint directory a run trained from (``student`` in the run's config.json), or None
+    when the run names none or it is not a directory."""
+    student = _run_setting(run_dir, final, "student")
+    return student if student and os.path.isdir(student) else None
 
 
 def _adopt_source_layout(model: nn.Module, run_dir: str, final: str) -> None:
@@ -274,10 +284,7 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
         raise ValueError(f"step must be a positive int or None, got {step!r}")
     scheme, group_size, final, load = _trained_student(run_dir, step)
     out_dir = os.path.abspath(out_dir)
-    if os.path.isdir(out_dir) and os.listdir(out_dir) and not overwrite:
-        raise ValueError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
-    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise ValueError(f"{out_dir} exists and is not a directory")
+    _check_output(out_dir, run_dir, final, overwrite)
 
     model, processor = load()
     with torch.no_grad():
@@ -297,6 +304,37 @@ def export_run(run_dir: str, out_dir: str, *, dtype: str | None = None, overwrit
         qconfig = scheme.checkpoint_config(group_size=group_size, ignore=ignore)
     _write_model_dir(model, processor, qconfig, out_dir)
     return out_dir
+
+
+def _check_output(out_dir: str, run_dir: str, final: str | None, overwrite: bool) -> None:
+    """Refuse an ``out_dir`` that would write into or replace what the export reads, or (with ``overwrite``)
+    replace a directory that is not an earlier export: the run directory (the parent of ``final`` when it is a
+    run's final/), the student checkpoint the run names, and the run's data file.
+
+    Raises:
+        GraceError: ``out_dir`` is, lies inside or holds one of those; it is not a directory; it is a non-empty
+            directory and ``overwrite`` is off, or it was not written by ``grace export``.
+    """
+    final = final or os.path.join(run_dir, "final")   # an export by step: a run that may have no final/ yet
+    parent = os.path.dirname(final)
+    run_root = parent if os.path.isfile(os.path.join(parent, "config.json")) else final
+    inputs = {"the run directory": run_root, "the student checkpoint": source_checkpoint(run_dir, final),
+              "the run's data file": _run_setting(run_dir, final, "data")}
+    for what, path in inputs.items():
+        relation = path_relation(out_dir, path) if path else None
+        if relation is not None:
+            where = {"is": "is", "inside": "is inside", "holds": "holds"}[relation]
+            raise GraceError(f"output {out_dir} {where} {what} {path}: an export never writes into or replaces "
+                             "what it reads; choose an output directory outside it")
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise GraceError(f"{out_dir} exists and is not a directory")
+    if os.path.isdir(out_dir) and os.listdir(out_dir):
+        if not overwrite:
+            raise GraceError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+        if owner_of(out_dir) != OWNER:
+            raise GraceError(f"{out_dir} is not empty and was not written by {OWNER} (it has no {OWNER_FILE} "
+                             "naming it): --overwrite replaces only an earlier export; choose another output "
+                             "directory")
 
 
 def _write_model_dir(model: nn.Module, processor, qconfig: dict | None, out_dir: str) -> None:
@@ -319,6 +357,7 @@ def _write_model_dir(model: nn.Module, processor, qconfig: dict | None, out_dir:
                 json.dump(config, f, indent=2, sort_keys=True)
         if processor is not None:
             processor.save_pretrained(tmp)
+        mark_owner(tmp, OWNER)
         _move_into_place(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -72,3 +72,60 @@ def one_line(error: BaseException, *, first: bool = False, typed: bool = False) 
     if not text:
         return type(error).__name__
     return f"{type(error).__name__}: {text}" if typed else text
+
+
+# A directory a grace command created for itself holds this file, naming the command ("grace demo",
+# "grace export"); a later run of that command may reuse or replace it, nothing else of the user's is touched.
+OWNER_FILE = ".grace-owner"
+
+
+def owner_of(path: str) -> str | None:
+    """The command named in ``path``'s :data:`OWNER_FILE` (the grace command that created the directory), or
+    None when the directory has none."""
+    try:
+        with open(os.path.join(path, OWNER_FILE)) as f:
+            return f.read().strip() or None
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+
+
+def mark_owner(path: str, owner: str) -> None:
+    """Record in directory ``path`` that ``owner`` (a command, e.g. "grace export") created it."""
+    with open(os.path.join(path, OWNER_FILE), "w") as f:
+        f.write(owner + "\n")
+
+
+def claim_dir(path: str, owner: str, *, flag: str) -> None:
+    """Make ``path`` a directory that ``owner`` may fill and later reuse: create it (and its :data:`OWNER_FILE`)
+    when it is missing or empty; accept it when its OWNER_FILE names ``owner``.
+
+    Raises:
+        GraceError: ``path`` is not a directory, or is a non-empty directory that ``owner`` did not create (the
+            message names ``flag``, the option that chose the path, and a few of the entries found there).
+    """
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise GraceError(f"{flag} {path} exists and is not a directory")
+    if os.path.isdir(path) and os.listdir(path):
+        found = owner_of(path)
+        if found == owner:
+            return
+        entries = sorted(os.listdir(path))
+        shown = ", ".join(entries[:4]) + (", ..." if len(entries) > 4 else "")
+        by = f"it was created by {found}" if found else f"it has no {OWNER_FILE} naming {owner}"
+        raise GraceError(f"{flag} {path} holds files {owner} did not create ({shown}; {by}): choose a new or "
+                         f"empty {flag}")
+    os.makedirs(path, exist_ok=True)
+    mark_owner(path, owner)
+
+
+def path_relation(path: str, other: str) -> str | None:
+    """Where ``path`` lies relative to ``other``, links resolved: "is" (the same file or directory), "inside"
+    (under ``other``), "holds" (``other`` is under ``path``), or None (apart)."""
+    a, b = os.path.realpath(path), os.path.realpath(other)
+    if a == b:
+        return "is"
+    if a.startswith(b.rstrip(os.sep) + os.sep):
+        return "inside"
+    if b.startswith(a.rstrip(os.sep) + os.sep):
+        return "holds"
+    return None

@@ -36,6 +36,9 @@ import re
 import torch
 from torch import nn
 
+from grace.config import TrainConfig
+from grace.families import check_pair
+
 GiB = 2 ** 30
 
 
@@ -306,15 +309,19 @@ class MemoryPlan:
         return "\n".join(lines)
 
 
-def plan(teacher: str | ModelCounts, student: str | ModelCounts, *, world_size: int = 8, batch_size: int = 4,
-         seq_len: int = 2048, gradient_checkpointing: bool = True, gpu_memory: int | str = 80 * GiB,
-         master_dtype: str = "float32", group_size: int = 128, headroom: float = 0.1,
-         freeze_vision: bool = True) -> MemoryPlan:
-    """The per-GPU memory of one GRACE run (module docstring for the model).
+def plan(teacher: str | ModelCounts, student: str | ModelCounts, *, world_size: int = 8,
+         batch_size: int = TrainConfig.batch_size, seq_len: int = TrainConfig.max_length,
+         gradient_checkpointing: bool = TrainConfig.gradient_checkpointing, gpu_memory: int | str = 80 * GiB,
+         master_dtype: str = "float32", group_size: int = TrainConfig.group_size, headroom: float = 0.1,
+         freeze_vision: bool = TrainConfig.freeze_vision) -> MemoryPlan:
+    """The per-GPU memory of one GRACE run (module docstring for the model). The defaults of the settings a
+    run also has (per-rank batch, sequence length, gradient checkpointing, group size, frozen vision tower) are
+    ``grace train``'s (:class:`grace.config.TrainConfig`).
 
     Raises:
         ValueError: a non-positive world size, batch or sequence length; an unknown ``master_dtype``;
-            ``headroom`` outside [0, 1); an unknown model; a bad ``gpu_memory``.
+            ``headroom`` outside [0, 1); an unknown model; a bad ``gpu_memory``; a teacher and student (names
+            or checkpoints) that ``grace train`` refuses as a pair (:func:`grace.families.check_pair`).
     """
     for name, value in (("world_size", world_size), ("batch_size", batch_size), ("seq_len", seq_len),
                         ("group_size", group_size)):
@@ -327,6 +334,8 @@ def plan(teacher: str | ModelCounts, student: str | ModelCounts, *, world_size: 
     gpu_bytes = parse_memory(gpu_memory) if isinstance(gpu_memory, str) else int(gpu_memory)
     if gpu_bytes <= 0:
         raise ValueError(f"gpu_memory must be positive, got {gpu_memory!r}")
+    if not isinstance(teacher, ModelCounts) and not isinstance(student, ModelCounts):
+        check_pair(load_config(teacher), load_config(student))
     t = teacher if isinstance(teacher, ModelCounts) else count_parameters(teacher, group_size=group_size)
     s = student if isinstance(student, ModelCounts) else count_parameters(student, group_size=group_size)
     p = 4 if master_dtype == "float32" else 2

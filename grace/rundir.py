@@ -39,7 +39,7 @@ from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_di
 
 from grace.config import TrainConfig, saved_settings
 from grace.errors import GraceError
-from grace.io import atomic_path, one_line, read_json, write_json
+from grace.io import atomic_path, one_line, path_relation, read_json, write_json
 
 RUN_FILES = ("config.json", "metrics.jsonl", "checkpoint", "final", "controller.png")
 TRAINER_STATE = "trainer_state.pt"   # inside checkpoint/, beside the DCP shards
@@ -79,6 +79,7 @@ def check_run_dir(cfg: TrainConfig, world: int = 1) -> dict | None:
             lacks entries; the run's config.json is not valid JSON; settings that differ from the checkpoint's.
     """
     out = cfg.output_dir
+    check_apart_from_inputs(cfg)
     present = [name for name in RUN_FILES if os.path.exists(os.path.join(out, name))]
     if not cfg.resume:
         if present and not cfg.overwrite and not only_a_start(out, present):
@@ -100,6 +101,33 @@ def check_run_dir(cfg: TrainConfig, world: int = 1) -> dict | None:
         raise GraceError(f"cannot resume {ckpt} with --max-steps {cfg.max_steps}: the checkpoint is at step "
                          f"{state['step']} already; pass --max-steps {state['step']} or more")
     return state
+
+
+def check_apart_from_inputs(cfg: TrainConfig) -> None:
+    """Refuse a run directory that would overwrite what the run reads: ``output_dir`` equal to or inside the
+    teacher or student checkpoint (whose config.json the run's would replace), or an input (checkpoint, data
+    file, image folder) inside one of the run's own files (:data:`RUN_FILES`: a student taken from this run's
+    final/, replaced at the end or deleted by ``overwrite``).
+
+    Raises:
+        GraceError: naming the input, the option and the directory.
+    """
+    out = cfg.output_dir
+    inputs = {"--teacher": ("the teacher checkpoint", cfg.teacher),
+              "--student": ("the student checkpoint", cfg.student),
+              "--data": ("the data file", cfg.data), "--image-folder": ("the image folder", cfg.image_folder)}
+    for flag, (what, path) in inputs.items():
+        if not path:
+            continue
+        if flag in ("--teacher", "--student") and path_relation(out, path) in ("is", "inside"):
+            where = "is" if path_relation(out, path) == "is" else "is inside"
+            raise GraceError(f"--output-dir {out} {where} {what} {path}: training writes config.json, "
+                             "checkpoint/ and final/ there; choose another --output-dir")
+        for name in RUN_FILES:
+            if path_relation(path, os.path.join(out, name)) in ("is", "inside"):
+                raise GraceError(f"{flag} {path} lies inside the run directory {out} (its {name}), which this run "
+                                 "writes and --overwrite deletes: copy it out of the run first or choose another "
+                                 "--output-dir")
 
 
 def find_checkpoint(out: str) -> str | None:

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from grace.errors import GraceError
-from grace.io import atomic_path, one_line, read_json, write_json
+from grace.io import OWNER_FILE, atomic_path, claim_dir, one_line, owner_of, path_relation, read_json, write_json
 
 
 def test_atomic_write_replaces_the_file_only_when_the_block_succeeds(tmp_path):
@@ -47,3 +47,34 @@ def test_one_line_joins_or_keeps_the_first_line():
     assert one_line(error, first=True) == "bad configuration"
     assert one_line(error, first=True, typed=True) == "ValueError: bad configuration"
     assert one_line(EOFError()) == "EOFError" and one_line(EOFError(), typed=True) == "EOFError"
+
+
+def test_path_relation_resolves_links(tmp_path):
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    (tmp_path / "link").symlink_to(run)
+    assert path_relation(str(tmp_path / "link"), str(run)) == "is"
+    assert path_relation(str(tmp_path / "link" / "final"), str(run)) == "inside"
+    assert path_relation(str(tmp_path), str(tmp_path / "link" / "final")) == "holds"
+    assert path_relation(str(tmp_path / "run2"), str(run)) is None   # a shared prefix is not containment
+
+
+def test_claim_dir_takes_new_empty_and_own_directories_only(tmp_path):
+    claim_dir(str(tmp_path / "new"), "grace demo", flag="--out")
+    assert owner_of(str(tmp_path / "new")) == "grace demo"
+    (tmp_path / "new" / "results.json").write_text("{}")
+    claim_dir(str(tmp_path / "new"), "grace demo", flag="--out")   # its own: reused
+    (tmp_path / "empty").mkdir()
+    claim_dir(str(tmp_path / "empty"), "grace demo", flag="--out")
+    assert (tmp_path / "empty" / OWNER_FILE).exists()
+    with pytest.raises(GraceError, match=r"--out .*new holds files grace export did not create \(\.grace-owner, "
+                                         r"results\.json; it was created by grace demo\)"):
+        claim_dir(str(tmp_path / "new"), "grace export", flag="--out")
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train.json").write_text("[]")
+    with pytest.raises(GraceError, match="has no .grace-owner naming grace demo"):
+        claim_dir(str(tmp_path / "mine"), "grace demo", flag="--out")
+    assert os.listdir(tmp_path / "mine") == ["train.json"]
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(GraceError, match="exists and is not a directory"):
+        claim_dir(str(tmp_path / "file"), "grace demo", flag="--out")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from grace.config import TrainConfig
 from grace.plan import ARCHITECTURES, STANDARD_PAIRS
 
 
@@ -15,14 +16,18 @@ def add_parser(sub) -> None:
     p.add_argument("--teacher", help="architecture name or local checkpoint (directory or config.json)")
     p.add_argument("--student", help="architecture name or local checkpoint (directory or config.json)")
     p.add_argument("--world-size", type=int, default=8, help="GPUs (ranks) the run is spread over")
-    p.add_argument("--batch-size", type=int, default=4, help="per rank")
-    p.add_argument("--seq-len", type=int, default=2048, help="tokens per sample (as grace train's --max-length)")
-    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True,
+    # The options a run has too default to grace train's (TrainConfig): the plan is of the run the same
+    # options start.
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="per rank")
+    p.add_argument("--seq-len", type=int, default=TrainConfig.max_length,
+                   help="tokens per sample (as grace train's --max-length)")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction,
+                   default=TrainConfig.gradient_checkpointing,
                    help="plan with the student's activations recomputed in the backward pass")
     p.add_argument("--gpu-memory", default="80GiB", help="memory of one GPU (e.g. 80GiB, 141GB)")
     p.add_argument("--master-dtype", choices=("float32", "bfloat16"), default="float32",
                    help="dtype of the student's trained weights and optimizer states")
-    p.add_argument("--group-size", type=int, default=128, help="weights per quantization scale")
+    p.add_argument("--group-size", type=int, default=TrainConfig.group_size, help="weights per quantization scale")
     p.add_argument("--headroom", type=float, default=0.1, help="fraction of GPU memory left unplanned")
     p.set_defaults(func=_main)
 

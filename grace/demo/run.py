@@ -45,7 +45,7 @@ import time
 import torch
 
 from grace.config import TrainConfig, saved_settings
-from grace.io import write_json
+from grace.io import claim_dir, write_json
 
 QUESTION_TYPES = ("color", "shape", "count", "position")
 SPLITS = {"test": "eval", "val": "val"}   # the split's name in the report -> its file in the task (write_task)
@@ -299,6 +299,8 @@ def run_demo(out: str = "grace-demo", settings: DemoSettings = FULL, *, ablation
         raise ValueError(f"settings.seeds must be distinct seeds, at least one, got {settings.seeds}")
     if settings.threads < 1:
         raise ValueError(f"settings.threads must be >= 1, got {settings.threads}")
+    # The demo deletes and rewrites what it finds in ``out`` (stale runs, exports): only a directory it created.
+    claim_dir(out, "grace demo", flag="--out")
     if settings.replicates < 100:
         raise ValueError(f"settings.replicates must be >= 100, got {settings.replicates}")
     with _reproducible(settings.threads), _quiet_transformers():

@@ -307,88 +307,142 @@ def run_demo(out: str = "grace-demo", settings: DemoSettings = FULL, *, ablation
         return _run(out, settings, ablation, progress)
 
 
+@dataclasses.dataclass
+class _Demo:
+    """What the stages of one demo run share: its settings, and what each stage leaves for the next."""
+    out: str
+    s: DemoSettings
+    ablation: bool
+    progress: bool
+    stages: _Stages
+    names: list[str]                                  # the trained rows (trained_runs)
+    n_q: dict[str, int]                               # questions per split
+    data: dict = dataclasses.field(default_factory=dict)             # write_task's paths
+    paths: dict[str, str] = dataclasses.field(default_factory=dict)  # "teacher" / "student": their final/
+    exports: dict[str, list[str]] = dataclasses.field(default_factory=dict)   # row -> one export per seed
+    records: dict[str, list[dict]] = dataclasses.field(default_factory=dict)  # split -> its questions
+    evals: dict[str, list[dict]] = dataclasses.field(default_factory=dict)    # row -> one result per model
+    timing: dict = dataclasses.field(default_factory=lambda: {"decode_tokens_per_s": {}})
+
+
 def _run(out: str, s: DemoSettings, ablation: bool, progress: bool) -> dict:
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from grace.demo.synthetic import IMAGE_SIZE, VOCAB, write_task
-    from grace.demo.tiny import build_tiny_vlm
-    from grace.evaluate import evaluate, generate
-    from grace.export import export_run
-    from grace.load import load_model
-    from grace.objective import TeacherCache
-    from grace.quantize import rtn_int4_model
-
+    """The stages in order, each a function of :class:`_Demo`: the task, the FP32 pretraining, the trained
+    students, the evaluation, the report."""
     t_start = time.perf_counter()
     n_q = {"test": 4 * s.n_eval_per_type, "val": 4 * s.n_val_per_type}
-    k = len(s.seeds)
     names = trained_runs(ablation)
-    n_models = len(BASELINES) + len(names) * k
-    trained_stage = f"trained students: {len(names)} runs x {k} seeds"
-    eval_stage = f"evaluation: {n_models} models x {n_q['test']} test + {n_q['val']} validation questions"
+    demo = _Demo(out, s, ablation, progress, _stage_plan(s, names, n_q, ablation), names, n_q)
+    if s.quick:
+        _log("--quick: a pipeline check with a few training steps per stage; its accuracies mean nothing")
+    os.makedirs(out, exist_ok=True)
+    _make_task(demo)
+    _pretrain(demo)
+    _train_students(demo)
+    _evaluate_all(demo)
+    return _write_report(demo, t_start)
 
+
+def _trained_stage(s: DemoSettings, names: list[str]) -> str:
+    return f"trained students: {len(names)} runs x {len(s.seeds)} seeds"
+
+
+def _eval_stage(s: DemoSettings, names: list[str], n_q: dict[str, int]) -> str:
+    n_models = len(BASELINES) + len(names) * len(s.seeds)
+    return f"evaluation: {n_models} models x {n_q['test']} test + {n_q['val']} validation questions"
+
+
+def _stage_plan(s: DemoSettings, names: list[str], n_q: dict[str, int], ablation: bool) -> _Stages:
+    """The stage counter, with each stage's predicted cost (seconds, from _COST)."""
     def encode(records, steps, batch):   # every run encodes each sample it draws once (_SMALL_DATA)
         return _COST["encode"] * min(records, steps * batch)
 
-    stages = _Stages([
+    k = len(s.seeds)
+    return _Stages([
         ("task", _COST["task"] * (s.n_train + sum(n_q.values()))),
         ("teacher pretraining (FP32)", encode(s.n_train, s.teacher_steps, s.pretrain_batch_size)
          + _COST["teacher"] * s.teacher_steps),
         ("student pretraining (FP32)", encode(s.n_train, s.student_steps, s.pretrain_batch_size)
          + _COST["student"] * s.student_steps),
-        (trained_stage, len(names) * k * (encode(s.n_qat_train, s.qat_steps, s.batch_size)
-                                          + _COST["int4"] * s.qat_steps + _COST["export"])),
-        (eval_stage, n_models * (_COST["eval"] * sum(n_q.values()) + _COST["load"])),
+        (_trained_stage(s, names), len(names) * k * (encode(s.n_qat_train, s.qat_steps, s.batch_size)
+                                                     + _COST["int4"] * s.qat_steps + _COST["export"])),
+        (_eval_stage(s, names, n_q), (len(BASELINES) + len(names) * k)
+         * (_COST["eval"] * sum(n_q.values()) + _COST["load"])),
         ("report", _COST["report"] * (2 if ablation else 1)),
     ])
-    if s.quick:
-        _log("--quick: a pipeline check with a few training steps per stage; its accuracies mean nothing")
-    os.makedirs(out, exist_ok=True)
 
-    stages.start("task")
-    data = write_task(os.path.join(out, "data"), s.n_train, n_q["test"], seed=s.seed, n_val=n_q["val"])
+
+def _make_task(demo: _Demo) -> None:
+    """Stage 1: the synthetic task's train, test and validation questions and their images."""
+    from grace.demo.synthetic import write_task
+
+    s, n_q = demo.s, demo.n_q
+    demo.stages.start("task")
+    demo.data = write_task(os.path.join(demo.out, "data"), s.n_train, n_q["test"], seed=s.seed, n_val=n_q["val"])
     _log(f"{s.n_train} training, {n_q['test']} test and {n_q['val']} validation questions (drawn apart from the "
-         f"test ones) in {data['image_folder']}")
-    stages.done()
+         f"test ones) in {demo.data['image_folder']}")
+    demo.stages.done()
 
-    inits = os.path.join(out, "init")
-    paths, cached = {}, {}
+
+def _pretrain(demo: _Demo) -> None:
+    """Stages 2 and 3: the FP32 teacher and student, trained from scratch on the task."""
+    from grace.demo.synthetic import IMAGE_SIZE, VOCAB
+    from grace.demo.tiny import build_tiny_vlm
+
+    s, inits = demo.s, os.path.join(demo.out, "init")
     for size, what, steps, dirname in (("teacher", "teacher pretraining (FP32)", s.teacher_steps, "teacher"),
                                        ("student", "student pretraining (FP32)", s.student_steps, "student-fp32")):
-        stages.start(what)
+        demo.stages.start(what)
         init_dir = os.path.join(inits, f"{size}-{INIT}")   # named by the scheme: a new one is a new run
         if not os.path.exists(os.path.join(init_dir, "config.json")):
             build_tiny_vlm(init_dir, size=f"demo-{size}", vocab_words=VOCAB, seed=s.seed + 1, image_size=IMAGE_SIZE,
                            init=INIT)
-        paths[size], cached[size] = _train_cached(
-            _pretrain_config(s, init_dir, data, os.path.join(out, dirname), steps), what, progress)
-        stages.done(cached[size])
+        demo.paths[size], cached = _train_cached(
+            _pretrain_config(s, init_dir, demo.data, os.path.join(demo.out, dirname), steps), what, demo.progress)
+        demo.stages.done(cached)
 
-    stages.start(trained_stage)
-    qat_data = _qat_subset(data, s.n_qat_train)
-    exports: dict[str, list[str]] = {n: [] for n in names}
+
+def _train_students(demo: _Demo) -> None:
+    """Stage 4: every trained row for every seed, each exported as it is served."""
+    from grace.export import export_run
+    from grace.objective import TeacherCache
+
+    s, out = demo.s, demo.out
+    demo.stages.start(_trained_stage(s, demo.names))
+    qat_data = _qat_subset(demo.data, s.n_qat_train)
+    demo.exports = {n: [] for n in demo.names}
     all_cached = True
+    k = len(s.seeds)
     for i, seed in enumerate(s.seeds):
         # All runs of this seed draw the same micro-batches: the teacher's outputs are computed by the first run
         # that needs them and replayed to the others. A new seed draws new batches, so the cache starts empty.
         teacher_cache = TeacherCache()
-        configs = _run_configs(s, names, paths["teacher"], paths["student"], qat_data, data["image_folder"],
-                               os.path.join(out, "runs"), seed)
+        configs = _run_configs(s, demo.names, demo.paths["teacher"], demo.paths["student"], qat_data,
+                               demo.data["image_folder"], os.path.join(out, "runs"), seed)
         for j, (name, cfg) in enumerate(configs.items()):
             n = i * len(configs) + j + 1
-            final, was_cached = _train_cached(cfg, f"{name}, seed {seed} ({n}/{len(configs) * k})", progress,
+            final, was_cached = _train_cached(cfg, f"{name}, seed {seed} ({n}/{len(configs) * k})", demo.progress,
                                               teacher_cache)
             all_cached &= was_cached
             target = os.path.join(out, "models", os.path.basename(cfg.output_dir))
             if not (was_cached and os.path.exists(os.path.join(target, "config.json"))):
                 export_run(os.path.dirname(final), target, overwrite=True)
-            exports[name].append(target)
-    stages.done(all_cached)
+            demo.exports[name].append(target)
+    demo.stages.done(all_cached)
 
-    stages.start(eval_stage)
-    records = {}
+
+def _evaluate_all(demo: _Demo) -> None:
+    """Stage 5: greedy decoding of every model (baselines and each trained row's exports) on both splits."""
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from grace.evaluate import evaluate
+    from grace.load import load_model
+    from grace.quantize import rtn_int4_model
+
+    s, paths = demo.s, demo.paths
+    demo.stages.start(_eval_stage(s, demo.names, demo.n_q))
     for split, file in SPLITS.items():
-        with open(data[file]) as f:
-            records[split] = json.load(f)
+        with open(demo.data[file]) as f:
+            demo.records[split] = json.load(f)
     processor = AutoProcessor.from_pretrained(paths["student"])
 
     def fp_model(path):
@@ -397,30 +451,38 @@ def _run(out: str, s: DemoSettings, ablation: bool, progress: bool) -> dict:
     candidates = [("teacher (larger)", None, lambda: fp_model(paths["teacher"])),
                   ("student", None, lambda: fp_model(paths["student"])),
                   ("RTN (PTQ)", None, lambda: rtn_int4_model(fp_model(paths["student"])))]
-    for name in names:
-        candidates += [(name, seed, lambda p=p: load_model(p)[0]) for seed, p in zip(s.seeds, exports[name],
+    for name in demo.names:
+        candidates += [(name, seed, lambda p=p: load_model(p)[0]) for seed, p in zip(s.seeds, demo.exports[name],
                                                                                    strict=True)]
-    evals: dict[str, list[dict]] = {}
-    timing = {"decode_tokens_per_s": {}}
     for name, seed, load in candidates:
         model = load()
         run = {"weights": BASELINES.get(name) or RUNS[name][1], "seed": seed, "correct": {}}
         label = name if seed is None else f"{name}, seed {seed}"
         for split in SPLITS:
-            res = evaluate(model, processor, records[split], data["image_folder"], batch_size=s.eval_batch_size,
-                           max_new_tokens=4, progress=progress)
+            res = evaluate(model, processor, demo.records[split], demo.data["image_folder"],
+                           batch_size=s.eval_batch_size, max_new_tokens=4, progress=demo.progress)
             run["correct"][split] = "".join("1" if r["correct"] else "0" for r in res.predictions)
             run["weight_mb"] = res.weight_bytes / 2**20
             if split == "test":
-                timing["decode_tokens_per_s"][label] = round(res.tokens_per_s, 1)
-        evals.setdefault(name, []).append(run)
+                demo.timing["decode_tokens_per_s"][label] = round(res.tokens_per_s, 1)
+        demo.evals.setdefault(name, []).append(run)
         _log(f"evaluated {label}: " + ", ".join(f"{split} {100 * _accuracy(c):.1f}%"
                                                  for split, c in run["correct"].items()))
         del model
-    stages.done()
+    demo.stages.done()
 
-    stages.start("report")
-    qtypes = [r["question_type"] for r in records["test"]]
+
+def _write_report(demo: _Demo, t_start: float) -> dict:
+    """Stage 6: rows, comparisons and their verdicts, the controller's summary and plots, one sample answer;
+    results.json and results.md written, the report printed. Returns the result (run_demo's)."""
+    from transformers import AutoProcessor
+
+    from grace.evaluate import generate
+    from grace.load import load_model
+
+    s, out, evals, ablation = demo.s, demo.out, demo.evals, demo.ablation
+    demo.stages.start("report")
+    qtypes = [r["question_type"] for r in demo.records["test"]]
     rows = [_row(name, evals[name], qtypes) for name in MAIN_ROWS]
     comparisons = _comparisons(evals, [(a, b) for a, b, _ in COMPARISONS], s.replicates)
     for (a, b, what) in COMPARISONS:
@@ -440,14 +502,16 @@ def _run(out: str, s: DemoSettings, ablation: bool, progress: bool) -> dict:
         from grace.plots import plot_ladder
 
         plot_ladder(ladder["rows"], ladder["comparisons"], os.path.join(out, "ablation.png"))
-    sample = records["test"][0]
-    int4, int4_processor = load_model(exports["GRACE"][0])
+    sample = demo.records["test"][0]
+    int4, int4_processor = load_model(demo.exports["GRACE"][0])
     question = sample["conversations"][0]["value"].replace("<image>", "").strip()
-    answer = generate(int4, int4_processor or processor, os.path.join(data["image_folder"], sample["image"]), question)
-    stages.done()
+    processor = int4_processor or AutoProcessor.from_pretrained(demo.paths["student"])
+    answer = generate(int4, processor, os.path.join(demo.data["image_folder"], sample["image"]), question)
+    demo.stages.done()
+    timing = demo.timing
     timing["seconds"] = round(time.perf_counter() - t_start, 1)
-    timing["stages"] = stages.seconds
-    result = {"settings": dataclasses.asdict(s), "machine": _machine(), "n_questions": n_q,
+    timing["stages"] = demo.stages.seconds
+    result = {"settings": dataclasses.asdict(s), "machine": _machine(), "n_questions": demo.n_q,
               "n_eval_per_type": s.n_eval_per_type, "rows": rows, "comparisons": comparisons, "ablation": ladder,
               "conclusion": conclusion, "controller": controller,
               "sample": {"image": sample["image"], "question": question, "answer": answer, "truth": sample["answer"]},

@@ -13,6 +13,7 @@ import sys
 
 import pytest
 import torch
+from cli_checks import assert_one_line_error, snapshot
 
 import grace_kernels
 from grace import TrainConfig, train
@@ -63,30 +64,10 @@ def run_copy(finished_run, tmp_path):
 pytestmark = pytest.mark.usefixtures("reference_backend")   # the kernels are parity-tested in their own files
 
 
-def snapshot(root) -> dict:
-    """Every file under root with its bytes and modification time."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[path] = (f.read(), os.stat(path).st_mtime_ns)
-    return out
-
-
 def run_cli(capsys, argv) -> tuple[int, str]:
     rc = main(argv)
     err = capsys.readouterr().err
     return rc, err
-
-
-def assert_one_line_error(rc, err, *fragments):
-    assert rc == 2
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("grace "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 # --- the run directory ---

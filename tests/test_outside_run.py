@@ -11,6 +11,7 @@ import sys
 
 import numpy as np
 import pytest
+from cli_checks import assert_one_line_error, snapshot
 from PIL import Image
 
 import grace_kernels
@@ -24,28 +25,6 @@ ENV = {**os.environ, grace_kernels._backend.ENV_VAR: "reference", "OMP_NUM_THREA
 def grace_cli(*argv) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "grace", *map(str, argv)], capture_output=True, text=True, env=ENV,
                           timeout=900)
-
-
-def assert_one_line_error(proc, *fragments):
-    """Exit 2, no traceback, the error on one line (transformers' "Loading weights" bars may precede it)."""
-    err = proc.stderr
-    assert proc.returncode == 2, err[-3000:]
-    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
-    assert len(lines) == 1 and lines[0].startswith("grace "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
-
-
-def snapshot(root) -> dict:
-    """Every file under ``root`` with its bytes (what a refused command must leave as it was)."""
-    out = {}
-    for dirpath, _, files in os.walk(root):
-        for name in files:
-            path = os.path.join(dirpath, name)
-            with open(path, "rb") as f:
-                out[os.path.relpath(path, root)] = f.read()
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +71,7 @@ def test_demo_refuses_a_directory_it_did_not_create(tmp_path):
     (out / "data" / "train.json").write_text("[]")
     before = snapshot(out)
     proc = grace_cli("demo", "--quick", "--out", out, "--no-progress")
-    assert_one_line_error(proc, str(out), "grace demo did not create", "--out")
+    assert_one_line_error(proc.returncode, proc.stderr, str(out), "grace demo did not create", "--out")
     assert snapshot(out) == before and sorted(os.listdir(out)) == ["data", "teacher"]
 
 
@@ -100,7 +79,7 @@ def test_demo_refuses_a_training_run_and_an_export(run, tmp_path):
     """A directory another command wrote (a training run) is not the demo's either."""
     before = snapshot(run)
     proc = grace_cli("demo", "--quick", "--out", run, "--no-progress")
-    assert_one_line_error(proc, str(run), "grace demo did not create")
+    assert_one_line_error(proc.returncode, proc.stderr, str(run), "grace demo did not create")
     assert snapshot(run) == before
 
 
@@ -122,7 +101,7 @@ def test_export_refuses_an_output_that_is_an_input_or_holds_one(models, run, whe
             "inside the student checkpoint": "inside the student checkpoint"}[where]
     before_run, before_student = snapshot(run), snapshot(student)
     proc = grace_cli("export", run, out, "--overwrite")
-    assert_one_line_error(proc, str(out), says)
+    assert_one_line_error(proc.returncode, proc.stderr, str(out), says)
     assert snapshot(run) == before_run and snapshot(student) == before_student
     assert not os.path.exists(os.path.join(student, "int4")) and not (run / "export").exists()
 
@@ -145,7 +124,7 @@ def test_export_overwrite_replaces_only_an_earlier_export(models, run, tmp_path)
     (data_dir / "images" / "0.png").write_bytes(b"png")
     before = snapshot(data_dir)
     proc = grace_cli("export", run, data_dir, "--overwrite")
-    assert_one_line_error(proc, str(data_dir), "not written by grace export")
+    assert_one_line_error(proc.returncode, proc.stderr, str(data_dir), "not written by grace export")
     assert snapshot(data_dir) == before
 
 
@@ -156,7 +135,7 @@ def test_train_refuses_the_student_checkpoint_as_its_output_dir(models, flag):
     """--output-dir equal to the student checkpoint with --resume replaced the student's config.json."""
     before = snapshot(models["student"])
     proc = grace_cli(*train_args(models, models["student"], flag))
-    assert_one_line_error(proc, models["student"], "is the student checkpoint", "--output-dir")
+    assert_one_line_error(proc.returncode, proc.stderr, models["student"], "is the student checkpoint", "--output-dir")
     assert snapshot(models["student"]) == before
 
 
@@ -165,7 +144,7 @@ def test_train_refuses_a_student_inside_the_run_it_would_replace(models, run, tm
     is being read."""
     before = snapshot(run)
     proc = grace_cli(*train_args(models, run, "--overwrite", student=run / "final"))
-    assert_one_line_error(proc, str(run / "final"), "inside the run directory", "--output-dir")
+    assert_one_line_error(proc.returncode, proc.stderr, str(run / "final"), "inside the run directory", "--output-dir")
     assert snapshot(run) == before
 
 
@@ -184,10 +163,12 @@ def test_plan_refuses_a_pair_train_refuses(models, tmp_path):
     """Teacher and student of different families: ``grace train`` refuses them, so ``grace plan`` does too,
     by name, for architecture names and for checkpoints alike."""
     proc = grace_cli("plan", "--teacher", "llava-1.5-13b", "--student", "qwen2-vl-2b")
-    assert_one_line_error(proc, "teacher (llava) and student (qwen2_vl) must be of the same family")
+    assert_one_line_error(proc.returncode, proc.stderr,
+                          "teacher (llava) and student (qwen2_vl) must be of the same family")
     other = build_tiny_vlm(str(tmp_path / "qwen"), family="qwen2_vl", size="student")
     proc = grace_cli("plan", "--teacher", models["teacher"], "--student", other)
-    assert_one_line_error(proc, "teacher (llava) and student (qwen2_vl) must be of the same family")
+    assert_one_line_error(proc.returncode, proc.stderr,
+                          "teacher (llava) and student (qwen2_vl) must be of the same family")
 
 
 def test_plan_defaults_are_train_defaults():

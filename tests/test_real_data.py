@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 
+import cli_checks
 import numpy as np
 import pytest
 import torch
@@ -70,14 +71,9 @@ def metrics(out) -> list[dict]:
 
 
 def assert_one_line_error(proc, *fragments, command="train"):
-    """``proc`` (a finished `grace <command>`) exited 2 with one error line holding every fragment, no
-    traceback; returns the line."""
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    lines = [line for line in proc.stderr.splitlines() if line.startswith(f"grace {command}: error:")]
-    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    for fragment in fragments:
-        assert fragment in lines[0], lines[0]
-    return lines[0]
+    """``proc`` (a finished `grace <command>`) exited 2 with one error line holding every fragment amid its
+    log, no traceback; returns the line."""
+    return cli_checks.assert_one_line_error(proc.returncode, proc.stderr, *fragments, command=command)
 
 
 # --- text-only micro-batches with RCKA on (the default) ---

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from cli_checks import assert_one_line_error
 from PIL import Image
 
 import grace_kernels
@@ -85,17 +86,6 @@ def wait_for_rows(path, n, proc, timeout=300):
             raise AssertionError(f"training ended before step {n}: {proc.stderr.read()[-2000:]}")
         time.sleep(0.01)
     raise AssertionError(f"no step {n} within {timeout} s")
-
-
-def assert_one_line_error(rc, err, *fragments):
-    """Exit 2, no traceback, the error on one line (transformers' "Loading weights" bars may precede it when
-    the failure comes after the models were loaded)."""
-    assert rc == 2, err
-    lines = [line for line in err.splitlines() if line.strip() and "Loading weights" not in line]
-    assert len(lines) == 1 and lines[0].startswith("grace "), err
-    assert "Traceback" not in err
-    for fragment in fragments:
-        assert fragment in lines[0], (fragment, lines[0])
 
 
 def final_state(run) -> dict:

@@ -42,10 +42,13 @@ def test_opcheck_repacked_op():
 
 
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
-def test_opcheck_canonical_op(backend):
-    w = gk.pack_int4(_codes(16, 128), torch.full((16, 1), 0.1, dtype=torch.float16))
+@pytest.mark.parametrize("op, pack, half", [("w4a16_matmul", gk.pack_int4, 8), ("w8a16_matmul", gk.pack_int8, 128)])
+def test_opcheck_canonical_ops(backend, op, pack, half):
+    """Both code widths' canonical-layout ops (one implementation, ops.w4a16.wna16_impl)."""
+    codes = torch.randint(-half, half, (16, 128), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
+    w = pack(codes, torch.full((16, 1), 0.01, dtype=torch.float16))
     with gk.use_backend(backend):
-        torch.library.opcheck(torch.ops.grace_kernels.w4a16_matmul.default,
+        torch.library.opcheck(getattr(torch.ops.grace_kernels, op).default,
                               (torch.randn(3, 128, dtype=torch.float16), w.packed, w.scales, 128))
 
 

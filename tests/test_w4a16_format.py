@@ -16,14 +16,21 @@ def _ones(n, groups, dtype=torch.float16):
     return torch.ones(n, groups, dtype=dtype)
 
 
-def test_pack_unpack_round_trip_is_bit_exact():
-    codes = _codes(37, 384)
+# Both code widths of the canonical format (INT8's own byte order: tests/test_w8a16.py).
+WIDTHS = {4: (gk.pack_int4, gk.unpack_int4), 8: (gk.pack_int8, gk.unpack_int8)}
+
+
+@pytest.mark.parametrize("bits", sorted(WIDTHS))
+def test_pack_unpack_round_trip_is_bit_exact(bits):
+    pack, unpack = WIDTHS[bits]
+    half = 1 << (bits - 1)
+    codes = torch.randint(-half, half, (37, 384), dtype=torch.int8, generator=torch.Generator().manual_seed(0))
     scales = torch.rand(37, 3).half() + 0.01
-    w = gk.pack_int4(codes, scales)
-    assert w.packed.dtype == torch.int32 and w.packed.shape == (37, 48) and w.shape == (37, 384)
-    c2, s2 = gk.unpack_int4(w)
+    w = pack(codes, scales)
+    assert w.packed.dtype == torch.int32 and w.packed.shape == (37, 384 * bits // 32) and w.shape == (37, 384)
+    c2, s2 = unpack(w)
     assert torch.equal(c2, codes) and torch.equal(s2, scales)
-    assert torch.equal(gk.pack_int4(c2, s2).packed, w.packed)
+    assert torch.equal(pack(c2, s2).packed, w.packed)
 
 
 def test_canonical_nibble_order_by_hand():

@@ -66,3 +66,16 @@ def color_task():
         return str(root / "data.json"), str(img)
 
     return write
+
+
+@pytest.fixture(scope="session")
+def tiny_pair():
+    """A builder of the tests' teacher and student: ``tiny_pair(root, family)`` writes tiny checkpoints of that
+    family under ``root`` (teacher/ larger, seed 1; student/, seed 2); returns their paths (teacher, student)."""
+    from grace.demo.tiny import build_tiny_vlm
+
+    def build(root, family: str = "llava") -> tuple[str, str]:
+        return (build_tiny_vlm(str(root / "teacher"), family=family, size="teacher", seed=1),
+                build_tiny_vlm(str(root / "student"), family=family, size="student", seed=2))
+
+    return build

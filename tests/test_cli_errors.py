@@ -18,19 +18,17 @@ from cli_checks import assert_one_line_error, snapshot
 import grace_kernels
 from grace import TrainConfig, train
 from grace.cli import main
-from grace.demo.tiny import build_tiny_vlm
 from grace.device import resolve_device
 from grace.errors import GraceError, NonFiniteLossError
 from grace.rundir import read_metrics
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory, color_task):
+def models(tmp_path_factory, color_task, tiny_pair):
     root = tmp_path_factory.mktemp("models")
     data, images = color_task(root, 4)
-    return {"teacher": build_tiny_vlm(str(root / "teacher"), family="llava", size="teacher", seed=1),
-            "student": build_tiny_vlm(str(root / "student"), family="llava", size="student", seed=2),
-            "data": data, "images": images}
+    teacher, student = tiny_pair(root)
+    return {"teacher": teacher, "student": student, "data": data, "images": images}
 
 
 def base_config(models, out, **kw) -> TrainConfig:

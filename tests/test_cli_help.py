@@ -12,7 +12,6 @@ import pytest
 
 from grace.cli import build_parser
 from grace.config import FIELD_CHOICES, PRESETS, TrainConfig, field_docs
-from grace.demo.tiny import build_tiny_vlm
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -81,12 +80,11 @@ def test_bad_values_are_refused_by_the_parser_naming_the_option(argv, says):
     assert proc.returncode == 2 and says in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
 
 
-def test_bits_none_on_the_command_line_trains_full_precision(tmp_path, color_task):
+def test_bits_none_on_the_command_line_trains_full_precision(tmp_path, color_task, tiny_pair):
     """`--bits none` (the paper's Table 1, full-precision distillation) reaches the run's configuration; before,
     every option whose value parsed to None was dropped and the run trained INT4."""
     data, img = color_task(tmp_path, 2)
-    teacher = build_tiny_vlm(str(tmp_path / "teacher"), family="llava", size="teacher", seed=1)
-    student = build_tiny_vlm(str(tmp_path / "student"), family="llava", size="student", seed=2)
+    teacher, student = tiny_pair(tmp_path)
     out = tmp_path / "run"
     env = {**os.environ, "GRACE_KERNELS_BACKEND": "reference"}
     proc = _grace("train", "--teacher", teacher, "--student", student, "--data", data, "--image-folder", img,

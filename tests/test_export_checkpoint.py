@@ -11,7 +11,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from grace.demo.tiny import build_tiny_vlm
 from grace.export import export_run
 from grace.load import load_checkpoint_student, load_model
 from tests.test_train import write_dataset
@@ -24,10 +23,9 @@ def _cli(*argv, timeout=600):
 
 
 @pytest.fixture(scope="module")
-def unfinished(tmp_path_factory):
+def unfinished(tmp_path_factory, tiny_pair):
     root = tmp_path_factory.mktemp("unfinished")
-    teacher = build_tiny_vlm(str(root / "teacher"), family="llava", size="teacher", seed=1)
-    student = build_tiny_vlm(str(root / "student"), family="llava", size="student", seed=2)
+    teacher, student = tiny_pair(root)
     data, images = write_dataset(root, corrupt=False)
     finished = root / "finished"
     proc = _cli("train", "--teacher", teacher, "--student", student, "--data", data, "--image-folder", images,

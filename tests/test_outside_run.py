@@ -9,10 +9,8 @@ import os
 import subprocess
 import sys
 
-import numpy as np
 import pytest
 from cli_checks import assert_one_line_error, snapshot
-from PIL import Image
 
 import grace_kernels
 from grace import TrainConfig, train
@@ -28,19 +26,11 @@ def grace_cli(*argv) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, color_task, tiny_pair):
     root = tmp_path_factory.mktemp("models")
-    img = root / "images"
-    img.mkdir()
-    records = []
-    for i in range(4):
-        Image.fromarray((np.random.default_rng(i).random((28, 28, 3)) * 255).astype(np.uint8)).save(img / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": ["red", "blue"][i % 2]}]})
-    (root / "data.json").write_text(json.dumps(records))
-    return {"teacher": build_tiny_vlm(str(root / "teacher"), family="llava", size="teacher", seed=1),
-            "student": build_tiny_vlm(str(root / "student"), family="llava", size="student", seed=2),
-            "data": str(root / "data.json"), "images": str(img), "root": root}
+    data, images = color_task(root, 4)
+    teacher, student = tiny_pair(root)
+    return {"teacher": teacher, "student": student, "data": data, "images": images, "root": root}
 
 
 def train_args(models, out, *extra, student=None) -> list[str]:

@@ -13,8 +13,6 @@ import pytest
 import torch
 from PIL import Image
 
-from grace.demo.tiny import build_tiny_vlm
-
 FAMILIES = ("llava", "qwen2_vl")
 ENV = {**os.environ, "GRACE_KERNELS_BACKEND": "reference", "OMP_NUM_THREADS": "1"}
 
@@ -48,10 +46,9 @@ def mix665k_like(root, n_image=3, n_text=3):
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def pair(request, tmp_path_factory):
+def pair(request, tmp_path_factory, tiny_pair):
     root = tmp_path_factory.mktemp(request.param)
-    teacher = build_tiny_vlm(str(root / "teacher"), family=request.param, size="teacher", seed=1)
-    student = build_tiny_vlm(str(root / "student"), family=request.param, size="student", seed=2)
+    teacher, student = tiny_pair(root, request.param)
     data, images = mix665k_like(root)
     return {"family": request.param, "root": root, "teacher": teacher, "student": student, "data": data,
             "images": images}

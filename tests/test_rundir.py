@@ -12,16 +12,13 @@ import subprocess
 import sys
 import time
 
-import numpy as np
 import pytest
 import torch
 from cli_checks import assert_one_line_error
-from PIL import Image
 
 import grace_kernels
 from grace import TrainConfig, train
 from grace.cli import main
-from grace.demo.tiny import build_tiny_vlm
 from grace.errors import GraceError
 from grace.rundir import LOCK_FILE, TRAINER_STATE, lock_run_dir, read_metrics
 
@@ -31,27 +28,13 @@ DEAD_PID = 2 ** 22 + 12345   # above the largest pid Linux hands out: no such pr
 ENV = {**os.environ, "GRACE_KERNELS_BACKEND": "reference", "OMP_NUM_THREADS": "1"}
 
 
-def write_data(root, n=6):
-    """LLaVA-format records: one image each, and a text-only one as mix665k holds."""
-    img = root / "images"
-    img.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(n):
-        Image.fromarray((np.random.default_rng(i).random((28, 28, 3)) * 255).astype(np.uint8)).save(img / f"{i}.png")
-        records.append({"id": str(i), "image": f"{i}.png", "conversations": [
-            {"from": "human", "value": "<image>\nwhat color ?"}, {"from": "gpt", "value": ["red", "blue"][i % 2]}]})
-    path = root / "data.json"
-    path.write_text(json.dumps(records))
-    return str(path), str(img), records
-
-
 @pytest.fixture(scope="module")
-def models(tmp_path_factory):
+def models(tmp_path_factory, color_task, tiny_pair):
     root = tmp_path_factory.mktemp("models")
-    data, images, records = write_data(root)
-    return {"teacher": build_tiny_vlm(str(root / "teacher"), family="llava", size="teacher", seed=1),
-            "student": build_tiny_vlm(str(root / "student"), family="llava", size="student", seed=2),
-            "data": data, "images": images, "records": records}
+    data, images = color_task(root, 6)
+    teacher, student = tiny_pair(root)
+    return {"teacher": teacher, "student": student, "data": data, "images": images,
+            "records": json.loads(open(data).read())}
 
 
 @pytest.fixture(autouse=True)

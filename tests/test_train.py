@@ -59,10 +59,9 @@ def write_dataset(root, n=8, corrupt=True):
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl"])
-def setup(request, tmp_path_factory):
+def setup(request, tmp_path_factory, tiny_pair):
     root = tmp_path_factory.mktemp(request.param)
-    teacher = build_tiny_vlm(str(root / "teacher"), family=request.param, size="teacher", seed=1)
-    student = build_tiny_vlm(str(root / "student"), family=request.param, size="student", seed=2)
+    teacher, student = tiny_pair(root, request.param)
     data, images = write_dataset(root)
     return {"family": request.param, "root": root, "teacher": teacher, "student": student, "data": data,
             "images": images}

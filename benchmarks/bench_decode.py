@@ -43,9 +43,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import functools
 import gc
-import json
 import math
 import os
 import statistics
@@ -67,6 +65,7 @@ from peers import int4pack_mm, int4pack_weight  # noqa: E402
 from shapes import LLAVA_7B  # noqa: E402
 
 import grace_kernels as gk  # noqa: E402
+from grace.io import write_json  # noqa: E402  (the project's one atomic write)
 from grace_kernels.nn import W4A16KernelLinear, W4A16Linear  # noqa: E402
 
 PATHS = ("bf16", "int4", "int4pack")
@@ -606,22 +605,15 @@ def main(argv=None) -> int:
     compile = {"none": None, "auto": "auto" if gpu else "aot_eager"}.get(args.compile, args.compile)
     opts = {"reps": args.reps, "batches": batches, "compile": compile, "graph": not args.no_graph}
     if args.json:
-        opts["progress"] = functools.partial(_write_json, args.json)
+        opts["progress"] = lambda result: write_json(result, args.json)
     if args.toy or not gpu:
         result = run_decode(TOY, prompt_len=16, new_tokens=8, dtype=torch.bfloat16 if gpu else torch.float32, **opts)
     else:
         result = run_decode(**opts)
     _report(result)
     if args.json:
-        _write_json(args.json, result)
+        write_json(result, args.json)
     return 0
-
-
-def _write_json(path: str, result: dict) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, path)
 
 
 if __name__ == "__main__":

@@ -79,3 +79,18 @@ def tiny_pair():
                 build_tiny_vlm(str(root / "student"), family=family, size="student", seed=2))
 
     return build
+
+
+@pytest.fixture(scope="session")
+def family_setup(tiny_pair):
+    """``family_setup(root, family, write_data)``: the tiny pair of ``family`` and the data ``write_data(root)``
+    writes (it returns (data.json path, image folder)), as the dict the trainer tests read: family, root,
+    teacher, student, data, images."""
+
+    def build(root, family: str, write_data) -> dict:
+        teacher, student = tiny_pair(root, family)
+        data, images = write_data(root)
+        return {"family": family, "root": root, "teacher": teacher, "student": student, "data": data,
+                "images": images}
+
+    return build

@@ -46,12 +46,8 @@ def mix665k_like(root, n_image=3, n_text=3):
 
 
 @pytest.fixture(scope="module", params=FAMILIES)
-def pair(request, tmp_path_factory, tiny_pair):
-    root = tmp_path_factory.mktemp(request.param)
-    teacher, student = tiny_pair(root, request.param)
-    data, images = mix665k_like(root)
-    return {"family": request.param, "root": root, "teacher": teacher, "student": student, "data": data,
-            "images": images}
+def pair(request, tmp_path_factory, family_setup):
+    return family_setup(tmp_path_factory.mktemp(request.param), request.param, mix665k_like)
 
 
 def grace_train(pair, out, *extra, data=None, images=None, teacher=None, student=None):

@@ -59,12 +59,8 @@ def write_dataset(root, n=8, corrupt=True):
 
 
 @pytest.fixture(scope="module", params=["llava", "qwen2_vl", "qwen2_5_vl"])
-def setup(request, tmp_path_factory, tiny_pair):
-    root = tmp_path_factory.mktemp(request.param)
-    teacher, student = tiny_pair(root, request.param)
-    data, images = write_dataset(root)
-    return {"family": request.param, "root": root, "teacher": teacher, "student": student, "data": data,
-            "images": images}
+def setup(request, tmp_path_factory, family_setup):
+    return family_setup(tmp_path_factory.mktemp(request.param), request.param, write_dataset)
 
 
 def config(s, out, **kw):

@@ -109,35 +109,33 @@ def rcka_per_image(student_feats: torch.Tensor, teacher_feats: torch.Tensor, cu_
     return (out.loss * images - dropped) / (images - dropped), dropped
 
 
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """The settings of the objective (their TrainConfig fields of the same names document each one): which
-    terms are on (``kd``, ``rcka``), RCKA's weight ``omega``, GDKD's ``temperature``, ``tckd_weight``,
-    ``nckd_weight``, ``gate``, ``gate_temperature``, ``kd_type`` ("dkd" or "kl"), ``kd_t2`` (the KD term's
-    convention: times T^2 or not), and the warm-up lengths of
-    the two distillation terms in optimizer steps. The defaults are TrainConfig's (the paper's)."""
+# The TrainConfig fields the objective reads; LossConfig takes their types and defaults from TrainConfig.
+LOSS_FIELDS = ("kd", "rcka", "omega", "temperature", "tckd_weight", "nckd_weight", "gate", "gate_temperature",
+               "kd_type", "kd_t2", "gdkd_warmup_steps", "rcka_warmup_steps")
 
-    kd: bool = TrainConfig.kd
-    rcka: bool = TrainConfig.rcka
-    omega: float = TrainConfig.omega
-    temperature: float = TrainConfig.temperature
-    tckd_weight: float = TrainConfig.tckd_weight
-    nckd_weight: float = TrainConfig.nckd_weight
-    gate: bool = TrainConfig.gate
-    gate_temperature: float = TrainConfig.gate_temperature
-    kd_type: str = TrainConfig.kd_type
-    kd_t2: bool = TrainConfig.kd_t2
-    gdkd_warmup_steps: int = TrainConfig.gdkd_warmup_steps
-    rcka_warmup_steps: int = TrainConfig.rcka_warmup_steps
 
+class _LossConfigBase:
     @classmethod
     def from_train_config(cls, cfg) -> LossConfig:
         """The loss settings of a :class:`grace.config.TrainConfig` (its fields of the same names)."""
-        return cls(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(cls)})
+        return cls(**{name: getattr(cfg, name) for name in LOSS_FIELDS})
 
     def scales(self, step: int) -> tuple[float, float]:
         """(GDKD, RCKA) warm-up weights at optimizer step ``step`` (:func:`warmup_scale`)."""
         return warmup_scale(step, self.gdkd_warmup_steps), warmup_scale(step, self.rcka_warmup_steps)
+
+
+LossConfig = dataclasses.make_dataclass(
+    "LossConfig",
+    [(f.name, f.type, dataclasses.field(default=f.default))
+     for f in ({f.name: f for f in dataclasses.fields(TrainConfig)}[name] for name in LOSS_FIELDS)],
+    bases=(_LossConfigBase,), frozen=True)
+LossConfig.__module__ = __name__   # make_dataclass's module= is Python 3.12+
+LossConfig.__doc__ = """The settings of the objective, a frozen dataclass of the TrainConfig fields named in
+LOSS_FIELDS, with their types and defaults (the paper's); TrainConfig documents each one: which terms are on
+(``kd``, ``rcka``), RCKA's weight ``omega``, GDKD's ``temperature``, ``tckd_weight``, ``nckd_weight``, ``gate``,
+``gate_temperature``, ``kd_type`` ("dkd" or "kl"), ``kd_t2`` (the KD term's convention: times T^2 or not), and
+the warm-up lengths of the two distillation terms in optimizer steps."""
 
 
 @dataclasses.dataclass

@@ -1,6 +1,7 @@
 """GRACE's objective against the authors' release: RCKA per image, degenerate images left out of the mean,
 the warm-up ramps, and the released preset."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -12,6 +13,7 @@ from grace import TrainConfig
 from grace.demo.tiny import build_processor, build_tiny_vlm
 from grace.families import family_of
 from grace.objective import (
+    LOSS_FIELDS,
     MODEL_INPUTS,
     RCKA_MIN_TOKENS,
     LossConfig,
@@ -60,6 +62,16 @@ def test_released_preset_ramps_rcka_only():
     assert (paper.gdkd_warmup_steps, paper.rcka_warmup_steps) == (0, 0)
     with pytest.raises(ValueError, match="rcka_warmup_steps must be an integer >= 0"):
         TrainConfig.from_preset("paper", rcka_warmup_steps=-1).validate(check_paths=False)
+
+
+def test_loss_config_carries_each_loss_field_of_the_train_config():
+    assert LossConfig() == LossConfig(**{name: getattr(TrainConfig, name) for name in LOSS_FIELDS})
+    cfg = TrainConfig.from_preset("released")
+    loss = LossConfig.from_train_config(cfg)
+    assert {name: getattr(loss, name) for name in LOSS_FIELDS} == {name: getattr(cfg, name) for name in LOSS_FIELDS}
+    assert (loss.kd_t2, loss.omega, loss.rcka_warmup_steps) == (True, 3.0, 400)   # not the paper's defaults
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        loss.omega = 1.0
 
 
 # ---------------------------------------------------------------- per-image segments and degenerate images

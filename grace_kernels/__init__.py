@@ -9,7 +9,8 @@ Public API (each op documented in ``grace_kernels.ops.<op>``):
     Int4Weight, pack_int4, unpack_int4, quantize_rtn,        the INT4 weight format (grace_kernels.int4)
     repack_for_kernel, repack_to_canonical
     w4a16_matmul, w4a16_matmul_repacked                      INT4 weight-only GEMM
-    Int8Weight, pack_int8, unpack_int8, w8a16_matmul         the INT8 weight format and GEMM (grace_kernels.int8)
+    Int8Weight, pack_int8, unpack_int8, w8a16_matmul,        the INT8 weight format (zero points optional) and GEMM
+    unpack_int8_zero_points                                  (grace_kernels.int8)
     nn.QuantLinear, nn.W4A16Linear, nn.W4A16KernelLinear,    modules (``gk.nn``, as ``torch.nn``)
     nn.W8A16Linear
     default_chunk_size                                       rows per chunk of the KD losses (memory planning)
@@ -32,7 +33,7 @@ from grace_kernels.int4 import (  # noqa: F401
     repack_to_canonical,
     unpack_int4,
 )
-from grace_kernels.int8 import Int8Weight, pack_int8, unpack_int8  # noqa: F401
+from grace_kernels.int8 import Int8Weight, pack_int8, unpack_int8, unpack_int8_zero_points  # noqa: F401
 
 # --- ops: one import line per op module (keep sorted) ---
 from grace_kernels.ops.cka import RCKAOutput, cka, rcka_loss  # noqa: F401

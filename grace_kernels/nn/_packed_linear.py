@@ -47,11 +47,12 @@ class PackedLinear(nn.Module):
 
     @classmethod
     @torch.no_grad()
-    def _from_weight(cls, weight, bias: torch.Tensor | None):
-        """A layer holding a copy of ``weight`` (and of ``bias``), on the weight's device."""
+    def _from_weight(cls, weight, bias: torch.Tensor | None, **kwargs):
+        """A layer holding a copy of ``weight`` (and of ``bias``), on the weight's device; ``kwargs`` go to the
+        subclass's constructor."""
         n, k = weight.shape
         layer = cls(k, n, bias=bias is not None, group_size=weight.group_size, scale_dtype=weight.scales.dtype,
-                    bias_dtype=None if bias is None else bias.dtype, device=weight.packed.device)
+                    bias_dtype=None if bias is None else bias.dtype, device=weight.packed.device, **kwargs)
         layer._copy_weight_(weight)
         if bias is not None:
             layer.bias.copy_(bias.detach())

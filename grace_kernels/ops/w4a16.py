@@ -56,22 +56,29 @@ torch.library.define(
 )
 
 
-def wna16_impl(op: str, bits: int, x, packed, scales, group_size: int) -> torch.Tensor:
-    """The implementation of the canonical-layout GEMM of both code widths (w4a16_matmul, w8a16_matmul).
+def wna16_impl(op: str, bits: int, x, packed, scales, group_size: int, zero_points=None) -> torch.Tensor:
+    """The implementation of the canonical-layout GEMM of both code widths (w4a16_matmul, w8a16_matmul), with
+    optional packed zero points (int32 [ceil(N * bits / 32), groups]; only the w8a16 op takes them).
 
-    CUDA: the Triton kernel; CPU: the reference, or the Triton kernel under TRITON_INTERPRET=1. A forced
-    backend wins on either device (select_backend raises where it cannot run)."""
+    CUDA: the Triton kernel (no CUDA-extension kernel reads this layout or zero points); CPU: the reference,
+    or the Triton kernel under TRITON_INTERPRET=1. A forced backend wins on either device (select_backend
+    raises where it cannot run)."""
     if select_backend(op, x.device) == "triton":
         from grace_kernels.triton import w4a16 as tri
 
-        return tri.wna16_matmul(x, packed, scales.to(x.dtype), group_size, bits=bits)
-    return x.float() @ ref.dequantize_codes(packed, scales, group_size, bits=bits).t()
+        return tri.wna16_matmul(x, packed, scales.to(x.dtype), group_size, bits=bits, zero_points=zero_points)
+    return x.float() @ ref.dequantize_codes(packed, scales, group_size, bits=bits, zero_points=zero_points).t()
 
 
-def wna16_fake(bits: int, x, packed) -> torch.Tensor:
-    """The fake implementation of both widths: float32 [M, N]."""
+def wna16_fake(bits: int, x, packed, scales=None, zero_points=None) -> torch.Tensor:
+    """The fake implementation of both widths: float32 [M, N] (shape checks of x, packed, zero_points)."""
     torch._check(x.dim() == 2 and packed.dim() == 2, lambda: "x and packed must be 2-D")
     torch._check(x.shape[1] == packed.shape[1] * (32 // bits), lambda: "x's K does not match packed")
+    if zero_points is not None:
+        words = ref.zero_point_words(packed.shape[0], bits=bits)
+        torch._check(zero_points.dim() == 2 and zero_points.shape[0] == words
+                     and zero_points.shape[1] == scales.shape[1],
+                     lambda: f"zero_points must be [{words}, groups], got {tuple(zero_points.shape)}")
     return x.new_empty(x.shape[0], packed.shape[0], dtype=torch.float32)
 
 

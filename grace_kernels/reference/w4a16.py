@@ -47,16 +47,46 @@ def unpack_codes(packed: torch.Tensor, *, bits: int) -> torch.Tensor:
     return (u - (1 << (bits - 1))).to(torch.int8).reshape(packed.shape[0], -1)
 
 
-def dequantize_codes(packed: torch.Tensor, scales: torch.Tensor, group_size: int, *, bits: int) -> torch.Tensor:
-    """W [N, K] in float32: scale * q (exact: |q| <= 128 times a half-precision scale fits float32's 24 bits)."""
+def zero_point_words(n: int, *, bits: int) -> int:
+    """Rows of the packed zero points of an N-row weight: ceil(N * bits / 32)."""
+    return -(-n * bits // 32)
+
+
+def pack_zero_points(zero: torch.Tensor, *, bits: int) -> torch.Tensor:
+    """int8 zero points [N, G] in [-2^(bits-1), 2^(bits-1) - 1] -> int32 [ceil(N * bits / 32), G].
+
+    compressed-tensors' layout for group-wise zero points (``weight_zero_point``): the fields of a word run
+    along the output dimension N, u = z + 2^(bits - 1), field t of word (j, g) at bits t * bits and up holds
+    z[j * 32 / bits + t, g]; rows past N are padded with u = 0 (as compressed-tensors pads)."""
+    n = zero.shape[0]
+    pad = zero_point_words(n, bits=bits) * (32 // bits) - n
+    padded = torch.nn.functional.pad(zero.t().to(torch.int16), (0, pad), value=-(1 << (bits - 1))).to(torch.int8)
+    return pack_codes(padded, bits=bits).t().contiguous()
+
+
+def unpack_zero_points(packed: torch.Tensor, n: int, *, bits: int) -> torch.Tensor:
+    """int32 [ceil(N * bits / 32), G] -> int8 zero points [N, G] (the inverse of :func:`pack_zero_points`)."""
+    return unpack_codes(packed.t().contiguous(), bits=bits)[:, :n].t().contiguous()
+
+
+def dequantize_codes(packed: torch.Tensor, scales: torch.Tensor, group_size: int, *, bits: int,
+                     zero_points: torch.Tensor | None = None) -> torch.Tensor:
+    """W [N, K] in float32: scale * q, or scale * (q - z) with packed ``zero_points`` (:func:`pack_zero_points`).
+
+    Exact: |q - z| <= 2^bits - 1 <= 255 (8 bits) times a half-precision scale (11 bits) fits float32's 24."""
     q = unpack_codes(packed, bits=bits).float()
+    if zero_points is not None:
+        z = unpack_zero_points(zero_points, packed.shape[0], bits=bits).float()
+        q = q - z.repeat_interleave(group_size, dim=1)
     return q * scales.float().repeat_interleave(group_size, dim=1)
 
 
 def wna16_matmul_ref(x: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int,
-                     bias: torch.Tensor | None = None, *, bits: int) -> torch.Tensor:
-    """y = x @ W^T (+ bias) accumulated in float32, returned in x's dtype; x is [..., K]."""
-    y = x.float() @ dequantize_codes(packed, scales, group_size, bits=bits).t()
+                     bias: torch.Tensor | None = None, *, bits: int,
+                     zero_points: torch.Tensor | None = None) -> torch.Tensor:
+    """y = x @ W^T (+ bias) accumulated in float32, returned in x's dtype; x is [..., K]; W as
+    :func:`dequantize_codes` gives it (with zero points when ``zero_points`` is given)."""
+    y = x.float() @ dequantize_codes(packed, scales, group_size, bits=bits, zero_points=zero_points).t()
     if bias is not None:
         y = y + bias.float()
     return y.to(x.dtype)

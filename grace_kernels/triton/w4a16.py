@@ -3,6 +3,8 @@
 y[M, N] = x[M, K] @ W^T, W[n, k] = scale[n, k // G] * (u(n, k) - 2**(BITS - 1)), with u the BITS-bit
 field k of row n: bits BITS * (k % P) .. of int32 word k // P, P = 32 / BITS (BITS 4: eight nibbles a
 word, grace_kernels.int4; BITS 8: four bytes, grace_kernels.int8). One kernel serves both widths.
+With HAS_ZP (an asymmetric weight) W[n, k] = scale[n, g] * (q(n, k) - z(n, g)), g = k // G, z the BITS-bit
+field n % P of zero-point word (n // P, g) minus 2**(BITS - 1) (compressed-tensors packs zero points along N).
 
 A program owns a [BLOCK_M, BLOCK_N] output tile and one slice of K (split-K): for decode (M = 1..16)
 the M x N grid alone has too few tiles to fill the GPU, so K is cut into SPLIT_K parts that write float32 partial tiles, summed afterwards in a fixed order
@@ -27,9 +29,9 @@ from grace_kernels.triton._rounding import cast_rne
 
 
 @triton.jit
-def _wna16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
+def _wna16_kernel(x_ptr, w_ptr, s_ptr, z_ptr, out_ptr, M, N, K, k_per_split,
                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP: tl.constexpr,
-                  DOT_F32: tl.constexpr, BITS: tl.constexpr):
+                  DOT_F32: tl.constexpr, BITS: tl.constexpr, HAS_ZP: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
     pid_k = tl.program_id(2)
@@ -46,7 +48,14 @@ def _wna16_kernel(x_ptr, w_ptr, s_ptr, out_ptr, M, N, K, k_per_split,
                         mask=rn[:, None] < N, other=0)
         q = ((words >> ((k[None, :] % (32 // BITS)) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
         scale = tl.load(s_ptr + rn.to(tl.int64) * n_groups + k0 // GROUP, mask=rn < N, other=0.0)
-        # Dequantized in float32 (q * scale is exact there: |q| <= 128 times a half-precision scale) and rounded once to the activation dtype for
+        if HAS_ZP:
+            # One zero point per (row, group); BLOCK_K divides the group, so one load per step. z_ptr is a
+            # dummy (never read) when HAS_ZP is off.
+            z_words = tl.load(z_ptr + (rn // (32 // BITS)).to(tl.int64) * n_groups + k0 // GROUP, mask=rn < N,
+                              other=0)
+            z = ((z_words >> ((rn % (32 // BITS)) * BITS)) & ((1 << BITS) - 1)) - (1 << (BITS - 1))
+            q = q - z[:, None]
+        # Dequantized in float32 (q * scale is exact there: |q| <= 255 times a half-precision scale) and rounded once to the activation dtype for
         # the tensor cores: one rounding per weight, the error budget of any half-precision GEMM.
         w = cast_rne(q.to(tl.float32) * scale.to(tl.float32)[:, None], x_ptr.dtype.element_ty)
         if DOT_F32:
@@ -87,9 +96,11 @@ def _config(m: int, n: int, k: int, group_size: int) -> tuple[int, int, int]:
 
 
 def wna16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, group_size: int, *,
-                 bits: int) -> torch.Tensor:
-    """float32 [M, N] = x2d [M, K] @ dequant(packed, scales)^T for ``bits`` 4 or 8: packed int32
-    [N, K * bits / 32], 32 / bits codes per word (the caller adds the bias and casts)."""
+                 bits: int, zero_points: torch.Tensor | None = None) -> torch.Tensor:
+    """float32 [M, N] = x2d [M, K] @ dequant(packed, scales[, zero_points])^T for ``bits`` 4 or 8: packed int32
+    [N, K * bits / 32], 32 / bits codes per word; zero_points None (symmetric) or int32
+    [ceil(N * bits / 32), K / group_size] (grace_kernels.reference.w4a16.pack_zero_points). The caller adds
+    the bias and casts."""
     m, k = x2d.shape
     n = packed.shape[0]
     block_m, block_n, split = _config(m, n, k, group_size)
@@ -99,19 +110,21 @@ def wna16_matmul(x2d: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor, 
     part = torch.empty(split, m, n, device=x2d.device, dtype=torch.float32)
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split)
     launch = _launch(x2d.dtype)
-    _wna16_kernel[grid](x2d, packed, scales, part, m, n, k, k_per_split, BLOCK_M=block_m, BLOCK_N=block_n,
-                        BLOCK_K=min(launch["BLOCK_K"], group_size), GROUP=group_size,
-                        DOT_F32=triton_interpret() and x2d.dtype == torch.bfloat16, BITS=bits,
+    has_zp = zero_points is not None
+    _wna16_kernel[grid](x2d, packed, scales, zero_points if has_zp else packed, part, m, n, k, k_per_split,
+                        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=min(launch["BLOCK_K"], group_size), GROUP=group_size,
+                        DOT_F32=triton_interpret() and x2d.dtype == torch.bfloat16, BITS=bits, HAS_ZP=has_zp,
                         num_warps=launch["num_warps"], num_stages=launch["num_stages"])
     return part.sum(0) if split > 1 else part[0]
 
 
 AOT_SPECS = [
-    KernelSpec(_wna16_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "out_ptr": "*fp32", "M": "i32",
-                               "N": "i32", "K": "i32", "k_per_split": "i32"},
+    KernelSpec(_wna16_kernel, {"x_ptr": f"*{dt}", "w_ptr": "*i32", "s_ptr": f"*{dt}", "z_ptr": "*i32",
+                               "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", "k_per_split": "i32"},
                {"BLOCK_M": bm, "BLOCK_N": 64, "BLOCK_K": _launch(dt)["BLOCK_K"], "GROUP": 128, "DOT_F32": False,
-                "BITS": bits},
+                "BITS": bits, "HAS_ZP": zp},
                num_warps=_launch(dt)["num_warps"], num_stages=_launch(dt)["num_stages"],
-               label=f"int{bits},{dt},m{bm}")
-    for bits in (4, 8) for dt in ("fp16", "bf16", "fp32") for bm in (16, 64)
+               label=f"int{bits}{',zp' if zp else ''},{dt},m{bm}")
+    # zero points are served at 8 bits only (an asymmetric 4-bit checkpoint is read as symmetric 8-bit codes)
+    for bits, zp in ((4, False), (8, False), (8, True)) for dt in ("fp16", "bf16", "fp32") for bm in (16, 64)
 ]

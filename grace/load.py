@@ -31,7 +31,7 @@ from grace.naming import (
 )
 from grace.quantize import quantize_model, replace_module
 from grace.rundir import find_checkpoint, read_checkpoint
-from grace.schemes import SCHEMES, Scheme, read_checkpoint_config
+from grace.schemes import ASYMMETRIC_AS_SYMMETRIC_8_BIT, SCHEMES, Scheme, read_checkpoint_config
 from grace_kernels.int4 import SCALE_DTYPES
 from grace_kernels.nn import convert_to_kernel_layout
 
@@ -328,6 +328,20 @@ def _served_scale_dtype(scale: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
     return torch.float16 if bool((a <= fp16.max).all() and (a >= fp16.smallest_normal).all()) else torch.bfloat16
 
 
+def _check_zero_points(tensors: dict, ckpt: str, scale: torch.Tensor, bits: int, model_dir: str) -> torch.Tensor:
+    """``<ckpt>.weight_zero_point``, checked to be compressed-tensors' layout for ``bits``-bit group-wise zero
+    points: int32 [ceil(N * bits / 32), groups], 32 / bits zero points per word along the output dimension."""
+    from grace_kernels.reference.w4a16 import zero_point_words
+
+    zp = tensors[f"{ckpt}.weight_zero_point"]
+    n, groups = scale.shape
+    expected = (zero_point_words(n, bits=bits), groups)
+    if zp.dtype != torch.int32 or tuple(zp.shape) != expected:
+        raise ValueError(f"{model_dir}: {ckpt}.weight_zero_point is {zp.dtype} {tuple(zp.shape)}, expected int32 "
+                         f"{expected} ({bits}-bit zero points packed along the output dimension)")
+    return zp
+
+
 def _symmetric_int8_codes(tensors: dict, ckpt: str, scale: torch.Tensor, group_size: int, model_dir: str) -> None:
     """Rewrite, in ``tensors``, the asymmetric 4-bit layer ``ckpt`` (codes q and zero points z in [-8, 7],
     W = scale * (q - z)) as the symmetric 8-bit layer with codes q - z in [-15, 15] and the same scales: the
@@ -336,14 +350,12 @@ def _symmetric_int8_codes(tensors: dict, ckpt: str, scale: torch.Tensor, group_s
     ``<ckpt>.weight_zero_point`` is compressed-tensors' layout: int32 [ceil(N / 8), groups], eight 4-bit zero
     points per word along the output dimension."""
     from grace_kernels import pack_int8
-    from grace_kernels.reference.w4a16 import unpack_int4_ref
+    from grace_kernels.reference.w4a16 import unpack_int4_ref, unpack_zero_points
 
-    packed, zp = tensors[f"{ckpt}.weight_packed"], tensors.pop(f"{ckpt}.weight_zero_point")
-    n, groups = scale.shape
-    if zp.dtype != torch.int32 or tuple(zp.shape) != (-(-n // 8), groups):
-        raise ValueError(f"{model_dir}: {ckpt}.weight_zero_point is {zp.dtype} {tuple(zp.shape)}, expected int32 "
-                         f"{(-(-n // 8), groups)} (4-bit zero points packed along the output dimension)")
-    zero = unpack_int4_ref(zp.t().contiguous())[:, :n].t()   # [N, groups]
+    zp = _check_zero_points(tensors, ckpt, scale, 4, model_dir)
+    packed = tensors[f"{ckpt}.weight_packed"]
+    del tensors[f"{ckpt}.weight_zero_point"]
+    zero = unpack_zero_points(zp, scale.shape[0], bits=4)   # [N, groups]
     codes = unpack_int4_ref(packed).to(torch.int16) - zero.to(torch.int16).repeat_interleave(group_size, dim=1)
     half = scale if scale.dtype in SCALE_DTYPES else scale.to(_served_scale_dtype(scale, torch.float32))
     tensors[f"{ckpt}.weight_packed"] = pack_int8(codes.to(torch.int8), half, group_size).packed
@@ -381,13 +393,16 @@ def _swap_in_served_linears(model: nn.Module, tensors: dict, names: dict[str, st
         if bool(bad.any()):
             raise ValueError(f"{model_dir}: {ckpt}.weight_scale holds {int(bad.sum())} scale(s) that are not finite "
                              f"and > 0 (such as {scale[bad].flatten()[0].item()}); the checkpoint is corrupt")
-        served = scheme
-        if not symmetric:
+        served, zero_points = scheme, False
+        if not symmetric and scheme.bits == ASYMMETRIC_AS_SYMMETRIC_8_BIT:
             _symmetric_int8_codes(tensors, ckpt, scale, group_size, model_dir)
             served = SCHEMES["int8"]
+        elif not symmetric:   # 8-bit: the layer keeps the zero points (loaded by their on-disk name)
+            _check_zero_points(tensors, ckpt, scale, scheme.bits, model_dir)
+            zero_points = True
         replace_module(model, name, served.empty_layer(lin, group_size=group_size,
                                                        scale_dtype=_served_scale_dtype(scale, dtype),
-                                                       bias_dtype=dtype))
+                                                       bias_dtype=dtype, asymmetric=zero_points))
 
 
 def _load_strict(model: nn.Module, tensors: dict, model_dir: str) -> None:
@@ -428,9 +443,12 @@ def load_quantized_model(model_dir: str, device: str | torch.device = "cpu", dty
     """Load a compressed-tensors pack-quantized checkpoint (INT4 or INT8) into this project's served layers.
 
     Reads what ``grace export`` writes and what other compressed-tensors producers (llm-compressor)
-    write for a symmetric group-wise weight-only scheme of a registered width (:mod:`grace.schemes`:
-    4 bits -> :class:`W4A16Linear`, 8 bits -> :class:`W8A16Linear`; GPTQ's ``actorder`` "weight" /
-    "static" included, as those files hold no g_idx): tensors in any layout transformers loads (the
+    write for a group-wise weight-only scheme of a registered width (:mod:`grace.schemes`), symmetric or
+    asymmetric (``weight_zero_point`` tensors): symmetric 4 bits -> :class:`W4A16Linear`; asymmetric 4 bits ->
+    a symmetric :class:`W8A16Linear` holding the codes q - z in [-15, 15] (the same weight, exactly); 8 bits
+    -> :class:`W8A16Linear`, asymmetric ones with their zero points (``asymmetric=True``: W = s * (q - z),
+    q - z in [-255, 255]); GPTQ's ``actorder`` "weight" / "static" included, as those files hold no
+    g_idx. Tensors in any layout transformers loads (the
     llava-hf Hub layout ``vision_tower.vision_model.*`` included), an ``ignore`` list of exact names or
     ``re:`` patterns matched against either the on-disk or the in-memory module names, the format given
     per config group or at the top. Steps: build the model from config.json; swap every nn.Linear the
@@ -449,8 +467,8 @@ def load_quantized_model(model_dir: str, device: str | torch.device = "cpu", dty
         kernel_layout: hold the INT4 weights only in the CUDA kernel's layout
             (``W4A16KernelLinear`` via ``grace_kernels.nn.convert_to_kernel_layout``: the packed weight held once),
             for every layer the CUDA kernel takes (float16/bfloat16 ``dtype``, N % 64 == 0, K % 128 == 0,
-            group 128). None: when ``device`` is a GPU and the CUDA extension is built. INT8 layers have no
-            CUDA kernel and always run on Triton (GPU) or the reference (CPU).
+            group 128). None: when ``device`` is a GPU and the CUDA extension is built. INT8 layers (with or
+            without zero points) have no CUDA kernel and always run on Triton (GPU) or the reference (CPU).
 
     Returns:
         (model in eval mode on ``device``, processor or None when the directory holds none).
@@ -459,7 +477,8 @@ def load_quantized_model(model_dir: str, device: str | torch.device = "cpu", dty
         ValueError: no or a malformed config.json; no or an unsupported quantization_config (one line
             naming every unsupported field); a truncated or corrupt safetensors file (named); missing or
             unexpected tensors; a tensor whose shape does not fit the model; a scale that is NaN, Inf or
-            <= 0 (the tensor named); a g_idx or zero-point tensor.
+            <= 0 (the tensor named); a g_idx tensor; zero points in a symmetric checkpoint, none in an
+            asymmetric one, or zero points not in compressed-tensors' packed layout.
     """
     from transformers import AutoModelForImageTextToText
 

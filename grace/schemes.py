@@ -30,10 +30,10 @@ COMPRESSED_TENSORS_VERSION = "0.20.0"
 # GPTQ's activation orderings that only change how the codes were calibrated, not the file's layout
 # (compressed-tensors' ActivationOrdering "weight" and its alias "static"): such files hold no g_idx.
 LAYOUT_FREE_ACTORDER = (None, "weight", "static")
-# Asymmetric checkpoints of this width are served: q - zero_point of two 4-bit codes lies in [-15, 15], so the
-# layer becomes an exact symmetric 8-bit one (W8A16Linear, same scales and groups). 8-bit codes minus 8-bit zero
-# points span [-255, 255], which no served width holds.
-ASYMMETRIC_BITS = 4
+# Asymmetric checkpoints of this width are read as symmetric 8-bit ones: q - zero_point of two 4-bit codes lies
+# in [-15, 15], so the layer becomes an exact symmetric W8A16Linear (same scales and groups). 8-bit codes minus
+# 8-bit zero points span [-255, 255]: those layers keep their zero points (W8A16Linear(asymmetric=True)).
+ASYMMETRIC_AS_SYMMETRIC_8_BIT = 4
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,10 +78,17 @@ class Scheme:
             raise ValueError(f"scheme {self.name} converts {self.bits}-bit layers; this one has bits={layer.bits}")
         return self.served.from_quant_linear(layer, scale_dtype)
 
-    def empty_layer(self, linear: nn.Linear, *, group_size: int, scale_dtype, bias_dtype) -> nn.Module:
-        """An untrained served layer of ``linear``'s shape, for loading a checkpoint into."""
+    def empty_layer(self, linear: nn.Linear, *, group_size: int, scale_dtype, bias_dtype,
+                    asymmetric: bool = False) -> nn.Module:
+        """An untrained served layer of ``linear``'s shape, for loading a checkpoint into; ``asymmetric``: with
+        zero points (only the 8-bit layer holds them; ValueError for another scheme)."""
+        kwargs = {}
+        if asymmetric:
+            if self.bits != 8:
+                raise ValueError(f"scheme {self.name} has no layer with zero points (only int8 has)")
+            kwargs["asymmetric"] = True
         return self.served(linear.in_features, linear.out_features, bias=linear.bias is not None,
-                           group_size=group_size, scale_dtype=scale_dtype, bias_dtype=bias_dtype)
+                           group_size=group_size, scale_dtype=scale_dtype, bias_dtype=bias_dtype, **kwargs)
 
     def checkpoint_config(self, *, group_size: int, ignore: list[str]) -> dict | None:
         """The ``quantization_config`` block of config.json, as compressed-tensors 0.20 writes it for a
@@ -136,8 +143,9 @@ def read_checkpoint_config(qc: dict, where: str) -> tuple[Scheme, int, list[str]
     serves.
 
     Accepted: one config group targeting ``Linear``, format "pack-quantized" (per group or at the top),
-    group-wise static int weights of a registered width, symmetric, or asymmetric 4-bit (zero points:
-    llm-compressor's W4A16_ASYM, what compressed-tensors' AWQ converter writes), no activation quantization;
+    group-wise static int weights of a registered width, symmetric or asymmetric (zero points: llm-compressor's
+    W4A16_ASYM, what compressed-tensors' AWQ converter writes, and W8A16 with ``symmetric: false``), no
+    activation quantization;
     GPTQ's ``actorder`` "weight"/"static" (the file holds no g_idx). Anything else is a ValueError that
     starts with ``where`` and names every unsupported field in one line.
     """
@@ -164,9 +172,6 @@ def read_checkpoint_config(qc: dict, where: str) -> tuple[Scheme, int, list[str]
     if w.get("type") != "int":
         problems.append(f"type {w.get('type')!r} (supported: int)")
     symmetric = w.get("symmetric") is not False
-    if not symmetric and w.get("num_bits") != ASYMMETRIC_BITS:
-        problems.append(f"asymmetric {w.get('num_bits')}-bit weights (zero points; supported: symmetric, "
-                        f"and asymmetric {ASYMMETRIC_BITS}-bit)")
     if w.get("strategy") != "group":
         problems.append(f"strategy {w.get('strategy')!r} (supported: group)")
     if w.get("dynamic"):
@@ -183,3 +188,4 @@ def read_checkpoint_config(qc: dict, where: str) -> tuple[Scheme, int, list[str]
     if problems:
         raise ValueError(f"{where}: unsupported {'; '.join(problems)}")
     return scheme, w["group_size"], ignore, symmetric
+

@@ -696,73 +696,89 @@ def test_load_int4_model_is_strict(llava_run, tmp_path, edit_tensors, edit_qc, m
         load_int4_model(_tampered(run, tmp_path, edit_tensors, edit_qc))
 
 
-def _asymmetric_checkpoint(run, path):
-    """The run's trained weights quantized asymmetrically, 4-bit, group 128 (per group scale = (max - min) / 15,
-    its zero point mapping the minimum to -8), written as llm-compressor writes W4A16_ASYM, with
-    compressed-tensors' own packers (zero points packed along the output dimension). The scales are stored in
-    float32 holding bfloat16 values, so every client's dequantization is exact. Returns {module: weight}."""
-    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+def _asymmetric_checkpoint(run, path, bits):
+    """The run's trained weights quantized asymmetrically, ``bits``-bit, group 128, as llm-compressor writes
+    W4A16_ASYM / an asymmetric W8A16: scales and zero points from compressed-tensors' ``calculate_qparams`` on
+    each group's min and max, the weights quantized and packed by its own ``PackedQuantizationCompressor``
+    (zero points packed along the output dimension). The scales are rounded to bfloat16 and stored in float32,
+    so every client's dequantization is exact. Returns {module: the dequantized weight}, unpacked with
+    compressed-tensors' own ``unpack_from_int32``."""
+    from compressed_tensors.compressors.pack_quantized.base import PackedQuantizationCompressor
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from compressed_tensors.quantization.utils.helpers import calculate_qparams
 
+    args = QuantizationArgs(num_bits=bits, type="int", symmetric=False, strategy="group", group_size=GROUP)
+    scheme = QuantizationScheme(targets=["Linear"], weights=args)
     shutil.copytree(run["export"], path)
     tensors = load_file(str(path / "model.safetensors"))
     qlayers = _quant_layers(run["student"])
     names = module_checkpoint_names(run["student"], list(qlayers))
     expected = {}
     for name, ql in qlayers.items():
-        w = ql.fake_quant_weight().detach().float()
+        w = ql.weight.detach().float()
         n, k = w.shape
         groups = w.view(n, k // GROUP, GROUP)
-        lo, hi = groups.amin(-1), groups.amax(-1)
-        scale = ((hi - lo) / 15).clamp_min(1e-6).bfloat16().float()
-        zero = (-8 - torch.round(lo / scale)).clamp(-8, 7)
-        q = (torch.round(groups / scale[..., None]) + zero[..., None]).clamp(-8, 7).view(n, k)
+        scale, zero = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+        scale = scale.bfloat16().float()
+        out = PackedQuantizationCompressor.compress({"weight": w, "weight_scale": scale, "weight_zero_point": zero},
+                                                    scheme)
         key = names[name]
-        tensors[f"{key}.weight_packed"] = pack_to_int32(q.to(torch.int8), 4)
-        tensors[f"{key}.weight_scale"] = scale
-        tensors[f"{key}.weight_zero_point"] = pack_to_int32(zero.to(torch.int8), 4, packed_dim=0)
-        expected[name] = (q - zero.repeat_interleave(GROUP, 1)) * scale.repeat_interleave(GROUP, 1)
+        for t in ("weight_packed", "weight_scale", "weight_zero_point", "weight_shape"):
+            tensors[f"{key}.{t}"] = out[t]
+        q = unpack_from_int32(out["weight_packed"], bits, torch.Size([n, k])).float()
+        z = unpack_from_int32(out["weight_zero_point"], bits, torch.Size([n, k // GROUP]), packed_dim=0).float()
+        expected[name] = (q - z.repeat_interleave(GROUP, 1)) * scale.repeat_interleave(GROUP, 1)
     save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((path / "config.json").read_text())
-    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(symmetric=False, zp_dtype="torch.int8")
+    config["quantization_config"]["config_groups"]["group_0"]["weights"].update(num_bits=bits, symmetric=False)
     (path / "config.json").write_text(json.dumps(config))
     return expected
 
 
-def test_asymmetric_int4_checkpoints_load_and_match_transformers(bf16_run, tmp_path, reference_backend):
-    """An asymmetric W4A16 checkpoint (zero points) is served exactly as an 8-bit symmetric layer (codes minus
-    zero points lie in [-15, 15]). compressed-tensors' model-free dequantizer turns the same file into dense
-    weights; plain transformers on those computes the same logits and greedy tokens as ours. (transformers'
-    own from_pretrained of the compressed file, 5.24 with compressed-tensors 0.20.1, reports the packed zero
-    points as a size mismatch and re-initialises them, so the comparison goes through the dequantizer.)"""
+def _dequantized_plain_model(path, dst):
+    """compressed-tensors' model-free dequantizer of the checkpoint at ``path``, written at ``dst`` as a plain
+    checkpoint, and plain transformers' from_pretrained of it (no missing, unexpected or mismatched key). Returns
+    (model, the dense tensors). (transformers' own from_pretrained of the compressed file, 5.24 with
+    compressed-tensors 0.20.1, reports the packed zero points as a size mismatch and refuses or re-initialises
+    them, so the comparison goes through the dequantizer.)"""
     from compressed_tensors.entrypoints.convert.converters.ct_dequantizer import CompressedTensorsDequantizer
     from transformers import AutoModelForImageTextToText
 
+    dense = CompressedTensorsDequantizer(str(path), dtype=torch.float32).validate(
+        dict(load_file(str(path / "model.safetensors"))))
+    shutil.copytree(path, dst)
+    config = json.loads((dst / "config.json").read_text())
+    del config["quantization_config"]
+    (dst / "config.json").write_text(json.dumps(config))
+    save_file({k: v.contiguous() for k, v in dense.items()}, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    plain, info = AutoModelForImageTextToText.from_pretrained(str(dst), output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+    return plain.eval(), dense
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_asymmetric_checkpoints_load_and_match_transformers(bf16_run, tmp_path, bits, reference_backend):
+    """An asymmetric checkpoint (zero points) loads exactly: 4-bit as a symmetric 8-bit layer (codes minus zero
+    points lie in [-15, 15]), 8-bit as a W8A16Linear keeping its zero points (q - z in [-255, 255]). Its weights
+    equal compressed-tensors' own dequantizer's, and plain transformers on those computes the same logits and
+    greedy tokens as ours."""
     from grace.evaluate import generate
     from grace_kernels.nn import W8A16Linear
 
     path = tmp_path / "asym"
-    expected = _asymmetric_checkpoint(bf16_run, path)
+    expected = _asymmetric_checkpoint(bf16_run, path, bits)
     ours, processor = load_int4_model(str(path))
     for name, weight in expected.items():
         layer = ours.get_submodule(name)
-        assert isinstance(layer, W8A16Linear), name
+        assert isinstance(layer, W8A16Linear) and layer.asymmetric == (bits == 8), name
         assert torch.equal(layer.int8_weight.dequantize(), weight), name
-    dense = CompressedTensorsDequantizer(str(path), dtype=torch.float32).validate(
-        dict(load_file(str(path / "model.safetensors"))))
+    plain, dense = _dequantized_plain_model(path, tmp_path / "dense")
     names = module_checkpoint_names(bf16_run["student"], list(expected))
     for name, weight in expected.items():
         assert torch.equal(dense[f"{names[name]}.weight"].float(), weight), name
-    plain_dir = tmp_path / "dense"
-    shutil.copytree(path, plain_dir)
-    config = json.loads((plain_dir / "config.json").read_text())
-    del config["quantization_config"]
-    (plain_dir / "config.json").write_text(json.dumps(config))
-    save_file({k: v.contiguous() for k, v in dense.items()}, str(plain_dir / "model.safetensors"),
-              metadata={"format": "pt"})
-    plain, info = AutoModelForImageTextToText.from_pretrained(str(plain_dir), output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
     inputs = _inputs(processor)
-    a, b = _logits(plain.eval(), inputs), _logits(ours, inputs)
+    a, b = _logits(plain, inputs), _logits(ours, inputs)
     assert (a - b).abs().max() <= 1e-4 * a.abs().max(), (a - b).abs().max()
     image = tmp_path / "image.png"
     Image.fromarray(np.random.default_rng(1).integers(0, 256, (56, 56, 3), dtype=np.uint8)).save(image)
@@ -770,9 +786,44 @@ def test_asymmetric_int4_checkpoints_load_and_match_transformers(bf16_run, tmp_p
     assert generate(plain, processor, str(image), prompt, 8) == generate(ours, processor, str(image), prompt, 8)
 
 
-def _asymmetric8(qc):
-    # asymmetric 8-bit (llm-compressor's W8A16 with symmetric: false): zero points, one per group
-    qc["config_groups"]["group_0"]["weights"].update(num_bits=8, symmetric=False, zp_dtype="torch.int8")
+@pytest.mark.triton
+def test_asymmetric_8_bit_layers_run_on_triton(llava_run, tmp_path):
+    """The same checkpoint's zero-point layers on the Triton kernel (interpreted) compute the reference's
+    logits up to float32 accumulation order."""
+    import grace_kernels as gk
+
+    path = tmp_path / "asym"
+    _asymmetric_checkpoint(llava_run, path, 8)
+    inputs = _inputs(llava_run["processor"])
+    with gk.use_backend("reference"):
+        ref = _logits(load_int4_model(str(path))[0], inputs)
+    with gk.use_backend("triton"):
+        tri = _logits(load_int4_model(str(path))[0], inputs)
+    assert (tri - ref).abs().max() <= 1e-4 * ref.abs().max(), (tri - ref).abs().max()
+
+
+def test_asymmetric_8_bit_checkpoint_through_the_cli(bf16_run, tmp_path, color_task):
+    """A user's journey: ``grace generate`` and ``grace eval`` (subprocesses, a CPU machine) on an asymmetric
+    W8A16 checkpoint print the greedy answers plain transformers gives on compressed-tensors' dequantization of
+    the same file."""
+    from grace.data import load_records
+    from grace.evaluate import evaluate, generate
+
+    path = tmp_path / "asym8"
+    _asymmetric_checkpoint(bf16_run, path, 8)
+    plain, _ = _dequantized_plain_model(path, tmp_path / "dense")
+    processor = bf16_run["processor"]
+    data, images = color_task(tmp_path, 4)
+    image = os.path.join(images, "0.png")
+    prompt = "what color is the circle ?"
+    expected = generate(plain, processor, image, prompt, max_new_tokens=8)
+    assert expected.strip()   # words to compare
+    assert _cli("generate", str(path), "--image", image, "--prompt", prompt, "--max-new-tokens", "8",
+                "--device", "cpu").rstrip("\n") == expected
+    result = json.loads(_cli("eval", str(path), "--data", data, "--image-folder", images, "--max-new-tokens", "4",
+                             "--device", "cpu", "--verbose"))
+    theirs = evaluate(plain, processor, load_records(data), images, max_new_tokens=4, progress=False).to_dict()
+    assert result["total"] == 4 and result["predictions"] == theirs["predictions"]
 
 
 def _zero_points(t):
@@ -781,8 +832,20 @@ def _zero_points(t):
         t[k.replace("weight_scale", "weight_zero_point")] = torch.zeros((n + 7) // 8, groups, dtype=torch.int32)
 
 
+def _asymmetric(bits):
+    def edit(qc):
+        qc["config_groups"]["group_0"]["weights"].update(num_bits=bits, symmetric=False)
+    return edit
+
+
 def _channelwise(qc):
     qc["config_groups"]["group_0"]["weights"].update(strategy="channel", group_size=None)
+
+
+def _asymmetric_channelwise(qc):
+    # llm-compressor's asymmetric W8A16 recipes with strategy "channel": one scale and zero point per row
+    _asymmetric(8)(qc)
+    _channelwise(qc)
 
 
 def _two_groups(qc):
@@ -797,12 +860,11 @@ def _activations(qc):
 
 
 @pytest.mark.parametrize("edit_tensors, edit_qc, message", [
-    (_zero_points, _asymmetric8, "unsupported asymmetric 8-bit weights \\(zero points; supported: symmetric, "
-                                 "and asymmetric 4-bit\\)"),
     (None, _channelwise, "unsupported strategy 'channel' \\(supported: group\\); group_size None"),
+    (None, _asymmetric_channelwise, "unsupported strategy 'channel' \\(supported: group\\); group_size None"),
     (None, _two_groups, "expected one config group, found 2"),
     (None, _activations, "unsupported activation quantization \\(only weight-only W4A16 / W8A16"),
-], ids=["asymmetric-8-bit", "channel-wise", "two-config-groups", "activation-quantization"])
+], ids=["channel-wise", "asymmetric-channel-wise", "two-config-groups", "activation-quantization"])
 def test_other_producers_variants_are_refused_in_one_line(llava_run, tmp_path, edit_tensors, edit_qc, message):
     """What other compressed-tensors producers write and this loader does not serve: one line that starts
     with the config file and names the field."""
@@ -812,8 +874,21 @@ def test_other_producers_variants_are_refused_in_one_line(llava_run, tmp_path, e
     assert "\n" not in str(caught.value) and str(caught.value).startswith(os.path.join(path, "config.json"))
 
 
-def test_cli_refuses_an_asymmetric_8_bit_checkpoint_in_one_line(llava_run, tmp_path):
-    path = _tampered(llava_run, tmp_path, _zero_points, _asymmetric8)
+@pytest.mark.parametrize("edit_tensors, edit_qc, message", [
+    (_zero_points, None, "weight_zero_point holds zero points but the config says the weights are symmetric"),
+    (None, _asymmetric(8), "the config says the weights are asymmetric but the checkpoint has no .*weight_zero_point"),
+    # 4-bit zero points (eight per word) under an 8-bit config: the words do not hold one zero point per row
+    (_zero_points, _asymmetric(8), "weight_zero_point is torch.int32 \\((\\d+), (\\d)\\), expected int32 "
+                                   "\\((?!\\1,)\\d+, \\2\\) \\(8-bit zero points packed along the output dimension\\)"),
+], ids=["zero-points-in-a-symmetric-file", "asymmetric-without-zero-points", "zero-points-of-another-width"])
+def test_zero_points_that_do_not_fit_the_config_are_refused(llava_run, tmp_path, edit_tensors, edit_qc, message):
+    with pytest.raises(ValueError, match=message) as caught:
+        load_int4_model(_tampered(llava_run, tmp_path, edit_tensors, edit_qc))
+    assert "\n" not in str(caught.value)
+
+
+def test_cli_refuses_a_channel_wise_asymmetric_checkpoint_in_one_line(llava_run, tmp_path):
+    path = _tampered(llava_run, tmp_path, None, _asymmetric_channelwise)
     image = tmp_path / "image.png"
     Image.fromarray(np.zeros((56, 56, 3), dtype=np.uint8)).save(image)
     import subprocess
@@ -823,7 +898,7 @@ def test_cli_refuses_an_asymmetric_8_bit_checkpoint_in_one_line(llava_run, tmp_p
     proc = subprocess.run([sys.executable, "-m", "grace", "generate", path, "--image", str(image), "--prompt", "hi"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 2 and proc.stdout == "", proc.stderr[-2000:]
-    assert proc.stderr.count("\n") == 1 and "asymmetric 8-bit weights (zero points" in proc.stderr, proc.stderr
+    assert proc.stderr.count("\n") == 1 and "unsupported strategy 'channel'" in proc.stderr, proc.stderr
 
 
 def test_load_int4_model_rejects_unquantized_directories(llava_run, tmp_path):

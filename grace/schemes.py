@@ -189,3 +189,44 @@ def read_checkpoint_config(qc: dict, where: str) -> tuple[Scheme, int, list[str]
         raise ValueError(f"{where}: unsupported {'; '.join(problems)}")
     return scheme, w["group_size"], ignore, symmetric
 
+
+def serving_routes(device=None) -> dict:
+    """What each checkpoint format :func:`grace.load.load_quantized_model` reads becomes on this machine: the
+    served layer and the backend its GEMM runs on for tensors on ``device`` (default: ``cuda`` when a GPU is
+    visible, else ``cpu``), as grace_kernels' one backend chooser picks it (``GRACE_KERNELS_BACKEND`` and
+    TRITON_INTERPRET included). Printed by ``grace info``.
+
+    Returns {"device": str, <format>: {"layer": str, "backend": str}} for the formats ``int4`` (symmetric W4A16),
+    ``int4-asymmetric`` (zero points; read as symmetric 8-bit codes), ``int8`` (symmetric W8A16) and
+    ``int8-asymmetric`` (zero points kept). A backend that a forced ``GRACE_KERNELS_BACKEND`` makes impossible
+    reads ``"none: <why>"``.
+    """
+    import torch
+
+    from grace_kernels.ops.w4a16 import canonical_backend, w4a16_backend
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+
+    def chosen(pick) -> str:
+        try:
+            return pick()
+        except RuntimeError as e:
+            return f"none: {e}"
+
+    int4 = chosen(lambda: w4a16_backend(device))
+    if int4 == "cuda":
+        others = chosen(lambda: w4a16_backend(device, cuda_unsupported="a shape the CUDA kernel does not take"))
+        int4 = (f"cuda (the CUDA kernel, for layers with N % 64 == 0, K % 128 == 0, group_size 128 and float16/"
+                f"bfloat16 activations; other layers: {others})")
+    no_kernel = "no CUDA kernel for 8-bit codes or zero points"
+    int8 = chosen(lambda: canonical_backend("w8a16_matmul", device))
+    int8 = int8 if int8.startswith("none") else f"{int8} ({no_kernel})"
+    w4, w8 = SCHEMES["int4"].served.__name__, SCHEMES["int8"].served.__name__
+    return {
+        "device": str(device),
+        "int4": {"layer": w4, "backend": int4},
+        "int4-asymmetric": {"layer": f"{w8} (read as symmetric 8-bit codes q - z in [-15, 15]: the same weight, "
+                                     "exactly)", "backend": int8},
+        "int8": {"layer": w8, "backend": int8},
+        "int8-asymmetric": {"layer": f"{w8}(asymmetric=True) (zero points kept: W = s * (q - z))", "backend": int8},
+    }

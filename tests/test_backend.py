@@ -147,3 +147,42 @@ def test_capability_check_reads_a_real_nvcc_object(tmp_path):
                     "-gencode", "arch=compute_90,code=[sm_90,compute_90]"], check=True, capture_output=True,
                    timeout=300)
     assert _ext.parse_fatbin_archs(obj.read_bytes()) == ({80, 90}, {90})
+
+
+@pytest.mark.parametrize("interpret, expected", [("0", "reference"), ("1", "triton")])
+def test_grace_info_says_which_route_each_checkpoint_format_takes(interpret, expected):
+    """``grace info`` (a subprocess, as a user runs it) on this CPU machine: every format on the reference, or
+    on Triton under the interpreter; the asymmetric formats' layers named, none of them on a CUDA kernel."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    env = {**{k: v for k, v in os.environ.items() if k != _backend.ENV_VAR}, "TRITON_INTERPRET": interpret}
+    proc = subprocess.run([sys.executable, "-m", "grace", "info"], capture_output=True, text=True, timeout=300,
+                          env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    routes = json.loads(proc.stdout)["routes"]
+    assert routes["device"] == "cpu" and routes["int4"] == {"layer": "W4A16Linear", "backend": expected}
+    for fmt in ("int4-asymmetric", "int8", "int8-asymmetric"):
+        assert routes[fmt]["backend"] == f"{expected} (no CUDA kernel for 8-bit codes or zero points)", fmt
+    assert routes["int4-asymmetric"]["layer"].startswith("W8A16Linear (read as symmetric 8-bit codes")
+    assert routes["int8-asymmetric"]["layer"].startswith("W8A16Linear(asymmetric=True)")
+
+
+def test_routes_on_a_gpu_with_the_extension(monkeypatch):
+    """On a CUDA device with the extension built (simulated: the chooser is told the extension loaded), symmetric
+    INT4 takes the CUDA kernel (Triton for the layers it does not take); the zero-point and 8-bit formats Triton."""
+    from grace.schemes import serving_routes
+
+    monkeypatch.delenv(_backend.ENV_VAR, raising=False)
+    monkeypatch.setattr(_backend, "cuda_ext_available", lambda: True)
+    routes = serving_routes("cuda")
+    assert routes["int4"]["backend"].startswith("cuda (the CUDA kernel") and "other layers: triton" in \
+        routes["int4"]["backend"]
+    for fmt in ("int4-asymmetric", "int8", "int8-asymmetric"):
+        assert routes[fmt]["backend"] == "triton (no CUDA kernel for 8-bit codes or zero points)", fmt
+    monkeypatch.setattr(_backend, "cuda_ext_available", lambda: False)   # a GPU without the extension
+    assert serving_routes("cuda")["int4"]["backend"] == "triton"
+    with grace_kernels.use_backend("cuda"):   # forced where it cannot run: said, not raised
+        assert serving_routes("cpu")["int8"]["backend"].startswith("none: backend 'cuda' was forced")

@@ -56,6 +56,20 @@ torch.library.define(
 )
 
 
+def canonical_backend(op: str, device: torch.device | str) -> str:
+    """The backend of the canonical-layout GEMMs (``w4a16_matmul``'s non-CUDA path, ``w8a16_matmul``, zero
+    points included): no CUDA-extension kernel reads that layout, so ``triton`` on CUDA tensors (and on CPU
+    under TRITON_INTERPRET=1), else ``reference``. Raises RuntimeError as :func:`select_backend`."""
+    return select_backend(op, device)
+
+
+def w4a16_backend(device: torch.device | str, cuda_unsupported: str | None = None) -> str:
+    """The backend :func:`w4a16_matmul` runs on for tensors on ``device``: ``cuda`` (the extension's kernel)
+    where it is built for the device and takes the shape (``cuda_unsupported`` None), else as
+    :func:`canonical_backend`. Raises RuntimeError as :func:`select_backend`."""
+    return select_backend("w4a16_matmul", device, has_cuda_impl=True, cuda_unsupported=cuda_unsupported)
+
+
 def wna16_impl(op: str, bits: int, x, packed, scales, group_size: int, zero_points=None) -> torch.Tensor:
     """The implementation of the canonical-layout GEMM of both code widths (w4a16_matmul, w8a16_matmul), with
     optional packed zero points (int32 [ceil(N * bits / 32), groups]; only the w8a16 op takes them).
@@ -63,7 +77,7 @@ def wna16_impl(op: str, bits: int, x, packed, scales, group_size: int, zero_poin
     CUDA: the Triton kernel (no CUDA-extension kernel reads this layout or zero points); CPU: the reference,
     or the Triton kernel under TRITON_INTERPRET=1. A forced backend wins on either device (select_backend
     raises where it cannot run)."""
-    if select_backend(op, x.device) == "triton":
+    if canonical_backend(op, x.device) == "triton":
         from grace_kernels.triton import w4a16 as tri
 
         return tri.wna16_matmul(x, packed, scales.to(x.dtype), group_size, bits=bits, zero_points=zero_points)
@@ -170,8 +184,7 @@ def _matmul(x: torch.Tensor, n: int, k: int, group_size: int, bias: torch.Tensor
     is called."""
     _check_x_bias(x, n, k, bias, device)
     x2d = x.reshape(-1, k).contiguous()
-    backend = select_backend("w4a16_matmul", x2d.device, has_cuda_impl=True,
-                             cuda_unsupported=cuda_kernel_unsupported(n, k, group_size, x2d.dtype))
+    backend = w4a16_backend(x2d.device, cuda_kernel_unsupported(n, k, group_size, x2d.dtype))
     if backend == "cuda":
         y = DENSE_CROSSOVER(x2d, *kernel(), group_size, bias)
     else:

@@ -89,3 +89,66 @@ def test_generate_and_eval_read_an_unfinished_run(unfinished, tmp_path, caplog):
 
     _, info = AutoModelForImageTextToText.from_pretrained(str(out), output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"], info
+
+
+@pytest.mark.slow
+def test_export_by_step_of_an_interrupted_two_rank_run(tmp_path, tiny_pair, color_task):
+    """Two gloo ranks (FSDP-sharded student, each rank writing its own DCP shard) are stopped mid-run (SIGTERM
+    to rank 1: both stop after the same step and checkpoint it); ``grace export --step`` of that run writes a
+    model whose every tensor is the checkpoint's: the quantized layers' codes and scales are exactly what
+    lsq_quantize makes of the checkpoint's weights and log-scales, read back with torch's own
+    dcp_to_torch_save, and every other tensor equals the checkpoint's."""
+    import signal
+    import socket
+    import time
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    from grace.rundir import TRAINER_STATE, read_metrics
+    from grace_kernels import lsq_quantize, unpack_int4
+    from grace_kernels.nn import W4A16Linear
+
+    teacher, student = tiny_pair(tmp_path)
+    data, images = color_task(tmp_path, 6)
+    run = tmp_path / "run"
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(GRACE_KERNELS_BACKEND="reference", OMP_NUM_THREADS="1", WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(port))
+    args = [sys.executable, "-m", "grace", "train", "--teacher", teacher, "--student", student, "--data", data,
+            "--image-folder", images, "--output-dir", str(run), "--max-steps", "40", "--save-every", "100",
+            "--batch-size", "1", "--grad-accum", "1", "--lr", "1e-2", "--num-workers", "0", "--no-progress"]
+    procs = [subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env={**env, "RANK": str(r), "LOCAL_RANK": str(r)}) for r in range(2)]
+    deadline = time.monotonic() + 600
+    while not (os.path.exists(run / "metrics.jsonl") and len(read_metrics(str(run / "metrics.jsonl"))) >= 2):
+        assert time.monotonic() < deadline and all(p.poll() is None for p in procs), procs[0].stderr.read()[-2000:]
+        time.sleep(0.05)
+    procs[1].send_signal(signal.SIGTERM)
+    errs = [p.communicate(timeout=600)[1] for p in procs]
+    assert [p.returncode for p in procs] == [143, 143], [e[-2000:] for e in errs]
+    ckpt = run / "checkpoint"
+    step = torch.load(ckpt / TRAINER_STATE, weights_only=False)["step"]
+    assert 2 <= step < 40 and not (run / "final").exists()
+    assert {n for n in os.listdir(ckpt) if n.endswith(".distcp")} == {"__0_0.distcp", "__1_0.distcp"}
+
+    out = tmp_path / "int4"
+    done = _cli("export", run, out, "--step", step)
+    assert done.returncode == 0, done.stderr[-3000:]
+    dcp_to_torch_save(ckpt, tmp_path / "checkpoint.pt")
+    saved = torch.load(tmp_path / "checkpoint.pt", weights_only=False)["student"]
+    served, _ = load_model(str(out))
+    quantized = {n: m for n, m in served.named_modules() if isinstance(m, W4A16Linear)}
+    assert quantized and len(quantized) == sum(k.endswith(".log_scale") for k in saved)
+    for name, layer in quantized.items():
+        codes, scales = lsq_quantize(saved[f"{name}.weight"], saved[f"{name}.log_scale"], bits=4, group_size=128,
+                                     scale_dtype=torch.bfloat16)
+        got_codes, got_scales = unpack_int4(layer.int4_weight)
+        assert torch.equal(got_codes, codes) and torch.equal(got_scales, scales), name
+        if layer.bias is not None:
+            assert torch.equal(layer.bias, saved[f"{name}.bias"]), name
+    dense = {k: v for k, v in served.state_dict().items() if k.rsplit(".", 1)[0] not in quantized}
+    assert dense and all(torch.equal(v, saved[k]) for k, v in dense.items()), \
+        [k for k, v in dense.items() if not torch.equal(v, saved.get(k, torch.empty(0)))][:4]

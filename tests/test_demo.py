@@ -11,7 +11,19 @@ import pytest
 
 from grace.cli import main
 from grace.config import TrainConfig
-from grace.demo.run import BASELINES, COMPARISONS, LADDER, MAIN_ROWS, QUICK, RUNS, SPLITS, _conclusion, _train_cached
+from grace.demo.run import (
+    BASELINES,
+    COMPARISONS,
+    FULL,
+    LADDER,
+    MAIN_ROWS,
+    QUICK,
+    RUNS,
+    SPLITS,
+    _conclusion,
+    _train_cached,
+    predicted_seconds,
+)
 
 TRAINED = [n for n in MAIN_ROWS if n in RUNS]
 VERDICTS = {"better", "worse", "no resolved difference"}
@@ -169,3 +181,13 @@ def test_ablation_adds_the_ladder_on_the_same_runs(first_run, monkeypatch, capsy
     table = (first_run / "results.md").read_text()
     assert "| + controller | INT4 |" in table and "ladder of GRACE's parts" in table
     assert os.path.getsize(first_run / "ablation.png") > 1000
+
+
+def test_full_settings_fit_the_time_budget_with_margin():
+    # grace demo must take at most 10 minutes on an idle 2-core machine and --ablation 30 (issue 27); the stage
+    # costs of the calibrated table must leave a third of that as margin for a slower machine.
+    assert predicted_seconds(FULL) <= 2 / 3 * 600
+    assert predicted_seconds(FULL, ablation=True) <= 2 / 3 * 1800
+    # the prediction grows with the work: more steps or another seed cost more
+    assert predicted_seconds(dataclasses.replace(FULL, qat_steps=2 * FULL.qat_steps)) > predicted_seconds(FULL)
+    assert predicted_seconds(dataclasses.replace(FULL, seeds=(*FULL.seeds, 99))) > predicted_seconds(FULL)

@@ -112,6 +112,27 @@ def test_triton_and_reference_match_dequantized_matmul(m, n, k, gs, dtype, asymm
     assert_close_to_gold(y_r.double(), lowp.double(), gold, atol=atol, name="reference")
 
 
+@pytest.mark.triton
+def test_the_kernels_zero_point_load_is_width_generic():
+    """The Triton kernel reads BITS-bit zero points for either width (the ops serve them at 8 bits; an
+    asymmetric 4-bit checkpoint is loaded as symmetric 8-bit codes): 4-bit codes and zero points against the
+    reference's dequantization."""
+    from grace_kernels.reference.w4a16 import dequantize_codes, pack_codes, pack_zero_points
+    from grace_kernels.triton.w4a16 import wna16_matmul
+
+    g = torch.Generator().manual_seed(5)
+    codes = torch.randint(-8, 8, (37, 256), dtype=torch.int8, generator=g)
+    zero = torch.randint(-8, 8, (37, 2), dtype=torch.int8, generator=g)
+    packed, zp = pack_codes(codes, bits=4), pack_zero_points(zero, bits=4)
+    scales = (torch.rand(37, 2, generator=g) * 0.01 + 1e-3).half()
+    x = torch.randn(3, 256, generator=g)
+    weight = dequantize_codes(packed, scales, 128, bits=4, zero_points=zp)
+    assert torch.equal(weight, (codes.float() - zero.float().repeat_interleave(128, 1))
+                       * scales.float().repeat_interleave(128, 1))
+    torch.testing.assert_close(wna16_matmul(x, packed, scales.float(), 128, bits=4, zero_points=zp), x @ weight.t(),
+                               rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("backend", ["reference", pytest.param("triton", marks=pytest.mark.triton)])
 def test_opcheck_with_zero_points(backend):
     w = _asymmetric_weight(20, 128, 32, torch.float16)

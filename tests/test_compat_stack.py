@@ -17,6 +17,10 @@ time for sm_90 with Triton 3.6 (``python -m grace_kernels.aot --arch 90``), and 
 Also here, for the Triton installed in this environment and in the side one: the float32 W4A16 kernel
 is compiled with IEEE float32 products, not TF32 (the interpreter ignores ``input_precision``, so only
 the compiled IR shows it), and on a GPU its result has float32 accuracy.
+
+Besides the side stack: every transformers minor release between the declared minimum and the installed one
+(the newest patch of each, read from the package index, installed alone with ``--no-deps --target`` under
+.compat/) loads every kind of export and generates grace's tokens.
 """
 
 from __future__ import annotations
@@ -264,12 +268,10 @@ print("EXPORTS " + json.dumps({"transformers": transformers.__version__, "export
 """
 
 
-@pytest.mark.slow
-def test_side_stack_transformers_loads_every_export_and_generates_like_grace(side_env, tmp_path):
-    """The declared minimum transformers loads INT4 and INT8 exports of tiny LLaVA and Qwen2-VL runs in
-    float32 (the default: float32 scales) and bfloat16 with no missing, unexpected or mismatched key, and
-    greedy decoding gives grace's tokens (before float32 exports stored float32 scales, the first forward
-    failed there with a float / bfloat16 dtype mismatch)."""
+def _export_cases(tmp_path, bits_list) -> tuple[str, dict]:
+    """Exports of tiny LLaVA and Qwen2-VL runs of each bit width in ``bits_list`` (None: full precision), in
+    float32 and bfloat16, written to ``tmp_path``: the cases file _LOAD_EXPORTS reads and grace's own greedy
+    tokens per export."""
     import numpy as np
     from PIL import Image
 
@@ -286,11 +288,11 @@ def test_side_stack_transformers_loads_every_export_and_generates_like_grace(sid
     cases, grace_tokens = {}, {}
     for family in ("llava", "qwen2_vl"):
         base = tiny.build_tiny_vlm(str(tmp_path / f"base-{family}"), family=family)
-        for bits in (4, 8):
+        for bits in bits_list:
             run = tmp_path / f"run-{family}-{bits}"
             _make_run(base, run, bits=bits, seed=1)
             for dtype in (None, "bfloat16"):
-                export = export_run(str(run), str(tmp_path / f"{family}-int{bits}-{dtype or 'float32'}"), dtype=dtype)
+                export = export_run(str(run), str(tmp_path / f"{family}-{bits}-{dtype or 'float32'}"), dtype=dtype)
                 cases[export] = {"image": str(image), "prompt": prompt}
                 with use_backend("reference"):
                     model, processor = load_model(export)
@@ -302,12 +304,78 @@ def test_side_stack_transformers_loads_every_export_and_generates_like_grace(sid
                                          pad_token_id=processor.tokenizer.pad_token_id)
                 grace_tokens[export] = ids[0, enc["input_ids"].shape[1]:].tolist()
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    script = tmp_path / "load_exports.py"
-    script.write_text(_LOAD_EXPORTS)
-    proc = _run([sys.executable, str(script), str(tmp_path / "cases.json")], side=True)
+    (tmp_path / "load_exports.py").write_text(_LOAD_EXPORTS)
+    return str(tmp_path / "cases.json"), grace_tokens
+
+
+def _load_exports(cases: str, env: dict) -> dict:
+    """_LOAD_EXPORTS run on ``cases`` in ``env``: the transformers version and each export's load problems and
+    greedy tokens."""
+    script = os.path.join(os.path.dirname(cases), "load_exports.py")
+    proc = _run([sys.executable, script, cases], side=False, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    got = _json_line(proc.stdout, "EXPORTS")
-    assert got["transformers"].startswith(STACK["transformers"] + "."), got["transformers"]
+    return _json_line(proc.stdout, "EXPORTS")
+
+
+def _check_exports(got: dict, grace_tokens: dict) -> None:
+    assert set(got["exports"]) == set(grace_tokens)
     for export, result in got["exports"].items():
-        assert not result["problems"], (export, result["problems"])
-        assert result["tokens"] == grace_tokens[export], (export, result["tokens"], grace_tokens[export])
+        assert not result["problems"], (got["transformers"], export, result["problems"])
+        assert result["tokens"] == grace_tokens[export], (got["transformers"], export, result["tokens"],
+                                                          grace_tokens[export])
+
+
+@pytest.mark.slow
+def test_side_stack_transformers_loads_every_export_and_generates_like_grace(side_env, tmp_path):
+    """The declared minimum transformers loads INT4 and INT8 exports of tiny LLaVA and Qwen2-VL runs in
+    float32 (the default: float32 scales) and bfloat16 with no missing, unexpected or mismatched key, and
+    greedy decoding gives grace's tokens (before float32 exports stored float32 scales, the first forward
+    failed there with a float / bfloat16 dtype mismatch)."""
+    cases, grace_tokens = _export_cases(tmp_path, (4, 8))
+    got = _load_exports(cases, _env(side=True))
+    assert got["transformers"].startswith(STACK["transformers"] + "."), got["transformers"]
+    _check_exports(got, grace_tokens)
+
+
+def _released_minors(package: str, above: str, below: str) -> list[str]:
+    """The newest release of every minor version of ``package`` on the package index strictly between
+    ``above`` and ``below`` (major.minor), as pip lists them."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "index", "versions", package], capture_output=True, text=True,
+                          timeout=300)
+    if proc.returncode:
+        pytest.skip(f"pip index versions {package} failed: {proc.stderr.strip()[-300:]}")
+    listed = re.search(r"Available versions: (.*)", proc.stdout)
+    key = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    newest = {}
+    for v in (listed.group(1).split(", ") if listed else []):
+        if re.fullmatch(r"\d+\.\d+\.\d+", v) and key(above) < key(v) < key(below):
+            newest.setdefault(key(v), v)   # pip lists the newest first
+    return [newest[k] for k in sorted(newest)]
+
+
+@pytest.mark.slow
+def test_every_transformers_minor_between_the_minimum_and_this_one_loads_every_export(tmp_path):
+    """Each transformers minor release after the declared minimum (checked with its own torch in the side
+    stack) and before the installed one (checked by the export tests), its newest patch installed alone with
+    ``pip install --no-deps --target`` in front of this environment, loads the INT4, INT8 and full-precision
+    exports of tiny LLaVA and Qwen2-VL runs, float32 and bfloat16, with no load problem and grace's greedy
+    tokens. The list is read from the package index, so a release that appears later is checked too."""
+    import transformers
+
+    minimum = STACK["transformers"]
+    installed = ".".join(transformers.__version__.split(".")[:2])
+    versions = _released_minors("transformers", minimum, installed)
+    if not versions:
+        pytest.skip(f"no transformers minor release between {minimum} and {installed}")
+    cases, grace_tokens = _export_cases(tmp_path, (4, 8, None))
+    for version in versions:
+        target = os.path.join(ROOT, ".compat", f"transformers-{version}")
+        if not os.path.exists(os.path.join(target, f"transformers-{version}.dist-info")):
+            shutil.rmtree(target, ignore_errors=True)
+            proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target",
+                         target, f"transformers=={version}"], side=False, timeout=900)
+            assert proc.returncode == 0, proc.stderr[-3000:]
+        env = {**_env(side=False), "PYTHONPATH": os.pathsep.join([target, ROOT])}
+        got = _load_exports(cases, env)
+        assert got["transformers"] == version, got["transformers"]
+        _check_exports(got, grace_tokens)

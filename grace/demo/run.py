@@ -131,7 +131,7 @@ QUICK = DemoSettings(n_train=48, n_qat_train=48, n_eval_per_type=3, n_val_per_ty
 # runs (each step's tokens / tokens_per_s in metrics.jsonl), docs/demo.md "How it was calibrated". They predict
 # the stage counter's time left (measured stages rescale it as the demo runs) and, in the tests, that FULL fits
 # its time budget (predicted_seconds).
-_COST = {"task": 0.001, "encode": 0.001, "teacher": 0.10, "student": 0.065, "ce_step": 0.021, "kd_step": 0.029,
+_COST = {"task": 0.001, "encode": 0.001, "teacher": 0.11, "student": 0.083, "ce_step": 0.021, "kd_step": 0.029,
          "run": 1.0, "eval": 0.0006, "load": 0.1, "report": 3.0, "start": 5.0}
 
 

@@ -23,6 +23,7 @@ from grace.demo.run import (
     _conclusion,
     _train_cached,
     predicted_seconds,
+    run_demo,
 )
 
 TRAINED = [n for n in MAIN_ROWS if n in RUNS]
@@ -191,3 +192,11 @@ def test_full_settings_fit_the_time_budget_with_margin():
     # the prediction grows with the work: more steps or another seed cost more
     assert predicted_seconds(dataclasses.replace(FULL, qat_steps=2 * FULL.qat_steps)) > predicted_seconds(FULL)
     assert predicted_seconds(dataclasses.replace(FULL, seeds=(*FULL.seeds, 99))) > predicted_seconds(FULL)
+
+
+@pytest.mark.parametrize("bad", [{"seeds": ()}, {"seeds": (0, 0)}, {"threads": 0}, {"replicates": 99}])
+def test_settings_that_cannot_run_are_refused_before_out_is_created(tmp_path, bad):
+    out = tmp_path / "new"
+    with pytest.raises(ValueError, match=f"settings.{next(iter(bad))} must be"):
+        run_demo(str(out), dataclasses.replace(QUICK, **bad), progress=False)
+    assert not out.exists()

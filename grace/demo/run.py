@@ -304,10 +304,10 @@ def run_demo(out: str = "grace-demo", settings: DemoSettings = FULL, *, ablation
         raise ValueError(f"settings.seeds must be distinct seeds, at least one, got {settings.seeds}")
     if settings.threads < 1:
         raise ValueError(f"settings.threads must be >= 1, got {settings.threads}")
-    # The demo deletes and rewrites what it finds in ``out`` (stale runs, exports): only a directory it created.
-    claim_dir(out, "grace demo", flag="--out")
     if settings.replicates < 100:
         raise ValueError(f"settings.replicates must be >= 100, got {settings.replicates}")
+    # The demo deletes and rewrites what it finds in ``out`` (stale runs, exports): only a directory it created.
+    claim_dir(out, "grace demo", flag="--out")
     with _reproducible(settings.threads), _quiet_transformers():
         return _run(out, settings, ablation, progress)
 

@@ -150,16 +150,22 @@ def _stamp() -> str:
 @pytest.fixture(scope="module")
 def side_env():
     """.compat/site with the GPU image's torch, Triton and transformers (built once, reused while the stamp holds)."""
-    stamp = os.path.join(SIDE, ".grace-compat-stamp")
-    if not (os.path.exists(stamp) and open(stamp).read() == _stamp()):
-        shutil.rmtree(SIDE, ignore_errors=True)
-        proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", SIDE,
-                     *SIDE_PACKAGES], side=False, timeout=1800)
-        assert proc.returncode == 0, f"pip could not build the side environment:\n{proc.stdout[-3000:]}" \
+    return _pip_target(SIDE, SIDE_PACKAGES, _stamp(), timeout=1800)
+
+
+def _pip_target(target: str, packages: list[str], stamp_text: str, timeout: int) -> str:
+    """``packages`` installed with ``pip install --no-deps --target target`` (a folder this module owns under
+    .compat/), rebuilt only when its stamp file does not hold ``stamp_text``."""
+    stamp = os.path.join(target, ".grace-compat-stamp")
+    if not (os.path.exists(stamp) and open(stamp).read() == stamp_text):
+        shutil.rmtree(target, ignore_errors=True)
+        proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target", target,
+                     *packages], side=False, timeout=timeout)
+        assert proc.returncode == 0, f"pip could not install {packages} into {target}:\n{proc.stdout[-3000:]}" \
                                      f"{proc.stderr[-3000:]}"
         with open(stamp, "w") as f:
-            f.write(_stamp())
-    return SIDE
+            f.write(stamp_text)
+    return target
 
 
 _VERSIONS = r"""
@@ -304,7 +310,6 @@ def _export_cases(tmp_path, bits_list) -> tuple[str, dict]:
                                          pad_token_id=processor.tokenizer.pad_token_id)
                 grace_tokens[export] = ids[0, enc["input_ids"].shape[1]:].tolist()
     (tmp_path / "cases.json").write_text(json.dumps(cases))
-    (tmp_path / "load_exports.py").write_text(_LOAD_EXPORTS)
     return str(tmp_path / "cases.json"), grace_tokens
 
 
@@ -312,6 +317,8 @@ def _load_exports(cases: str, env: dict) -> dict:
     """_LOAD_EXPORTS run on ``cases`` in ``env``: the transformers version and each export's load problems and
     greedy tokens."""
     script = os.path.join(os.path.dirname(cases), "load_exports.py")
+    with open(script, "w") as f:
+        f.write(_LOAD_EXPORTS)
     proc = _run([sys.executable, script, cases], side=False, env=env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return _json_line(proc.stdout, "EXPORTS")
@@ -345,7 +352,9 @@ def _released_minors(package: str, above: str, below: str) -> list[str]:
     if proc.returncode:
         pytest.skip(f"pip index versions {package} failed: {proc.stderr.strip()[-300:]}")
     listed = re.search(r"Available versions: (.*)", proc.stdout)
-    key = lambda v: tuple(int(x) for x in v.split(".")[:2])  # noqa: E731
+    def key(v):
+        return tuple(int(x) for x in v.split(".")[:2])
+
     newest = {}
     for v in (listed.group(1).split(", ") if listed else []):
         if re.fullmatch(r"\d+\.\d+\.\d+", v) and key(above) < key(v) < key(below):
@@ -369,12 +378,8 @@ def test_every_transformers_minor_between_the_minimum_and_this_one_loads_every_e
         pytest.skip(f"no transformers minor release between {minimum} and {installed}")
     cases, grace_tokens = _export_cases(tmp_path, (4, 8, None))
     for version in versions:
-        target = os.path.join(ROOT, ".compat", f"transformers-{version}")
-        if not os.path.exists(os.path.join(target, f"transformers-{version}.dist-info")):
-            shutil.rmtree(target, ignore_errors=True)
-            proc = _run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-compile", "--target",
-                         target, f"transformers=={version}"], side=False, timeout=900)
-            assert proc.returncode == 0, proc.stderr[-3000:]
+        package = f"transformers=={version}"
+        target = _pip_target(os.path.join(ROOT, ".compat", f"transformers-{version}"), [package], package, timeout=900)
         env = {**_env(side=False), "PYTHONPATH": os.pathsep.join([target, ROOT])}
         got = _load_exports(cases, env)
         assert got["transformers"] == version, got["transformers"]

@@ -334,17 +334,21 @@ def _run(out: str, s: DemoSettings, ablation: bool, progress: bool) -> dict:
     """The stages in order, each a function of :class:`_Demo`: the task, the FP32 pretraining, the trained
     students, the evaluation, the report."""
     t_start = time.perf_counter()
-    n_q = {"test": 4 * s.n_eval_per_type, "val": 4 * s.n_val_per_type}
+    n_q = _n_questions(s)
     names = trained_runs(ablation)
     demo = _Demo(out, s, ablation, progress, _stage_plan(s, names, n_q, ablation), names, n_q)
     if s.quick:
         _log("--quick: a pipeline check with a few training steps per stage; its accuracies mean nothing")
-    os.makedirs(out, exist_ok=True)
     _make_task(demo)
     _pretrain(demo)
     _train_students(demo)
     _evaluate_all(demo)
     return _write_report(demo, t_start)
+
+
+def _n_questions(s: DemoSettings) -> dict[str, int]:
+    """Questions per split (keys of :data:`SPLITS`): ``n_*_per_type`` of each question type."""
+    return {"test": len(QUESTION_TYPES) * s.n_eval_per_type, "val": len(QUESTION_TYPES) * s.n_val_per_type}
 
 
 def _trained_stage(s: DemoSettings, names: list[str]) -> str:
@@ -381,7 +385,7 @@ def predicted_seconds(s: DemoSettings, ablation: bool = False) -> float:
     """The demo's predicted wall time from scratch on an idle 2-core machine, in seconds: every stage's cost
     (:data:`_COST`) and the interpreter's start."""
     names = trained_runs(ablation)
-    n_q = {"test": 4 * s.n_eval_per_type, "val": 4 * s.n_val_per_type}
+    n_q = _n_questions(s)
     return _COST["start"] + sum(_stage_plan(s, names, n_q, ablation).predicted)
 
 

@@ -161,7 +161,7 @@ class ConversationDataset(torch.utils.data.Dataset):
     def _encode(self, i: int) -> dict:
         msgs, image_name = parse_record(self.index[i])
         image = load_image(os.path.join(self.image_folder, image_name)) if image_name else None
-        msgs, text = end_assistant_turns(self.processor, msgs, self.end_tokens)
+        msgs, text, spans = _end_turns(self.processor, msgs, self.end_tokens)
         try:
             enc = self.processor(text=[text], images=[image] if image is not None else None, return_tensors="pt")
         except ValueError:   # e.g. an image too small for the processor's patching
@@ -173,7 +173,9 @@ class ConversationDataset(torch.utils.data.Dataset):
         for key in ("pixel_values", "image_grid_thw"):
             if key in enc:
                 sample[key] = enc[key]
-        sample["labels"] = assistant_labels(self.processor, msgs, text, input_ids)
+        if spans is None:
+            spans = _assistant_spans(self.processor, msgs, text)
+        sample["labels"] = _labels_of_spans(self.processor, text, input_ids, list(spans.values()))
         return sample
 
 
@@ -224,17 +226,26 @@ def end_assistant_turns(processor, msgs: list[dict], end_tokens: tuple[str, ...]
     ``</s>``: after the answer. llava-hf's Hub template for LLaVA-1.5 writes none ("ASSISTANT: red "), so every
     turn gets one; a template that writes one (Qwen's ``<|im_end|>``, the tiny models' ``</s>``) is left as
     it renders. Without an EOS token in the tokenizer, nothing is appended."""
+    msgs, text, _ = _end_turns(processor, msgs, end_tokens)
+    return msgs, text
+
+
+def _end_turns(processor, msgs: list[dict], end_tokens: tuple[str, ...] | None
+               ) -> tuple[list[dict], str, dict[int, tuple[int, int]] | None]:
+    """:func:`end_assistant_turns`, plus the :func:`_assistant_spans` of the returned rendering when they are
+    already known (nothing was appended), else None: the encoder labels with them instead of rendering every
+    prefix again."""
     text = render(processor, msgs)
     eos = processor.tokenizer.eos_token
     ends = end_tokens or (eos,)
     if not eos:
-        return msgs, text
-    bare = [k for k, (lo, hi) in _assistant_spans(processor, msgs, text).items()
-            if not any(e in text[lo:hi] for e in ends)]
+        return msgs, text, None
+    spans = _assistant_spans(processor, msgs, text)
+    bare = [k for k, (lo, hi) in spans.items() if not any(e in text[lo:hi] for e in ends)]
     if not bare:
-        return msgs, text
+        return msgs, text, spans
     msgs = [_append_text(m, eos) if k in bare else m for k, m in enumerate(msgs)]
-    return msgs, render(processor, msgs)
+    return msgs, render(processor, msgs), None
 
 
 def _append_text(message: dict, suffix: str) -> dict:
@@ -269,8 +280,12 @@ def assistant_labels(processor, msgs: list[dict], text: str, input_ids: torch.Te
     processor only expanded placeholders. Raises SkipSample when the template renders a prefix that is
     not a prefix of the whole, or the processor's ids do not match the tokenizer's.
     """
+    return _labels_of_spans(processor, text, input_ids, list(_assistant_spans(processor, msgs, text).values()))
+
+
+def _labels_of_spans(processor, text: str, input_ids: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """:func:`assistant_labels` given the assistant turns' character spans of ``text`` (:func:`_assistant_spans`)."""
     tok = processor.tokenizer
-    spans = list(_assistant_spans(processor, msgs, text).values())
     plain = tok(text, return_offsets_mapping=True)
     plain_ids = np.asarray(plain["input_ids"], np.int64)
     offsets = np.asarray(plain["offset_mapping"], np.int64).reshape(-1, 2)

@@ -49,10 +49,8 @@ from grace.load import (
     DTYPES,
     final_dir,
     find_final,
-    find_run_checkpoint,
     load_checkpoint_student,
     load_student,
-    read_checkpoint_state,
     read_quantization,
     safetensors_keys,
 )
@@ -64,6 +62,7 @@ from grace.naming import (
     module_checkpoint_names,
 )
 from grace.quantize import replace_module
+from grace.rundir import find_checkpoint, read_checkpoint
 from grace.schemes import Scheme, scheme_for_bits
 from grace_kernels.nn import QuantLinear
 
@@ -229,17 +228,17 @@ def _trained_student(run_dir: str, step: int | None):
     exports, its scheme known before anything large is read."""
     final = find_final(run_dir)
     if step is None and final is None:
-        ckpt = find_run_checkpoint(run_dir)
+        ckpt = find_checkpoint(run_dir)
         if ckpt is not None:
-            held = read_checkpoint_state(ckpt)["step"]
+            held = read_checkpoint(ckpt)["step"]
             raise ValueError(f"{run_dir!r} is not a finished training run (no final/); its checkpoint/ holds step "
                              f"{held}: pass --step {held} to export that checkpoint")
         final_dir(run_dir)   # raises, saying what a finished run holds
     if step is None:
         q = read_quantization(final)
         return scheme_for_bits(q["bits"]), q["group_size"], final, lambda: load_student(final)
-    ckpt = find_run_checkpoint(run_dir)
-    cfg = read_checkpoint_state(ckpt)["config"] if ckpt is not None else {}
+    ckpt = find_checkpoint(run_dir)
+    cfg = read_checkpoint(ckpt)["config"] if ckpt is not None else {}
     return (scheme_for_bits(cfg.get("bits")), cfg.get("group_size"), final,
             lambda: load_checkpoint_student(run_dir, step)[:2])
 

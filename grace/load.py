@@ -238,16 +238,6 @@ def _file_of(model_dir: str, disk_name: str) -> str:
                  if os.path.isfile(os.path.join(model_dir, n))), model_dir)
 
 
-def find_run_checkpoint(run_dir: str) -> str | None:
-    """The ``checkpoint/`` directory of a training run (finished or not), or None."""
-    return find_checkpoint(run_dir) if os.path.isdir(run_dir) else None
-
-
-def read_checkpoint_state(ckpt: str) -> dict:
-    """The trainer state of checkpoint directory ``ckpt`` (step, config ...), its shards checked complete."""
-    return read_checkpoint(ckpt)
-
-
 def load_checkpoint_student(run_dir: str, step: int | None = None, device: str | torch.device = "cpu"):
     """The fake-quantized student of the latest checkpoint of a training run, finished or not.
 
@@ -272,10 +262,10 @@ def load_checkpoint_student(run_dir: str, step: int | None = None, device: str |
 
     from grace.schemes import scheme_for_bits
 
-    ckpt = find_run_checkpoint(run_dir)
+    ckpt = find_checkpoint(run_dir)
     if ckpt is None:
         raise ValueError(f"{run_dir!r} has no checkpoint/ (a run writes one every --save-every steps)")
-    state = read_checkpoint_state(ckpt)
+    state = read_checkpoint(ckpt)
     if step is not None and state["step"] != step:
         raise ValueError(f"{ckpt} holds step {state['step']}, not step {step} (a run keeps its latest checkpoint "
                          "only)")
@@ -541,7 +531,7 @@ def load_model(model_dir: str, device: str | torch.device = "cpu"):
         raise ValueError(f"{model_dir!r} is not a directory")
     if find_final(model_dir) is not None:
         return load_student(model_dir, device)
-    if find_run_checkpoint(model_dir) is not None:
+    if find_checkpoint(model_dir) is not None:
         return load_checkpoint_student(model_dir, device=device)[:2]
     config_path = os.path.join(model_dir, "config.json")
     if not os.path.isfile(config_path):

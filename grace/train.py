@@ -107,7 +107,7 @@ class Run:
     history: list[dict] = dataclasses.field(default_factory=list)
     teacher_cache: TeacherCache | None = None   # shared with other runs of the same teacher (train's argument)
     teacher_key: str = ""                       # the teacher's key in teacher_cache (build_teacher)
-    loss: LossConfig = dataclasses.field(default_factory=LossConfig)   # the objective's settings, from cfg
+    loss: LossConfig = dataclasses.field(init=False)                   # the objective's settings, from cfg
     loggers: list = dataclasses.field(default_factory=list)            # rank 0's (grace.reporting)
     data_fingerprint: dict | None = None                               # grace.rundir.data_fingerprint
 

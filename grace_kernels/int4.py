@@ -46,7 +46,10 @@ def check_kernel_tiles(n: int, k: int) -> None:
                          f"got N = {n}, K = {k} (zero-pad out_features to a multiple of {ref.KERNEL_TILE_N})")
 
 
-def _check_tensor(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], shape: tuple[int, int]) -> None:
+def _check_tensor(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], shape: tuple[int, int],
+                  same_device_as: tuple[str, torch.Tensor] | None = None) -> None:
+    """ValueError naming ``name`` unless ``t`` is a tensor of one of ``dtypes`` with ``shape`` and, when
+    ``same_device_as`` = (other name, other tensor) is given, on that tensor's device."""
     if not isinstance(t, torch.Tensor):
         raise ValueError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in dtypes:
@@ -54,6 +57,8 @@ def _check_tensor(name: str, t: torch.Tensor, dtypes: tuple[torch.dtype, ...], s
         raise ValueError(f"{name} must be {names}, got {t.dtype}")
     if tuple(t.shape) != shape:
         raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+    if same_device_as is not None and t.device != same_device_as[1].device:
+        raise ValueError(f"{name} is on {t.device} but {same_device_as[0]} is on {same_device_as[1].device}")
 
 
 def check_kernel_layout(kernel_packed: torch.Tensor, kernel_scales: torch.Tensor,
@@ -66,9 +71,7 @@ def check_kernel_layout(kernel_packed: torch.Tensor, kernel_scales: torch.Tensor
     n, k = kernel_packed.shape[1] // 2, kernel_packed.shape[0] * 16
     check_format(n, k, group_size)
     check_kernel_tiles(n, k)
-    _check_tensor("kernel_scales", kernel_scales, SCALE_DTYPES, (k // group_size, n))
-    if kernel_scales.device != kernel_packed.device:
-        raise ValueError(f"kernel_scales is on {kernel_scales.device} but kernel_packed is on {kernel_packed.device}")
+    _check_tensor("kernel_scales", kernel_scales, SCALE_DTYPES, (k // group_size, n), ("kernel_packed", kernel_packed))
     return n, k
 
 
@@ -96,9 +99,7 @@ def check_codes_and_scales(codes, scales, group_size: int, check_shape=None) -> 
                          f"with shape {tuple(getattr(codes, 'shape', ()))}")
     n, k = codes.shape
     (check_shape or check_format)(n, k, group_size)
-    _check_tensor("scales", scales, SCALE_DTYPES, (n, k // group_size))
-    if scales.device != codes.device:
-        raise ValueError(f"scales is on {scales.device} but codes is on {codes.device}")
+    _check_tensor("scales", scales, SCALE_DTYPES, (n, k // group_size), ("codes", codes))
     check_scale_values(scales)
     return n, k
 
@@ -125,9 +126,7 @@ class Int4Weight:
         n, k = self.shape
         check_format(n, k, self.group_size)
         _check_tensor("packed", self.packed, (torch.int32,), (n, k // 8))
-        _check_tensor("scales", self.scales, SCALE_DTYPES, (n, k // self.group_size))
-        if self.scales.device != self.packed.device:
-            raise ValueError(f"scales is on {self.scales.device} but packed is on {self.packed.device}")
+        _check_tensor("scales", self.scales, SCALE_DTYPES, (n, k // self.group_size), ("packed", self.packed))
         if (self.kernel_packed is None) != (self.kernel_scales is None):
             raise ValueError("kernel_packed and kernel_scales must be given together")
         if self.kernel_packed is not None:

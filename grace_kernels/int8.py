@@ -60,14 +60,10 @@ class Int8Weight:
         n, k = self.shape
         check_format(n, k, self.group_size)
         _check_tensor("packed", self.packed, (torch.int32,), (n, k // ref.PER_WORD))
-        _check_tensor("scales", self.scales, SCALE_DTYPES, (n, k // self.group_size))
-        if self.scales.device != self.packed.device:
-            raise ValueError(f"scales is on {self.scales.device} but packed is on {self.packed.device}")
+        _check_tensor("scales", self.scales, SCALE_DTYPES, (n, k // self.group_size), ("packed", self.packed))
         if self.zero_points is not None:
             _check_tensor("zero_points", self.zero_points, (torch.int32,),
-                          (zero_point_words(n, bits=ref.BITS), k // self.group_size))
-            if self.zero_points.device != self.packed.device:
-                raise ValueError(f"zero_points is on {self.zero_points.device} but packed is on {self.packed.device}")
+                          (zero_point_words(n, bits=ref.BITS), k // self.group_size), ("packed", self.packed))
 
     @property
     def symmetric(self) -> bool:
@@ -100,9 +96,7 @@ def pack_int8(codes: torch.Tensor, scales: torch.Tensor, group_size: int = 128,
     n, k = check_codes_and_scales(codes, scales, group_size, check_format)
     packed_zero = None
     if zero_points is not None:
-        _check_tensor("zero_points", zero_points, (torch.int8,), (n, k // group_size))
-        if zero_points.device != codes.device:
-            raise ValueError(f"zero_points is on {zero_points.device} but codes is on {codes.device}")
+        _check_tensor("zero_points", zero_points, (torch.int8,), (n, k // group_size), ("codes", codes))
         packed_zero = ref.pack_int8_zero_points_ref(zero_points)
     return Int8Weight(ref.pack_int8_ref(codes), scales.contiguous(), (n, k), group_size, packed_zero)
 

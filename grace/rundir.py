@@ -85,6 +85,10 @@ def check_run_dir(cfg: TrainConfig, world: int = 1) -> dict | None:
         if present and not cfg.overwrite and not only_a_start(out, present):
             raise GraceError(f"{out} already holds a run ({', '.join(present)}): pass --resume to continue it "
                              "or --overwrite to replace it")
+        if present and cfg.overwrite and not written_by_train(out):
+            raise GraceError(f"--overwrite would delete {', '.join(present)} in {out}, but its config.json is not "
+                             "one grace train wrote (it names no teacher, student, data and output_dir), so they "
+                             "are not a run's files: choose another --output-dir, or remove them yourself")
         return None
     if "config.json" in present:
         read_json(os.path.join(out, "config.json"), what="the run's configuration")
@@ -484,6 +488,21 @@ def truncate_metrics(path: str, step: int) -> None:
     rows = [r for r in read_metrics(path) if r["step"] <= step]
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+# TrainConfig fields that every config.json grace train has written names: what tells a run directory from a
+# folder that merely holds files of the same names (a Hugging Face checkpoint's config.json, a final/ of its own).
+RUN_CONFIG_KEYS = ("teacher", "student", "data", "output_dir")
+
+
+def written_by_train(out: str) -> bool:
+    """Whether ``out/config.json`` is a run configuration grace train wrote (a JSON object naming every key of
+    :data:`RUN_CONFIG_KEYS`), so that ``--overwrite`` may delete the run files beside it."""
+    try:
+        saved = read_json(os.path.join(out, "config.json"))
+    except GraceError:
+        return False
+    return set(RUN_CONFIG_KEYS) <= set(saved)
 
 
 def only_a_start(out: str, present: list[str]) -> bool:

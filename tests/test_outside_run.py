@@ -138,6 +138,26 @@ def test_train_refuses_a_student_inside_the_run_it_would_replace(models, run, tm
     assert snapshot(run) == before
 
 
+def test_train_overwrite_refuses_files_it_did_not_write(models, tmp_path):
+    """--overwrite into a folder holding a Hugging Face checkpoint's config.json and a final/ of the user's (the
+    names of a run's files, not a run) deleted final/ and replaced config.json; it is refused, every file as it
+    was. A run grace train wrote is still replaced."""
+    out = tmp_path / "mine"
+    (out / "final").mkdir(parents=True)
+    (out / "config.json").write_text('{"model_type": "llava", "architectures": ["LlavaForConditionalGeneration"]}')
+    (out / "final" / "weights.bin").write_bytes(b"the user's weights")
+    before = snapshot(out)
+    proc = grace_cli(*train_args(models, out, "--overwrite"))
+    assert_one_line_error(proc.returncode, proc.stderr, str(out), "--overwrite would delete", "not one grace train "
+                          "wrote")
+    assert snapshot(out) == before
+    ours = tmp_path / "run"
+    for extra in ((), ("--overwrite",)):
+        proc = grace_cli(*train_args(models, ours, *extra))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [json.loads(line)["step"] for line in (ours / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+
+
 def test_resume_into_a_directory_without_a_run_says_so(models, tmp_path):
     """--resume where no run is (a typo, or the first start of a requeued job): trains from step 0 and says so."""
     out = tmp_path / "fresh"
